@@ -1,0 +1,16 @@
+"""mxpass: quantization as a compile-time transformation of unmodified models.
+
+    fast = torch.compile(model, backend=mxpass.backend)
+    print(mxpass.last_report())
+"""
+
+from mxpass.backend import MxpassBackend, backend, compile
+from mxpass.config import QuantConfig
+from mxpass.formats import Format, format_names, get_format
+from mxpass.report import Report, last_report, reports
+
+__all__ = [
+    "MxpassBackend", "backend", "compile", "QuantConfig", "Format", "format_names",
+    "get_format", "Report", "last_report", "reports",
+]
+__version__ = "0.1.0"

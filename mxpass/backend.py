@@ -1,0 +1,127 @@
+"""The torch.compile backend: run the mxpass passes on Dynamo's graph, then Inductor.
+
+    torch.compile(model, backend=mxpass.backend)                       # MXFP8, defaults
+    torch.compile(model, backend=mxpass.backend(scheme="mxfp8", ignore=["re:.*o_proj"]))
+    torch.compile(model, backend="mxpass")                             # entry-point name
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from mxpass.config import QuantConfig
+from mxpass.formats import Format
+from mxpass.passes.linear import rewrite_linears
+from mxpass.report import Report, record
+
+
+class MxpassBackend:
+    """A configured backend; one instance may compile many graphs (one report each)."""
+
+    def __init__(self, config: QuantConfig, cudagraphs: bool = False,
+                 inductor_options: dict[str, Any] | None = None):
+        self.config = config
+        self.cudagraphs = cudagraphs
+        self.inductor_options = dict(inductor_options or {})
+        if cudagraphs:
+            self.inductor_options["triton.cudagraphs"] = True
+
+    def __repr__(self) -> str:
+        return f"mxpass.backend(scheme={self.config.scheme!r}, ignore={list(self.config.ignore)!r})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+
+        from mxpass.lowering.linear import decompositions
+
+        import mxpass.ops  # noqa: F401  (defines mxpass::linear before the pass emits it)
+
+        report = Report(scheme=self.config.scheme)
+        gm = _private_copy(gm)
+        extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
+        record(report)
+        for w in report.warnings:
+            warnings.warn(f"mxpass: {w}", stacklevel=2)
+        decomps = {**select_decomp_table(), **decompositions()}
+        compiled = compile_fx(gm, [*example_inputs, *extra],
+                              config_patches=self.inductor_options or None,
+                              decompositions=decomps)
+        if not extra:
+            return compiled
+        return _append_inputs(compiled, extra)
+
+
+def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of Dynamo's GraphModule that the passes may change.
+
+    Dynamo keeps using its own graph after the backend returns (it reads every
+    placeholder's ``grapharg``), so new placeholders must not appear there. The copy keeps
+    what AOTAutograd reads to mark parameters as static inputs: ``meta`` (the compile id),
+    ``_param_name_to_source`` and each placeholder's ``_dynamo_source``.
+    """
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    for old, new in val_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy
+
+
+def _append_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
+    """Call ``compiled`` with the quantized weights appended to Dynamo's inputs."""
+    @functools.wraps(compiled)
+    def call(*args):
+        return compiled(*args, *extra)
+
+    return call
+
+
+def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype) -> str:
+    from mxpass.lowering.registry import Problem, choose
+
+    return choose(Problem("linear", fmt, device, k, n, dtype)).describe()
+
+
+def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,
+            scheme: str = "mxfp8", ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
+            cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None):
+    """The mxpass backend, usable directly or configured.
+
+    ``backend=mxpass.backend`` compiles with the defaults (MXFP8 on every eligible linear);
+    ``backend=mxpass.backend(scheme=..., ignore=[...], cudagraphs=True)`` returns a configured
+    backend. ``cudagraphs=True`` is the equivalent of ``mode="reduce-overhead"`` (torch.compile
+    does not accept a mode together with a custom backend).
+    """
+    config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head)
+    be = MxpassBackend(config, cudagraphs=cudagraphs, inductor_options=inductor_options)
+    if gm is None:
+        return be
+    if example_inputs is None:
+        raise TypeError("mxpass.backend(gm, example_inputs): example_inputs missing")
+    return be(gm, example_inputs)
+
+
+def compile(fn: Callable | None = None, *, scheme: str = "mxfp8", ignore: Sequence[str] | str = (),
+            quantize_lm_head: bool = False, cudagraphs: bool = False, dynamic: bool | None = None,
+            fullgraph: bool = False):
+    """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function)."""
+    be = backend(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head, cudagraphs=cudagraphs)
+
+    def wrap(f: Callable) -> Callable:
+        return torch.compile(f, backend=be, dynamic=dynamic, fullgraph=fullgraph)
+
+    return wrap(fn) if fn is not None else wrap
+
+

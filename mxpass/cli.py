@@ -1,0 +1,40 @@
+"""Command line: ``mxpass demo`` and ``mxpass bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mxpass.formats import format_names
+
+    parser = argparse.ArgumentParser(prog="mxpass")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="compile the real all-MiniLM-L6-v2 and compare with bf16/fp32")
+    demo.add_argument("--scheme", default="mxfp8", choices=format_names())
+    demo.add_argument("--iters", type=int, default=10)
+    bench = sub.add_parser("bench", help="benchmarks (GPU): linear op and model forward")
+    bench.add_argument("what", nargs="*", default=["linear", "model"], choices=["linear", "model"])
+    bench.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "demo":
+        from mxpass.demo import main as demo_main
+
+        demo_main(scheme=args.scheme, iters=args.iters)
+        return 0
+    if args.cmd == "bench":
+        from mxpass.benchmarks.suite import run_all
+
+        rows = run_all(args.what)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""User-facing quantization configuration."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mxpass.formats import Format, get_format
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which scheme to apply and which layers to leave alone.
+
+    scheme   -- format name (see ``mxpass.formats.format_names()``)
+    ignore   -- module paths to keep in the model dtype: exact names
+                ("model.layers.0.mlp.down_proj") or ``re:``-prefixed regular expressions
+                matched from the start of the name (compressed-tensors' convention)
+    quantize_lm_head -- quantize the output embedding too (off by default)
+    """
+
+    scheme: str = "mxfp8"
+    ignore: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        else:
+            object.__setattr__(self, "ignore", tuple(self.ignore))
+        get_format(self.scheme)  # fail early on an unknown scheme
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.scheme)
+
+    def ignored_by(self, fqn: str) -> str | None:
+        """The ignore pattern that matches module path ``fqn``, if any."""
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], fqn):
+                    return pattern
+            elif pattern == fqn:
+                return pattern
+        return None

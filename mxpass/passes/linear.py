@@ -1,0 +1,212 @@
+"""Pass: linear uses of 2-D weight Parameters -> ``mxpass::linear``.
+
+Matches, in the graph Dynamo captured (torch-level ops):
+  F.linear(x, W[N,K], b)                       layout NK
+  torch.addmm(b, x, W[K,N])  (GPT-2 Conv1D)    layout KN
+  torch.matmul(x, W[K,N]) / x @ W              layout KN
+  and the last two with W.t() / W.T             layout NK
+where W is a placeholder whose example input is an ``nn.Parameter`` (Dynamo passes the
+real Parameter objects, which gives identity for the weight cache and the module path).
+
+Each quantized weight enters the graph as two new placeholders (data, scale) marked as
+static inputs, so Inductor and CUDA graphs treat them like parameters: no per-call copies.
+Every candidate ends in the report, rewritten or kept with its reason.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from mxpass.config import QuantConfig
+from mxpass.formats import ACTIVATION_DTYPES
+from mxpass.report import Kept, Report, Rewritten
+from mxpass.weights import quantized_weight
+
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_MATMUL = {torch.matmul, operator.matmul}
+_ROUTER_NAMES = {"gate", "router"}
+
+# chooser(fmt, device, k, n, activation dtype) -> description of the kernel picked
+KernelChooser = Callable[..., str]
+
+
+@dataclass
+class LinearMatch:
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node           # the placeholder
+    bias: fx.Node | None
+    param: torch.nn.Parameter
+    transposed: bool          # param is stored [K, N]
+    form: str                 # linear / addmm / matmul
+
+    @property
+    def n_k(self) -> tuple[int, int]:
+        n, k = self.param.shape
+        return (k, n) if self.transposed else (n, k)
+
+
+def source_fqn(node: fx.Node) -> str:
+    """Dotted path of a placeholder from its Dynamo source ("model.layers.0.q_proj.weight")."""
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        return node.name
+    name = source.name
+    name = name() if callable(name) else name
+    body = name[name.find("]") + 1:] if name.startswith(("L[", "G[")) else name
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", body)
+    path = [a or b or c for a, b, c in parts]
+    return ".".join(path) if path else name
+
+
+def _weight_operand(arg) -> tuple[fx.Node | None, bool]:
+    """(placeholder, is_transposed_view) for W or W.t()/W.T/W.transpose(0, 1)."""
+    if not isinstance(arg, fx.Node):
+        return None, False
+    if arg.op == "placeholder":
+        return arg, False
+    t_method = arg.op == "call_method" and arg.target in ("t", "transpose")
+    t_fn = arg.op == "call_function" and arg.target in (torch.t, torch.transpose)
+    t_attr = arg.op == "call_function" and arg.target is getattr and arg.args[1:] == ("T",)
+    if (t_method or t_fn or t_attr) and isinstance(arg.args[0], fx.Node) and arg.args[0].op == "placeholder":
+        dims = tuple(arg.args[1:]) if not t_attr else ()
+        if dims in ((), (0, 1), (1, 0), (-1, -2), (-2, -1)):
+            return arg.args[0], True
+    return None, False
+
+
+def find_linears(gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> list[LinearMatch]:
+    matches = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _LINEAR:
+            x, w_arg = node.args[0], node.args[1]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            form, base_t = "linear", False
+        elif node.target is torch.addmm and not node.kwargs:
+            bias, x, w_arg = node.args[:3]
+            form, base_t = "addmm", True
+            if len(node.args) > 3:
+                continue  # beta/alpha given: not a plain linear
+        elif node.target in _MATMUL:
+            x, w_arg = node.args[:2]
+            bias, form, base_t = None, "matmul", True
+        else:
+            continue
+        w, t_view = _weight_operand(w_arg)
+        if w is None or not isinstance(x, fx.Node):
+            continue
+        param = inputs.get(w)
+        if not isinstance(param, torch.nn.Parameter) or param.dim() != 2:
+            continue
+        if bias is not None and not isinstance(bias, fx.Node):
+            continue
+        matches.append(LinearMatch(node, x, w, bias, param, base_t != t_view, form))
+    return matches
+
+
+def _keep_reason(m: LinearMatch, fqn: str, config: QuantConfig, tied: bool) -> str | None:
+    leaf = fqn.rsplit(".", 1)[-1]
+    pattern = config.ignored_by(fqn)
+    if pattern is not None:
+        return f"ignored by {pattern!r}"
+    if (leaf == "lm_head" or tied) and not config.quantize_lm_head:
+        return "output embedding (lm_head) stays in the model dtype"
+    if leaf in _ROUTER_NAMES:
+        return "router gate stays in the model dtype"
+    fmt = config.format
+    n, k = m.n_k
+    if k % fmt.block:
+        return f"K={k} is not a multiple of {fmt.block} ({fmt.name} block size)"
+    return None
+
+
+def _check_dtypes(fqn: str, m: LinearMatch) -> torch.dtype:
+    x_val = m.x.meta.get("example_value")
+    x_dtype = x_val.dtype if x_val is not None else m.param.dtype
+    for what, dtype in (("weight", m.param.dtype), ("activation", x_dtype)):
+        if dtype not in ACTIVATION_DTYPES:
+            raise TypeError(
+                f"mxpass: layer {fqn}: {what} dtype {dtype} is not supported "
+                f"(expected one of {', '.join(str(d) for d in ACTIVATION_DTYPES)})"
+            )
+    return x_dtype
+
+
+def rewrite_linears(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    config: QuantConfig,
+    report: Report,
+    choose_kernel: KernelChooser,
+) -> list[torch.Tensor]:
+    """Rewrite matched linears in place; returns the tensors for the new placeholders."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    inputs = dict(zip(placeholders, example_inputs))
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fmt = config.format
+    matches = find_linears(gm, inputs)
+    embedded = {n.args[1] for n in gm.graph.nodes
+                if n.op == "call_function" and n.target is torch.nn.functional.embedding}
+    used_patterns: set[str] = set()
+    new_inputs: list[torch.Tensor] = []
+    new_nodes: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
+    last_ph = placeholders[-1]
+
+    for m in matches:
+        param_fqn = source_fqn(m.weight)
+        fqn = param_fqn[: -len(".weight")] if param_fqn.endswith(".weight") else param_fqn
+        reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
+        if config.ignored_by(fqn):
+            used_patterns.add(config.ignored_by(fqn))
+        if reason is not None:
+            report.kept.append(Kept(fqn, reason))
+            continue
+        x_dtype = _check_dtypes(fqn, m)
+        n, k = m.n_k
+        kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype)
+        key = (id(m.param), m.transposed)
+        if key not in new_nodes:
+            q = quantized_weight(m.param, fmt, m.transposed, fqn)
+            pair = []
+            # the scale travels as its uint8 storage (Inductor has no e8m0 kernel arguments)
+            # and is viewed back to float8_e8m0fnu in the graph, right before the op
+            for suffix, t in (("qweight", q.data), ("wscale", q.scale.view(torch.uint8))):
+                with gm.graph.inserting_after(last_ph):
+                    ph = gm.graph.placeholder(f"mxpass_{m.weight.name}_{suffix}")
+                last_ph = ph
+                ph._dynamo_source = None  # not a user input: no guards
+                ph.meta["example_value"] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
+                # static input: CUDA graphs keep its address instead of copying it per replay
+                ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+                t._dynamo_static_input_type = "unguarded"
+                new_inputs.append(t)
+                pair.append(ph)
+            with gm.graph.inserting_before(m.node):
+                pair[1] = gm.graph.call_function(
+                    torch.ops.aten.view.dtype, (pair[1], q.scale.dtype))
+                pair[1].meta["example_value"] = fake_mode.from_tensor(q.scale, static_shapes=True) if fake_mode else q.scale
+            new_nodes[key] = tuple(pair)
+        qw, ws = new_nodes[key]
+        with gm.graph.inserting_before(m.node):
+            new = gm.graph.call_function(
+                torch.ops.mxpass.linear.default, (m.x, qw, ws, m.bias, fmt.name))
+        new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
+        m.node.replace_all_uses_with(new)
+        gm.graph.erase_node(m.node)
+        report.rewritten.append(Rewritten(fqn, m.form, fmt.name, kernel, (n, k)))
+
+    for pattern in config.ignore:
+        if pattern not in used_patterns:
+            report.warnings.append(f"ignore pattern {pattern!r} matched no linear layer in this graph")
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return new_inputs

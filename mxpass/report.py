@@ -1,0 +1,67 @@
+"""What mxpass did to a graph: every linear rewritten (with its kernel) and every one kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    fqn: str          # module path, e.g. "model.layers.0.self_attn.q_proj"
+    kind: str         # "linear" (form found in the graph: linear / addmm / matmul)
+    scheme: str       # format name
+    kernel: str       # registry choice, with the reasons other kernels were not picked
+    shape: tuple[int, int]  # (N, K)
+
+
+@dataclass(frozen=True)
+class Kept:
+    fqn: str
+    reason: str
+
+
+@dataclass
+class Report:
+    scheme: str
+    graph: int = 0
+    rewritten: list[Rewritten] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [("layer", "N x K", "scheme / reason", "kernel")]
+        rows += [(r.fqn, f"{r.shape[0]} x {r.shape[1]}", r.scheme, r.kernel) for r in self.rewritten]
+        rows += [(k.fqn, "", "kept: " + k.reason, "") for k in self.kept]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [
+            f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip()
+            for r in rows
+        ]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        head = (f"mxpass report (graph {self.graph}, scheme {self.scheme}): "
+                f"{len(self.rewritten)} rewritten, {len(self.kept)} kept")
+        tail = [f"warning: {w}" for w in self.warnings]
+        return "\n".join([head, *lines, *tail])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+_REPORTS: list[Report] = []
+
+
+def record(report: Report) -> None:
+    report.graph = len(_REPORTS)
+    _REPORTS.append(report)
+
+
+def last_report() -> Report:
+    """The report of the most recently compiled graph (raises if nothing was compiled)."""
+    if not _REPORTS:
+        raise RuntimeError("mxpass has not compiled any graph yet")
+    return _REPORTS[-1]
+
+
+def reports() -> list[Report]:
+    """Reports of every graph compiled in this process, oldest first."""
+    return list(_REPORTS)

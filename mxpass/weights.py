@@ -1,0 +1,38 @@
+"""Quantized weights, computed once per Parameter and cached (weakly keyed).
+
+A recompile (new shapes, a second graph) finds the same tensors, so quantized copies are
+never duplicated. An entry is recomputed if the Parameter was modified in place since.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from mxpass.formats import Format
+from mxpass.schemes import mxfp8
+
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: str) -> mxfp8.MXTensor:
+    """``param`` quantized in ``fmt`` as an [N, K] weight (``transposed``: param is [K, N])."""
+    entries = _CACHE.setdefault(param, {})
+    key = (fmt.name, transposed)
+    hit = entries.get(key)
+    if hit is not None and hit[0] == param._version:
+        return hit[1]
+    if param.device.type == "meta":
+        raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
+    with torch.no_grad():
+        w = param.detach()
+        if transposed:
+            w = w.t()
+        q = mxfp8.quantize_weight(w.contiguous(), name)
+    entries[key] = (param._version, q)
+    return q
+
+
+def cache_size() -> int:
+    """Number of (Parameter, format) entries alive (for tests)."""
+    return sum(len(v) for v in _CACHE.values())
