@@ -24,8 +24,11 @@ class MxpassBackend:
     """A configured backend; one instance may compile many graphs (one report each)."""
 
     def __init__(self, config: QuantConfig, cudagraphs: bool = False,
-                 inductor_options: dict[str, Any] | None = None):
+                 inductor_options: dict[str, Any] | None = None, compiler: str = "inductor"):
+        if compiler not in ("inductor", "eager"):
+            raise ValueError(f"mxpass: compiler must be 'inductor' or 'eager', got {compiler!r}")
         self.config = config
+        self.compiler = compiler
         self.cudagraphs = cudagraphs
         self.inductor_options = dict(inductor_options or {})
         if cudagraphs:
@@ -48,6 +51,9 @@ class MxpassBackend:
         record(report)
         for w in report.warnings:
             warnings.warn(f"mxpass: {w}", stacklevel=2)
+        if self.compiler == "eager":
+            # the rewritten graph run op by op: every mxpass op runs its reference body
+            return _append_inputs(gm, extra) if extra else gm
         decomps = {**select_decomp_table(), **decompositions()}
         compiled = compile_fx(gm, [*example_inputs, *extra],
                               config_patches=self.inductor_options or None,
@@ -96,16 +102,20 @@ def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: tor
 
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,
             scheme: str = "mxfp8", ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
-            cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None):
+            cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None,
+            compiler: str = "inductor"):
     """The mxpass backend, usable directly or configured.
 
     ``backend=mxpass.backend`` compiles with the defaults (MXFP8 on every eligible linear);
     ``backend=mxpass.backend(scheme=..., ignore=[...], cudagraphs=True)`` returns a configured
-    backend. ``cudagraphs=True`` is the equivalent of ``mode="reduce-overhead"`` (torch.compile
+    backend. ``compiler="eager"`` runs the rewritten graph without Inductor (every mxpass op
+    runs its pure-PyTorch reference): the numerical definition compiled code is tested against.
+    ``cudagraphs=True`` is the equivalent of ``mode="reduce-overhead"`` (torch.compile
     does not accept a mode together with a custom backend).
     """
     config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head)
-    be = MxpassBackend(config, cudagraphs=cudagraphs, inductor_options=inductor_options)
+    be = MxpassBackend(config, cudagraphs=cudagraphs, inductor_options=inductor_options,
+                       compiler=compiler)
     if gm is None:
         return be
     if example_inputs is None:

@@ -81,14 +81,22 @@ def _check_input(x: torch.Tensor, what: str = "input") -> None:
         )
 
 
-def _scale_byte(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block E8M0 byte (int32) and finiteness of the block, for blocks [..., G, 32] in float32."""
-    amax = blocks.abs().amax(dim=-1)  # NaN propagates, Inf stays Inf
-    finite = torch.isfinite(amax)
-    bits = torch.where(finite, amax, 0.0).view(torch.int32)
-    biased_exp = (bits + _ROUND_UP_ADD) >> _F32_MBITS  # 0..255, never overflows int32
+def _scale_byte(blocks: torch.Tensor) -> torch.Tensor:
+    """E8M0 byte per block, uint8 [..., G], for float32 blocks [..., G, 32].
+
+    The rule is monotone in |x|, so the byte of the block amax is the largest of the
+    elements' own bytes; NaN and +/-Inf map to 255, above every finite byte. Taking
+    that max over uint8 needs no NaN-propagation rule, and Inductor stores the uint8
+    result as a buffer that ``quantize`` can then view as e8m0 (Inductor's C++
+    backend has no e8m0 type: a bitcast fused into a kernel fails with
+    "float8_e8m0fnu missing from DTYPE_TO_CPP", torch 2.13).
+    """
+    mag = blocks.abs()
+    finite = torch.isfinite(mag)
+    bits = torch.where(finite, mag, 0.0).view(torch.int32)
+    biased_exp = (bits + _ROUND_UP_ADD) >> _F32_MBITS  # 0..255, no int32 overflow
     byte = (biased_exp - _E4M3_EMAX).clamp(min=0)
-    return torch.where(finite, byte, E8M0_NAN), finite
+    return torch.where(finite, byte, E8M0_NAN).to(torch.uint8).amax(dim=-1)
 
 
 def _byte_to_float(byte: torch.Tensor) -> torch.Tensor:
@@ -97,8 +105,9 @@ def _byte_to_float(byte: torch.Tensor) -> torch.Tensor:
     return torch.where(byte == E8M0_NAN, float("nan"), pow2)
 
 
-def _elements(blocks: torch.Tensor, byte: torch.Tensor, finite: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3(clamp(x / 2**(byte - 127), +/-448)) for blocks [..., G, 32], float32 in, e4m3 out."""
+def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3(clamp(x / 2**(byte - 127), +/-448)) for float32 blocks [..., G, 32] and int32 bytes [..., G]."""
+    finite = byte != E8M0_NAN
     # 1 / scale = 2**(127 - byte): float32 bits (254 - byte) << 23, normal for byte in
     # 0..247. NaN blocks use 0, i.e. x / inf as compressed-tensors computes it.
     inv_scale = torch.where(finite, (2 * E8M0_BIAS - byte) << _F32_MBITS, 0).view(torch.float32)
@@ -116,9 +125,9 @@ def quantize(x: torch.Tensor) -> MXTensor:
     """MXFP8 along the last dim: data [..., K] e4m3, scale [..., K // 32] e8m0. NaN/Inf blocks -> scale NaN."""
     _check_input(x)
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
-    byte, finite = _scale_byte(blocks)
-    data = _elements(blocks, byte, finite, x.dtype).flatten(-2)
-    return MXTensor(data, byte.to(torch.uint8).view(torch.float8_e8m0fnu))
+    byte = _scale_byte(blocks)
+    data = _elements(blocks, byte.to(torch.int32), x.dtype).flatten(-2)
+    return MXTensor(data, byte.view(torch.float8_e8m0fnu))
 
 
 def quantize_weight(w: torch.Tensor, name: str) -> MXTensor:
@@ -151,6 +160,6 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """``dequantize(*quantize(x), x.dtype)`` bit for bit, without building e8m0 tensors."""
     _check_input(x)
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
-    byte, finite = _scale_byte(blocks)
-    q = _elements(blocks, byte, finite, x.dtype)
+    byte = _scale_byte(blocks).to(torch.int32)
+    q = _elements(blocks, byte, x.dtype)
     return (q.float() * _byte_to_float(byte).unsqueeze(-1)).flatten(-2).to(x.dtype)

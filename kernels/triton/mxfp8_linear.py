@@ -1,0 +1,424 @@
+"""MXFP8 linear on Hopper (sm_90), as Triton kernels behind one ``torch.library.triton_op``.
+
+    y [M, N] = x [M, K] @ W.T + bias,   W[n, k] = fp8(qweight[n, k]) * 2**(e8m0(wscale[n, k // 32]) - 127)
+
+Shapes: M = tokens (dynamic), N = out features, K = in features (K % 32 == 0),
+G = K // 32 scale blocks, S = K splits. x is bf16/fp16, qweight [N, K] float8_e4m3fn,
+wscale [N, G] float8_e8m0fnu, bias [N] in x.dtype or None; y is in x.dtype.
+
+Hopper has no MX block-scaled MMA, so every path turns the weight into x.dtype first:
+fp8 * 2**(e - 127) is exact in bf16 (3 mantissa bits into 7, same exponent range as
+fp32); in fp16 it is exact while the dequantized weight is inside fp16's range. All
+sums are fp32. Paths, picked per call by M at run time (``Plan``):
+
+* split-K: ``_mxfp8_gemv_kernel`` (CUDA cores, one x row per program) or
+  ``_mxfp8_dot_kernel`` (tensor cores, W tile as the left operand, x^T as the right,
+  so a handful of tokens fills the MMA's narrow side). Each of S programs per output
+  tile covers K / S and writes fp32 partials [S, M, N]; ``_splitk_reduce_kernel`` sums
+  them in a fixed order (deterministic, no atomics, no zeroed buffer), adds bias, casts.
+  S shrinks as M grows: S(M) = 1 + (S0 - 1) // m_tiles.
+* dequantize + cuBLAS: ``_mxfp8_dequant_kernel`` writes W in x.dtype into a scratch
+  [N, K] buffer, then ``torch.mm`` / ``torch.addmm``: one extra pass over the weight,
+  cheap next to a compute-bound GEMM.
+
+Guard-free dispatch. M is symbolic when this op is compiled, so there is no Python
+``if`` on M: each path's row count is M * ind(M), where ind is an integer expression
+(``_in_range``) that is 1 inside the path's M range and 0 outside; its grids are
+products with that count, and a launch with a zero-sized grid is skipped by the
+launcher. Buffers are sized the same way (the split-K partials are [S(M), M * ind, N],
+never proportional to M outside the small-M paths). The cuBLAS path, when not taken,
+runs with K = 0: ``mm`` then only zero-fills y [M, N], which a split-K path overwrites.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = [
+    "DequantMM",
+    "Plan",
+    "Regime",
+    "SplitK",
+    "default_plan",
+    "mxfp8_linear_triton",
+    "mxfp8_linear_with_plan",
+]
+
+MX_BLOCK = 32  # OCP MX v1.0 §5.2: one E8M0 scale per 32 elements
+_F32_TWO_POW_M127 = 0x00400000  # float32 bits of 2**-127 (subnormal): E8M0 byte 0
+_F32_QNAN = 0x7FC00000  # E8M0 byte 255 is NaN (§5.4.1)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _e8m0_to_fp32(e):
+    """2**(e - 127) as float32 from uint8 bytes, exact: float32 bits e << 23; 0 -> 2**-127, 255 -> NaN."""
+    e = e.to(tl.int32)
+    bits = tl.where(e == 0, _F32_TWO_POW_M127, e << 23)
+    bits = tl.where(e == 255, _F32_QNAN, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(q, e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """W tile [BLOCK_N, BLOCK_K] in dtype from fp8 q [BLOCK_N, BLOCK_K] and E8M0 bytes e [BLOCK_N, BLOCK_K // 32]."""
+    scale = _e8m0_to_fp32(e)
+    w = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype)
+
+
+@triton.jit
+def _split_range(K_GROUPS, BLOCK_K: tl.constexpr):
+    """[g_lo, g_hi) in scale groups of 32 for this program's K split (axis 2); whole BLOCK_K steps."""
+    pid_s = tl.program_id(2)
+    num_s = tl.num_programs(2)
+    G: tl.constexpr = BLOCK_K // 32
+    iters = tl.cdiv(tl.cdiv(K_GROUPS, G), num_s)
+    g_lo = pid_s * iters * G
+    g_hi = tl.minimum(g_lo + iters * G, K_GROUPS)
+    return g_lo, g_hi
+
+
+@triton.jit
+def _mxfp8_gemv_kernel(
+    # pointers
+    x_ptr, q_ptr, e_ptr, p_ptr,
+    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, p [S, M, N] fp32, all contiguous)
+    M, N, K_GROUPS,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial y[m, n] over one K split, one row m of x per program: grid (M, cdiv(N, BLOCK_N), S).
+
+    The weight tile is read as [BLOCK_N, G, 32] so the 32-element dot of each scale block
+    is summed before its scale is applied: one multiply per 32 elements, not per element.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // 32
+    K = K_GROUPS * 32  # written as a product so the compiler knows rows are 32-byte aligned
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, G)
+    offs_j = tl.arange(0, 32)
+    n_mask = offs_n < N
+    g_lo, g_hi = _split_range(K_GROUPS, BLOCK_K)
+
+    k3 = (g_lo + offs_g)[None, :, None] * 32 + offs_j[None, None, :]  # [1, G, 32]
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None, None] * K + k3
+    e_ptrs = e_ptr + offs_n.to(tl.int64)[:, None] * K_GROUPS + (g_lo + offs_g)[None, :]
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * K + k3
+
+    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, G):
+        g_mask = (g0 + offs_g) < g_hi  # K % 32 == 0: a whole scale block is in or out
+        q = tl.load(q_ptrs, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0.0)
+        e = tl.load(e_ptrs, mask=n_mask[:, None] & g_mask[None, :], other=127)
+        xv = tl.load(x_ptrs, mask=g_mask[None, :, None], other=0.0)
+        blk = tl.sum(q.to(tl.float32) * xv.to(tl.float32), axis=2)  # [BLOCK_N, G]
+        acc += blk * _e8m0_to_fp32(e)
+        q_ptrs += BLOCK_K
+        e_ptrs += G
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    row = (pid_s * M + pid_m).to(tl.int64) * N
+    tl.store(p_ptr + row + offs_n, y, mask=n_mask)
+
+
+@triton.jit
+def _mxfp8_dot_kernel(
+    # pointers
+    x_ptr, q_ptr, e_ptr, p_ptr,
+    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, p [S, M, N] fp32, all contiguous)
+    M, N, K_GROUPS,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial y^T tile [BLOCK_N, BLOCK_M] over one K split: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), S).
+
+    acc += dequant(W tile [BLOCK_N, BLOCK_K]) @ x^T tile [BLOCK_K, BLOCK_M]; the M tiles of
+    one weight tile are neighbours in launch order, so the weight comes from DRAM once.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // 32
+    K = K_GROUPS * 32
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    g_lo, g_hi = _split_range(K_GROUPS, BLOCK_K)
+
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * K + (g_lo * 32 + offs_k)[None, :]
+    e_ptrs = e_ptr + offs_n.to(tl.int64)[:, None] * K_GROUPS + (g_lo + offs_g)[None, :]
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * K + (g_lo * 32 + offs_k)[:, None]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, G):
+        k_mask = (g0 + offs_k // 32) < g_hi  # constant over each scale block
+        g_mask = (g0 + offs_g) < g_hi
+        q = tl.load(q_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        e = tl.load(e_ptrs, mask=n_mask[:, None] & g_mask[None, :], other=127)
+        xt = tl.load(x_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        w = _dequant_tile(q, e, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)
+        acc = tl.dot(w, xt, acc)
+        q_ptrs += BLOCK_K
+        e_ptrs += G
+        x_ptrs += BLOCK_K
+    rows = (pid_s * M + offs_m).to(tl.int64) * N
+    tl.store(p_ptr + rows[None, :] + offs_n[:, None], acc, mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    # pointers
+    p_ptr, b_ptr, y_ptr,
+    # sizes (p [S, M, N] fp32, b [N], y [M, N], contiguous)
+    M, N, S,
+    # meta
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """y = sum_s p[s] (+ bias), cast to y's dtype: grid (cdiv(M * N, BLOCK),). Fixed order, so deterministic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    numel = M * N
+    mask = offs < numel
+    p_ptrs = p_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(S):
+        acc += tl.load(p_ptrs, mask=mask, other=0.0)
+        p_ptrs += numel
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mxfp8_dequant_kernel(
+    # pointers
+    q_ptr, e_ptr, w_ptr,
+    # sizes (q [N, K] fp8, e [N, K_GROUPS] uint8, w [N, K] out, contiguous; K = 32 * K_GROUPS)
+    N, K_GROUPS,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """w = dequant(q, e) in w's dtype: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    G: tl.constexpr = BLOCK_K // 32
+    K = K_GROUPS * 32
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_g = pid_k * G + tl.arange(0, G)
+    k_mask = (offs_k // 32) < K_GROUPS
+    mask = (offs_n < N)[:, None] & k_mask[None, :]
+    rows = offs_n.to(tl.int64)[:, None] * K
+    q = tl.load(q_ptr + rows + offs_k[None, :], mask=mask, other=0.0)
+    e = tl.load(
+        e_ptr + offs_n.to(tl.int64)[:, None] * K_GROUPS + offs_g[None, :],
+        mask=(offs_n < N)[:, None] & (offs_g < K_GROUPS)[None, :],
+        other=127,
+    )
+    w = _dequant_tile(q, e, BLOCK_N, BLOCK_K, w_ptr.dtype.element_ty)
+    tl.store(w_ptr + rows + offs_k[None, :], w, mask=mask)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class SplitK(NamedTuple):
+    """A split-K path: ``kernel`` "gemv" (CUDA cores, block_m = 1) or "dot" (tensor cores)."""
+
+    kernel: str
+    block_n: int
+    block_m: int
+    block_k: int
+    split: int  # S0: K splits while all M rows fit one M tile; S(M) = 1 + (S0 - 1) // m_tiles
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+class DequantMM(NamedTuple):
+    """Dequantize the weight into a scratch [N, K] buffer in x.dtype, then cuBLAS."""
+
+    block_n: int = 16
+    block_k: int = 512
+    num_warps: int = 4
+
+
+class Regime(NamedTuple):
+    """Rows M in [m_lo, m_hi) take ``impl``; m_hi None means no upper end."""
+
+    m_lo: int
+    m_hi: int | None
+    impl: SplitK | DequantMM
+
+
+class Plan(NamedTuple):
+    """Consecutive regimes covering M >= 0, at most one of them DequantMM."""
+
+    regimes: tuple[Regime, ...]
+
+
+REDUCE_BLOCK = 1024
+
+# M thresholds of the default plan (H200, torch 2.11, triton 3.6; notes/kernel-notes.md).
+GEMV_MAX_M = 1  # M <= 1: gemv kernel
+SMALL_M = 16  # M < 16: dot kernel with a 16-wide x tile
+CUBLAS_M = 1024  # M >= 1024: dequantize + cuBLAS
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_for(K: int, N: int, block_n: int, block_k: int, num_sms: int, waves: int = 4) -> int:
+    """S0 so that cdiv(N, block_n) * S0 programs fill ``waves`` programs per SM, at most one BLOCK_K step each."""
+    n_tiles = triton.cdiv(N, block_n)
+    k_steps = triton.cdiv(K, block_k)
+    return max(1, min(k_steps, (waves * num_sms + n_tiles - 1) // n_tiles))
+
+
+def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
+    """The plan the op runs for a [N, K] weight (pure function of the static shapes)."""
+    gemv = SplitK("gemv", block_n=32, block_m=1, block_k=256, split=0, num_warps=4, num_stages=1)
+    small = SplitK("dot", block_n=64, block_m=16, block_k=256, split=0, num_warps=4, num_stages=3)
+    medium = SplitK("dot", block_n=128, block_m=64, block_k=128, split=0, num_warps=8, num_stages=3)
+    gemv = gemv._replace(split=_split_for(K, N, gemv.block_n, gemv.block_k, num_sms))
+    small = small._replace(split=_split_for(K, N, small.block_n, small.block_k, num_sms))
+    medium = medium._replace(split=_split_for(K, N, medium.block_n, medium.block_k, num_sms, waves=2))
+    return Plan(
+        (
+            Regime(0, GEMV_MAX_M + 1, gemv),
+            Regime(GEMV_MAX_M + 1, SMALL_M, small),
+            Regime(SMALL_M, CUBLAS_M, medium),
+            Regime(CUBLAS_M, None, DequantMM()),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def _at_least(M, t: int):
+    """1 if M >= t else 0, for M >= 0, as integer arithmetic (no branch, so no guard on a symbolic M)."""
+    if t <= 0:
+        return 1
+    return 1 - 1 // ((M + t) // t)
+
+
+def _in_range(M, lo: int, hi: int | None):
+    return _at_least(M, lo) - (0 if hi is None else _at_least(M, hi))
+
+
+def _check_inputs(x, qweight, wscale, bias) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"mxfp8_linear: x has dtype {x.dtype}; expected bfloat16 or float16")
+    if x.dim() != 2:
+        raise ValueError(f"mxfp8_linear: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if qweight.dtype != torch.float8_e4m3fn or qweight.dim() != 2:
+        raise TypeError(f"mxfp8_linear: qweight must be 2-D float8_e4m3fn, got {qweight.dtype} {tuple(qweight.shape)}")
+    if wscale.dtype != torch.float8_e8m0fnu:
+        raise TypeError(f"mxfp8_linear: wscale has dtype {wscale.dtype}; expected float8_e8m0fnu")
+    N, K = qweight.shape
+    if K % MX_BLOCK != 0:
+        raise ValueError(f"mxfp8_linear: K = {K} (qweight {tuple(qweight.shape)}) is not a multiple of {MX_BLOCK}")
+    if x.shape[1] != K:
+        raise ValueError(f"mxfp8_linear: x {tuple(x.shape)} and qweight {tuple(qweight.shape)} disagree on K")
+    if tuple(wscale.shape) != (N, K // MX_BLOCK):
+        raise ValueError(f"mxfp8_linear: wscale has shape {tuple(wscale.shape)}; expected ({N}, {K // MX_BLOCK})")
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"mxfp8_linear: bias must be [{N}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def mxfp8_linear_with_plan(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: Plan,
+) -> torch.Tensor:
+    """The op's body for an explicit ``plan``; traceable (no branch on M). Benchmarks call it directly."""
+    _check_inputs(x, qweight, wscale, bias)
+    x = x.contiguous()
+    qweight = qweight.contiguous()
+    e = wscale.contiguous().view(torch.uint8)
+    M = x.shape[0]
+    N, K = qweight.shape
+    k_groups = K // MX_BLOCK
+
+    cublas = [r for r in plan.regimes if isinstance(r.impl, DequantMM)]
+    if len(cublas) > 1:
+        raise ValueError("mxfp8_linear: a plan has at most one DequantMM regime")
+    if cublas:
+        # K_c = K inside the regime, 0 outside: the scratch weight is then empty, its
+        # dequantize grid is zero, and mm only zero-fills y for the split-K paths below.
+        r = cublas[0]
+        cfg = r.impl
+        k_c = K * _in_range(M, r.m_lo, r.m_hi)
+        w = torch.empty((N, k_c), dtype=x.dtype, device=x.device)
+        wrap_triton(_mxfp8_dequant_kernel)[(triton.cdiv(k_c, cfg.block_k), triton.cdiv(N, cfg.block_n))](
+            qweight, e, w, N, k_groups,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        )
+        x_c = x.narrow(1, 0, k_c)
+        y = torch.mm(x_c, w.t()) if bias is None else torch.addmm(bias, x_c, w.t())
+    else:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+
+    for r in plan.regimes:
+        cfg = r.impl
+        if not isinstance(cfg, SplitK):
+            continue
+        m_r = M * _in_range(M, r.m_lo, r.m_hi)  # M inside the regime, 0 outside
+        m_tiles = triton.cdiv(m_r, cfg.block_m)
+        split = 1 + (cfg.split - 1) // (m_tiles + 1 // (m_r + 1))  # S(M); the divisor is >= 1
+        partial = torch.empty((split, m_r, N), dtype=torch.float32, device=x.device)
+        grid = (m_tiles, triton.cdiv(N, cfg.block_n), split)
+        if cfg.kernel == "gemv":
+            wrap_triton(_mxfp8_gemv_kernel)[grid](
+                x, qweight, e, partial, m_r, N, k_groups,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        else:
+            wrap_triton(_mxfp8_dot_kernel)[grid](
+                x, qweight, e, partial, m_r, N, k_groups,
+                BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m_r * N, REDUCE_BLOCK),)](
+            partial, partial if bias is None else bias, y, m_r, N, split,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+        )
+    return y
+
+
+@triton_op("mxpass::mxfp8_linear_triton", mutates_args=())
+def mxfp8_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(qweight [N, K], wscale [N, K // 32]).T + bias, in x.dtype.
+
+    Under torch.compile Inductor traces into this body and launches the Triton kernels
+    from its generated code; M may be symbolic (one graph serves every M).
+    """
+    num_sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132
+    N, K = qweight.shape
+    return mxfp8_linear_with_plan(x, qweight, wscale, bias, default_plan(int(K), int(N), num_sms))
