@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 MX_BLOCK = 32  # OCP MX v1.0 §5.2: one E8M0 scale per 32 elements
-_F32_TWO_POW_M127 = 0x00400000  # float32 bits of 2**-127 (subnormal): E8M0 byte 0
-_F32_QNAN = 0x7FC00000  # E8M0 byte 255 is NaN (§5.4.1)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -62,8 +60,8 @@ _F32_QNAN = 0x7FC00000  # E8M0 byte 255 is NaN (§5.4.1)
 def _e8m0_to_fp32(e):
     """2**(e - 127) as float32 from uint8 bytes, exact: float32 bits e << 23; 0 -> 2**-127, 255 -> NaN."""
     e = e.to(tl.int32)
-    bits = tl.where(e == 0, _F32_TWO_POW_M127, e << 23)
-    bits = tl.where(e == 255, _F32_QNAN, bits)
+    bits = tl.where(e == 0, 0x00400000, e << 23)  # 0x00400000: 2**-127, a float32 subnormal
+    bits = tl.where(e == 255, 0x7FC00000, bits)  # quiet NaN
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -88,13 +86,29 @@ def _split_range(K_GROUPS, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr):
+    """Epilogue: y[m, n] = acc (+ bias) in y's dtype when S == 1, else the fp32 partial p[s, m, n].
+
+    MAY_SPLIT False compiles only the first branch: the run-time branch costs ~80 registers
+    at 128x128 tiles (190 vs 106 for sm_90, triton 3.9 ptxas).
+    """
+    mask = (offs_n < N) & (offs_m < M)
+    if MAY_SPLIT and tl.num_programs(2) > 1:
+        tl.store(p_ptr + (tl.program_id(2) * M + offs_m).to(tl.int64) * N + offs_n, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_m.to(tl.int64) * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _mxfp8_gemv_kernel(
     # pointers
-    x_ptr, q_ptr, e_ptr, p_ptr,
-    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, p [S, M, N] fp32, all contiguous)
+    x_ptr, q_ptr, e_ptr, b_ptr, y_ptr, p_ptr,
+    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, b [N], y [M, N], contiguous)
     M, N, K_GROUPS,
     # meta
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial y[m, n] over one K split, one row m of x per program: grid (M, cdiv(N, BLOCK_N), S).
 
@@ -129,24 +143,25 @@ def _mxfp8_gemv_kernel(
         q_ptrs += BLOCK_K
         e_ptrs += G
         x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
-    row = (pid_s * M + pid_m).to(tl.int64) * N
-    tl.store(p_ptr + row + offs_n, y, mask=n_mask)
+    out = tl.sum(acc, axis=1)
+    _store_tile(out[:, None], offs_n[:, None], pid_m + tl.zeros((1, 1), tl.int32), M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
 
 
 @triton.jit
 def _mxfp8_dot_kernel(
     # pointers
-    x_ptr, q_ptr, e_ptr, p_ptr,
-    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, p [S, M, N] fp32, all contiguous)
+    x_ptr, q_ptr, e_ptr, b_ptr, y_ptr, p_ptr,
+    # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, b [N], y [M, N], contiguous)
     M, N, K_GROUPS,
     # meta
+    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, W_DENSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial y^T tile [BLOCK_N, BLOCK_M] over one K split: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), S).
 
     acc += dequant(W tile [BLOCK_N, BLOCK_K]) @ x^T tile [BLOCK_K, BLOCK_M]; the M tiles of
     one weight tile are neighbours in launch order, so the weight comes from DRAM once.
+    W_DENSE: q_ptr already holds W [N, K] in x.dtype (e_ptr unused): a plain GEMM.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -154,32 +169,37 @@ def _mxfp8_dot_kernel(
     G: tl.constexpr = BLOCK_K // 32
     K = K_GROUPS * 32
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, G)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
+    # 64-bit row bases once per program, 32-bit offsets inside the tile (fewer registers).
+    rn = tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rg = tl.arange(0, G)
+    n_mask = (pid_n * BLOCK_N + rn) < N
+    m_mask = (pid_m * BLOCK_M + rm) < M
+    q_base = q_ptr + (pid_n * BLOCK_N).to(tl.int64) * K
+    e_base = e_ptr + (pid_n * BLOCK_N).to(tl.int64) * K_GROUPS
+    x_base = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * K
+    q_offs = rn[:, None] * K + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    e_offs = rn[:, None] * K_GROUPS + rg[None, :]  # [BLOCK_N, G]
+    x_offs = rm[None, :] * K + rk[:, None]  # [BLOCK_K, BLOCK_M]: x^T
+
     g_lo, g_hi = _split_range(K_GROUPS, BLOCK_K)
-
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * K + (g_lo * 32 + offs_k)[None, :]
-    e_ptrs = e_ptr + offs_n.to(tl.int64)[:, None] * K_GROUPS + (g_lo + offs_g)[None, :]
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * K + (g_lo * 32 + offs_k)[:, None]
-
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g0 in range(g_lo, g_hi, G):
-        k_mask = (g0 + offs_k // 32) < g_hi  # constant over each scale block
-        g_mask = (g0 + offs_g) < g_hi
-        q = tl.load(q_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        e = tl.load(e_ptrs, mask=n_mask[:, None] & g_mask[None, :], other=127)
-        xt = tl.load(x_ptrs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        w = _dequant_tile(q, e, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)
+        k0 = g0 * 32
+        k_mask = (g0 + rk // 32) < g_hi  # constant over each scale block
+        q = tl.load(q_base + k0 + q_offs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(x_base + k0 + x_offs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if W_DENSE:
+            w = q
+        else:
+            g_mask = (g0 + rg) < g_hi
+            e = tl.load(e_base + g0 + e_offs, mask=n_mask[:, None] & g_mask[None, :], other=127)
+            w = _dequant_tile(q, e, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty)
         acc = tl.dot(w, xt, acc)
-        q_ptrs += BLOCK_K
-        e_ptrs += G
-        x_ptrs += BLOCK_K
-    rows = (pid_s * M + offs_m).to(tl.int64) * N
-    tl.store(p_ptr + rows[None, :] + offs_n[:, None], acc, mask=n_mask[:, None] & m_mask[None, :])
+    offs_n = pid_n * BLOCK_N + rn
+    offs_m = pid_m * BLOCK_M + rm
+    _store_tile(acc, offs_n[:, None], offs_m[None, :], M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
 
 
 @triton.jit
@@ -239,7 +259,7 @@ def _mxfp8_dequant_kernel(
 
 
 class SplitK(NamedTuple):
-    """A split-K path: ``kernel`` "gemv" (CUDA cores, block_m = 1) or "dot" (tensor cores)."""
+    """In-kernel dequantization: ``kernel`` "gemv" (CUDA cores, block_m = 1) or "dot" (tensor cores)."""
 
     kernel: str
     block_n: int
@@ -250,12 +270,13 @@ class SplitK(NamedTuple):
     num_stages: int = 3
 
 
-class DequantMM(NamedTuple):
-    """Dequantize the weight into a scratch [N, K] buffer in x.dtype, then cuBLAS."""
+class DequantGemm(NamedTuple):
+    """Dequantize the weight into a scratch [N, K] in x.dtype, then the dot kernel on it as a plain GEMM."""
 
-    block_n: int = 16
-    block_k: int = 512
-    num_warps: int = 4
+    gemm: SplitK  # kernel "dot", split 1
+    dequant_block_n: int = 16
+    dequant_block_k: int = 512
+    dequant_warps: int = 4
 
 
 class Regime(NamedTuple):
@@ -263,21 +284,25 @@ class Regime(NamedTuple):
 
     m_lo: int
     m_hi: int | None
-    impl: SplitK | DequantMM
+    impl: SplitK | DequantGemm
 
 
 class Plan(NamedTuple):
-    """Consecutive regimes covering M >= 0, at most one of them DequantMM."""
+    """Consecutive regimes covering M >= 0."""
 
     regimes: tuple[Regime, ...]
 
 
 REDUCE_BLOCK = 1024
+# Columns of the scratch weight while M is outside the DequantGemm regime (never written
+# nor read then). Not 0: a tensor size that can be 0 (or 1) makes the tracer guard on it,
+# and such a guard would recompile the graph when M crosses the regime's threshold.
+_IDLE_K = MX_BLOCK
 
 # M thresholds of the default plan (H200, torch 2.11, triton 3.6; notes/kernel-notes.md).
 GEMV_MAX_M = 1  # M <= 1: gemv kernel
 SMALL_M = 16  # M < 16: dot kernel with a 16-wide x tile
-CUBLAS_M = 1024  # M >= 1024: dequantize + cuBLAS
+LARGE_M = 1024  # M >= 1024: dequantize into scratch, then GEMM
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,26 +311,27 @@ def _num_sms(device_index: int) -> int:
 
 
 def _split_for(K: int, N: int, block_n: int, block_k: int, num_sms: int, waves: int = 4) -> int:
-    """S0 so that cdiv(N, block_n) * S0 programs fill ``waves`` programs per SM, at most one BLOCK_K step each."""
+    """S0 so that cdiv(N, block_n) * S0 programs make ``waves`` programs per SM, at most one per BLOCK_K step."""
     n_tiles = triton.cdiv(N, block_n)
     k_steps = triton.cdiv(K, block_k)
     return max(1, min(k_steps, (waves * num_sms + n_tiles - 1) // n_tiles))
 
 
 def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
-    """The plan the op runs for a [N, K] weight (pure function of the static shapes)."""
+    """The plan the op runs for a [N, K] weight (a pure function of the static shapes)."""
     gemv = SplitK("gemv", block_n=32, block_m=1, block_k=256, split=0, num_warps=4, num_stages=1)
     small = SplitK("dot", block_n=64, block_m=16, block_k=256, split=0, num_warps=4, num_stages=3)
     medium = SplitK("dot", block_n=128, block_m=64, block_k=128, split=0, num_warps=8, num_stages=3)
     gemv = gemv._replace(split=_split_for(K, N, gemv.block_n, gemv.block_k, num_sms))
     small = small._replace(split=_split_for(K, N, small.block_n, small.block_k, num_sms))
     medium = medium._replace(split=_split_for(K, N, medium.block_n, medium.block_k, num_sms, waves=2))
+    large = DequantGemm(SplitK("dot", block_n=128, block_m=256, block_k=64, split=1, num_warps=8, num_stages=3))
     return Plan(
         (
             Regime(0, GEMV_MAX_M + 1, gemv),
             Regime(GEMV_MAX_M + 1, SMALL_M, small),
-            Regime(SMALL_M, CUBLAS_M, medium),
-            Regime(CUBLAS_M, None, DequantMM()),
+            Regime(SMALL_M, LARGE_M, medium),
+            Regime(LARGE_M, None, large),
         )
     )
 
@@ -322,6 +348,23 @@ def _at_least(M, t: int):
 
 def _in_range(M, lo: int, hi: int | None):
     return _at_least(M, lo) - (0 if hi is None else _at_least(M, hi))
+
+
+def _splits(m_r, cfg: SplitK):
+    """S(M) = 1 + (S0 - 1) // m_tiles for the regime's row count m_r (m_r = 0 counts as one tile)."""
+    m_tiles = triton.cdiv(m_r, cfg.block_m)
+    return 1 + (cfg.split - 1) // (m_tiles + 1 // (m_r + 1))
+
+
+def _partial_rows(r: Regime) -> int:
+    """Most rows S(M) * M of fp32 partials the regime writes over its M range (a static bound)."""
+    cfg = r.impl.gemm if isinstance(r.impl, DequantGemm) else r.impl
+    if cfg.split <= 1:
+        return 0
+    # S(M) >= 2 only while m_tiles <= S0 - 1, i.e. M <= (S0 - 1) * block_m.
+    hi = (cfg.split - 1) * cfg.block_m + 1
+    hi = hi if r.m_hi is None else min(hi, r.m_hi)
+    return max((_splits(m, cfg) * m for m in range(max(r.m_lo, 1), hi) if _splits(m, cfg) > 1), default=0)
 
 
 def _check_inputs(x, qweight, wscale, bias) -> None:
@@ -344,6 +387,25 @@ def _check_inputs(x, qweight, wscale, bias) -> None:
         raise ValueError(f"mxfp8_linear: bias must be [{N}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
+def _launch_dequant(qweight, e, w, k_groups: int, cols, cfg: DequantGemm) -> None:
+    """w[:, :cols] = dequant(qweight, e)[:, :cols]; cols = 0 launches nothing."""
+    N = qweight.shape[0]
+    grid = (triton.cdiv(cols, cfg.dequant_block_k), triton.cdiv(N, cfg.dequant_block_n))
+    wrap_triton(_mxfp8_dequant_kernel)[grid](
+        qweight, e, w, N, k_groups,
+        BLOCK_N=cfg.dequant_block_n, BLOCK_K=cfg.dequant_block_k, num_warps=cfg.dequant_warps,
+    )
+
+
+def mxfp8_dequantize_triton(qweight: torch.Tensor, wscale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (bf16/fp16) from MXFP8 qweight/wscale, by ``_mxfp8_dequant_kernel``."""
+    N, K = qweight.shape
+    w = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    cfg = DequantGemm(SplitK("dot", 0, 0, 0, 1))
+    _launch_dequant(qweight.contiguous(), wscale.contiguous().view(torch.uint8), w, K // MX_BLOCK, K, cfg)
+    return w
+
+
 def mxfp8_linear_with_plan(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -351,7 +413,7 @@ def mxfp8_linear_with_plan(
     bias: torch.Tensor | None,
     plan: Plan,
 ) -> torch.Tensor:
-    """The op's body for an explicit ``plan``; traceable (no branch on M). Benchmarks call it directly."""
+    """The op's body for an explicit ``plan``; traceable, with no branch on M. Benchmarks call it directly."""
     _check_inputs(x, qweight, wscale, bias)
     x = x.contiguous()
     qweight = qweight.contiguous()
@@ -360,48 +422,36 @@ def mxfp8_linear_with_plan(
     N, K = qweight.shape
     k_groups = K // MX_BLOCK
 
-    cublas = [r for r in plan.regimes if isinstance(r.impl, DequantMM)]
-    if len(cublas) > 1:
-        raise ValueError("mxfp8_linear: a plan has at most one DequantMM regime")
-    if cublas:
-        # K_c = K inside the regime, 0 outside: the scratch weight is then empty, its
-        # dequantize grid is zero, and mm only zero-fills y for the split-K paths below.
-        r = cublas[0]
-        cfg = r.impl
-        k_c = K * _in_range(M, r.m_lo, r.m_hi)
-        w = torch.empty((N, k_c), dtype=x.dtype, device=x.device)
-        wrap_triton(_mxfp8_dequant_kernel)[(triton.cdiv(k_c, cfg.block_k), triton.cdiv(N, cfg.block_n))](
-            qweight, e, w, N, k_groups,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        )
-        x_c = x.narrow(1, 0, k_c)
-        y = torch.mm(x_c, w.t()) if bias is None else torch.addmm(bias, x_c, w.t())
-    else:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows = max([_partial_rows(r) for r in plan.regimes], default=0)
+    partial = torch.empty((max(rows * N, 1),), dtype=torch.float32, device=x.device)  # static size
+    b = y if bias is None else bias
     for r in plan.regimes:
-        cfg = r.impl
-        if not isinstance(cfg, SplitK):
-            continue
-        m_r = M * _in_range(M, r.m_lo, r.m_hi)  # M inside the regime, 0 outside
-        m_tiles = triton.cdiv(m_r, cfg.block_m)
-        split = 1 + (cfg.split - 1) // (m_tiles + 1 // (m_r + 1))  # S(M); the divisor is >= 1
-        partial = torch.empty((split, m_r, N), dtype=torch.float32, device=x.device)
-        grid = (m_tiles, triton.cdiv(N, cfg.block_n), split)
+        m_r = M * _in_range(M, r.m_lo, r.m_hi)  # M inside the regime, 0 outside: every grid below empty
+        cfg, w, w_dense = r.impl, qweight, False
+        if isinstance(cfg, DequantGemm):
+            k_on = K * _in_range(M, r.m_lo, r.m_hi)
+            w = torch.empty((N, torch.sym_max(k_on, _IDLE_K)), dtype=x.dtype, device=x.device)
+            _launch_dequant(qweight, e, w, k_groups, k_on, cfg)
+            cfg, w_dense = cfg.gemm, True
+        split = _splits(m_r, cfg)
+        grid = (triton.cdiv(m_r, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         if cfg.kernel == "gemv":
             wrap_triton(_mxfp8_gemv_kernel)[grid](
-                x, qweight, e, partial, m_r, N, k_groups,
-                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                x, w, e, b, y, partial, m_r, N, k_groups,
+                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         else:
             wrap_triton(_mxfp8_dot_kernel)[grid](
-                x, qweight, e, partial, m_r, N, k_groups,
+                x, w, e, b, y, partial, m_r, N, k_groups,
+                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, W_DENSE=w_dense,
                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m_r * N, REDUCE_BLOCK),)](
-            partial, partial if bias is None else bias, y, m_r, N, split,
+        # With S == 1 the kernel above wrote y itself and this grid is empty.
+        wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m_r * N, REDUCE_BLOCK) * (1 - 1 // split),)](
+            partial, b, y, m_r, N, split,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
         )
     return y
@@ -417,8 +467,10 @@ def mxfp8_linear_triton(
     """y [M, N] = x [M, K] @ dequant(qweight [N, K], wscale [N, K // 32]).T + bias, in x.dtype.
 
     Under torch.compile Inductor traces into this body and launches the Triton kernels
-    from its generated code; M may be symbolic (one graph serves every M).
+    from its generated code; M may be symbolic (one graph serves every M >= 2).
     """
-    num_sms = _num_sms(x.device.index or 0) if x.device.type == "cuda" else 132
+    num_sms = 132
+    if x.device.type == "cuda":
+        num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     N, K = qweight.shape
     return mxfp8_linear_with_plan(x, qweight, wscale, bias, default_plan(int(K), int(N), num_sms))

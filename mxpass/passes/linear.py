@@ -52,17 +52,32 @@ class LinearMatch:
         return (k, n) if self.transposed else (n, k)
 
 
+def _dotted(name: str) -> str:
+    """"L['self']._modules['model'].layers[0]" -> "model.layers.0"."""
+    body = name[name.find("]") + 1:] if name.startswith(("L[", "G[")) else name
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", body)
+    path = [a or b or c for a, b, c in parts]
+    return ".".join(path) if path else name
+
+
 def source_fqn(node: fx.Node) -> str:
     """Dotted path of a placeholder from its Dynamo source ("model.layers.0.q_proj.weight")."""
     source = getattr(node, "_dynamo_source", None)
     if source is None:
         return node.name
     name = source.name
-    name = name() if callable(name) else name
-    body = name[name.find("]") + 1:] if name.startswith(("L[", "G[")) else name
-    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", body)
-    path = [a or b or c for a, b, c in parts]
-    return ".".join(path) if path else name
+    return _dotted(name() if callable(name) else name)
+
+
+def layer_fqn(m: "LinearMatch") -> str:
+    """Module path of the layer: the innermost module that made the call (nn_module_stack),
+    else the weight's path without ``.weight`` (a tied lm_head reports as ``lm_head``)."""
+    stack = m.node.meta.get("nn_module_stack")
+    if stack:
+        path, _cls = list(stack.values())[-1]
+        return _dotted(path)
+    fqn = source_fqn(m.weight)
+    return fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
 
 
 def _weight_operand(arg) -> tuple[fx.Node | None, bool]:
@@ -161,8 +176,7 @@ def rewrite_linears(
     last_ph = placeholders[-1]
 
     for m in matches:
-        param_fqn = source_fqn(m.weight)
-        fqn = param_fqn[: -len(".weight")] if param_fqn.endswith(".weight") else param_fqn
+        fqn = layer_fqn(m)
         reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
         if config.ignored_by(fqn):
             used_patterns.add(config.ignored_by(fqn))

@@ -82,21 +82,20 @@ def _check_input(x: torch.Tensor, what: str = "input") -> None:
 
 
 def _scale_byte(blocks: torch.Tensor) -> torch.Tensor:
-    """E8M0 byte per block, uint8 [..., G], for float32 blocks [..., G, 32].
+    """E8M0 byte per block, int32 [..., G], for float32 blocks [..., G, 32].
 
     The rule is monotone in |x|, so the byte of the block amax is the largest of the
-    elements' own bytes; NaN and +/-Inf map to 255, above every finite byte. Taking
-    that max over uint8 needs no NaN-propagation rule, and Inductor stores the uint8
-    result as a buffer that ``quantize`` can then view as e8m0 (Inductor's C++
-    backend has no e8m0 type: a bitcast fused into a kernel fails with
-    "float8_e8m0fnu missing from DTYPE_TO_CPP", torch 2.13).
+    elements' own bytes, and NaN/Inf, mapped to 255, win over every finite byte. An
+    integer max needs no NaN-propagation rule. It is taken in int32: a uint8 max fed
+    by an int32->uint8 convert reads undefined vector lanes in Inductor's AVX-512 C++
+    code (byte 1 instead of 0 for an all-zero block, torch 2.13).
     """
     mag = blocks.abs()
     finite = torch.isfinite(mag)
     bits = torch.where(finite, mag, 0.0).view(torch.int32)
     biased_exp = (bits + _ROUND_UP_ADD) >> _F32_MBITS  # 0..255, no int32 overflow
     byte = (biased_exp - _E4M3_EMAX).clamp(min=0)
-    return torch.where(finite, byte, E8M0_NAN).to(torch.uint8).amax(dim=-1)
+    return torch.where(finite, byte, E8M0_NAN).amax(dim=-1)
 
 
 def _byte_to_float(byte: torch.Tensor) -> torch.Tensor:
@@ -116,9 +115,11 @@ def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> t
     # rounds to +/-0 in x's dtype is stored as +0. Any other rounding to x's dtype
     # happens below 2**-14, where e4m3 gives +/-0 anyway (its smallest value is 2**-9).
     q = torch.where(q.abs() <= _ROUNDS_TO_ZERO[dtype], 0.0, q)
-    # One NaN for every NaN: the sign of compressed-tensors' NaN depends on the dtype.
+    q = q.clamp(-E4M3_MAX, E4M3_MAX)
+    # One NaN (0x7F) for every NaN: the sign of a NaN is not defined across paths
+    # (compressed-tensors' depends on the dtype; Inductor's vector clamp sets it).
     q = torch.where(q.isnan(), float("nan"), q)
-    return q.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.to(torch.float8_e4m3fn)
 
 
 def quantize(x: torch.Tensor) -> MXTensor:
@@ -126,8 +127,12 @@ def quantize(x: torch.Tensor) -> MXTensor:
     _check_input(x)
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     byte = _scale_byte(blocks)
-    data = _elements(blocks, byte.to(torch.int32), x.dtype).flatten(-2)
-    return MXTensor(data, byte.view(torch.float8_e8m0fnu))
+    data = _elements(blocks, byte, x.dtype).flatten(-2)
+    # The e8m0 tensor is an ATen cast of the exact power of two, not a uint8 view:
+    # Inductor's C++ backend has no e8m0 type, and a view fused into a kernel fails
+    # with "float8_e8m0fnu missing from DTYPE_TO_CPP" (torch 2.13). The cast runs as
+    # one small separate op over the K / 32 scales.
+    return MXTensor(data, _byte_to_float(byte).to(torch.float8_e8m0fnu))
 
 
 def quantize_weight(w: torch.Tensor, name: str) -> MXTensor:
@@ -160,6 +165,6 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """``dequantize(*quantize(x), x.dtype)`` bit for bit, without building e8m0 tensors."""
     _check_input(x)
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
-    byte = _scale_byte(blocks).to(torch.int32)
+    byte = _scale_byte(blocks)
     q = _elements(blocks, byte, x.dtype)
     return (q.float() * _byte_to_float(byte).unsqueeze(-1)).flatten(-2).to(x.dtype)

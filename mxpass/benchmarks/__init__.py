@@ -1,0 +1,1 @@
+"""GPU benchmarks (functions returning rows of measurements; not tests)."""

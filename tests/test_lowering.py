@@ -1,0 +1,63 @@
+"""Lowering: activation quantization fuses into its producer; the kernel registry's choices."""
+
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import mxpass
+from mxpass.lowering import registry
+from mxpass.lowering.registry import NoKernelError, Problem
+from tests.test_models import MLPStack
+
+# float -> e4m3 conversion in Inductor's C++ (activation quantization); weight dequantization
+# converts the other way and does not contain it.
+_QUANT_CAST = "convert<at::Float8_e4m3fn>"
+
+
+def _kernels(src: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(
+        r"(cpp_fused\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", src, re.S)}
+
+
+def test_activation_quantization_fuses_into_rmsnorm_and_silu_mul():
+    """RMSNorm+quantize is one kernel, SiLU*mul+quantize is one kernel; no standalone quantize."""
+    torch.manual_seed(0)
+    model = MLPStack().eval()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model, backend=mxpass.backend), torch.randn(5, 64))
+    kernels = _kernels(code[0])
+    quantizing = {name for name, body in kernels.items() if _QUANT_CAST in body}
+    assert quantizing, "no activation quantization found in the generated code"
+    for name in quantizing:
+        assert "rsqrt" in name or "silu" in name, f"activation quantization in its own kernel: {name}"
+    # two layers, each quantizing after its RMSNorm and after its SiLU*mul (identical kernels
+    # are emitted once and called per layer, so count call sites)
+    calls = {n: len(re.findall(rf"^\s+{n}\(", code[0], re.M)) for n in quantizing}
+    assert sum(c for n, c in calls.items() if "rsqrt" in n) == 2, calls
+    assert sum(c for n, c in calls.items() if "silu" in n) == 2, calls
+
+
+def test_registry_reasons_and_overrides(monkeypatch):
+    fmt = mxpass.get_format("mxfp8")
+    cpu = Problem("linear", fmt, torch.device("cpu"), 64, 32, torch.bfloat16)
+    choice = registry.choose(cpu)
+    assert choice.kernel.name == "reference"
+    assert choice.rejected == (("triton_mxfp8", "needs a CUDA device, got cpu"),)
+
+    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "reference")
+    with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*reference: disabled"):
+        registry.choose(cpu)
+    monkeypatch.delenv("MXPASS_DISABLE_KERNELS")
+    monkeypatch.setenv("MXPASS_KERNEL", "triton_mxfp8")
+    with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*reference: MXPASS_KERNEL=triton_mxfp8"):
+        registry.choose(cpu)
+
+
+def test_kernel_choice_is_in_the_report(monkeypatch):
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        torch.compile(lin, backend=mxpass.backend(compiler="eager"))(torch.randn(2, 64))
+    (entry,) = mxpass.last_report().rewritten
+    assert entry.kernel == "reference (not picked: triton_mxfp8: needs a CUDA device, got cpu)"
