@@ -41,6 +41,7 @@ class MxpassBackend:
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
+        from mxpass.lowering.cse import MergeIdenticalNodes
         from mxpass.lowering.linear import decompositions
 
         import mxpass.ops  # noqa: F401  (defines mxpass::linear before the pass emits it)
@@ -55,8 +56,8 @@ class MxpassBackend:
             # the rewritten graph run op by op: every mxpass op runs its reference body
             return _append_inputs(gm, extra) if extra else gm
         decomps = {**select_decomp_table(), **decompositions()}
-        compiled = compile_fx(gm, [*example_inputs, *extra],
-                              config_patches=self.inductor_options or None,
+        options = {"post_grad_custom_pre_pass": MergeIdenticalNodes(), **self.inductor_options}
+        compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
                               decompositions=decomps)
         if not extra:
             return compiled

