@@ -7,6 +7,8 @@ gives) and its ``MXFP8QuantizationCompressor`` for checkpoint bytes. Every
 comparison is bit for bit (atol=0).
 """
 
+import re
+
 import pytest
 import torch
 from compressed_tensors.compressors.mx_utils import compress_mx_scale
@@ -16,15 +18,15 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize as c
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+from torch._inductor.utils import run_and_get_code
 
 from mxpass.schemes import mxfp8
 
 ACT_ARGS = PRESET_SCHEMES["MXFP8"]["input_activations"]
 WEIGHT_ARGS = PRESET_SCHEMES["MXFP8"]["weights"]
-assert PRESET_SCHEMES["MXFP8A16"]["weights"] == WEIGHT_ARGS
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-# Largest float32 below 1.75 * 2**127, where compressed-tensors' power of two overflows.
+# Just below 1.75 * 2**127 (2.98e38), where compressed-tensors' power of two overflows.
 _BIG = 2.9e38
 
 
@@ -50,7 +52,8 @@ def edge_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.
     lo, hi = (-24, 15) if dtype == torch.float16 else (-140, 126)
     groups = (*shape[:-1], shape[-1] // 32)
     e = torch.randint(lo, hi, (*groups, 1), generator=g).float()
-    spread = torch.rand((*groups, 32), generator=g) * torch.randint(0, 40, (*groups, 1), generator=g)
+    width = torch.randint(0, 40, (*groups, 1), generator=g)
+    spread = torch.rand((*groups, 32), generator=g) * width
     x = torch.randn((*groups, 32), generator=g) * torch.exp2(e - spread)
     big = 60000.0 if dtype == torch.float16 else _BIG
     x = x.clamp(-big, big).flatten(-2).to(dtype)
@@ -61,6 +64,8 @@ def edge_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.
         mixed = [_BIG, -1e38, 1.0, -1e-30, 1e-40, -1e-44, 2.0**100, -(2.0**-43)]
         rows[-1, 64:96] = torch.tensor(mixed * 4).to(dtype)
         rows[-1, 96:128] = torch.linspace(-1e-38, 1e-38, 32).to(dtype)  # subnormals, zero
+        # x / scale = -2**-135: rounds to -0 in bf16 (stored +0), stays nonzero in fp32
+        rows[-1, :32] = torch.tensor([2.0**100, -(2.0**-43), -(2.0**-40), 2.0**-45] * 8).to(dtype)
     return x
 
 
@@ -86,6 +91,7 @@ def test_activation_path_matches_compressed_tensors(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_weight_bytes_match_the_compressed_tensors_compressor(dtype):
+    assert PRESET_SCHEMES["MXFP8A16"]["weights"] == WEIGHT_ARGS  # one weight format, two presets
     scheme = QuantizationScheme(targets=["Linear"], weights=WEIGHT_ARGS)
     w = edge_tensor((33, 384), dtype, seed=11)
     scale, zero_point = compute_dynamic_scales_and_zp(w, WEIGHT_ARGS, module=None)
@@ -141,6 +147,9 @@ def test_zero_blocks_and_tiny_blocks_use_the_smallest_scale():
     data, scale = mxfp8.quantize(x)
     assert scale.view(torch.uint8).tolist() == [[0, 0], [0, 0], [0, 0]]
     assert torch.equal(mxfp8.dequantize(data, scale, torch.bfloat16), x)
+    ct_data, ct_scale, _ = ct_quantize_activation(x)
+    assert torch.equal(_bits(data), _bits(ct_data))
+    assert torch.equal(scale.view(torch.uint8), compress_mx_scale(ct_scale, torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -156,7 +165,11 @@ def test_where_compressed_tensors_is_undefined(dtype):
     # within half an e4m3 step: 2**-4 relative for normals, 2**-10 * scale for subnormals
     half_step = torch.maximum(x.float().abs() * 2.0**-4, mxfp8.scale_to_float(scale) * 2.0**-10)
     assert ((mxfp8.fake_quantize(x).float() - x.float()).abs() <= half_step).all()
-    # fp16 amax below 2**-14: mxpass uses amax's own float32 exponent.
+    # fp16: amax >= 57344 overflows fp16 in compressed-tensors; mxpass gives 127 + 16 - 8.
+    fp16_big = torch.full((1, 32), 60000.0, dtype=torch.float16)
+    assert torch.isinf(ct_quantize_activation(fp16_big)[1]).all()
+    assert mxfp8.quantize(fp16_big).scale.view(torch.uint8).item() == 135
+    # fp16 amax below 2**-14: the rule on amax's float32 value (2**-20 -> 127 - 20 - 8).
     tiny = torch.full((1, 32), 2.0**-20, dtype=torch.float16)
     assert mxfp8.quantize(tiny).scale.view(torch.uint8).item() == 127 - 20 - 8
     assert torch.equal(mxfp8.fake_quantize(tiny), tiny)
@@ -224,17 +237,32 @@ def test_scale_to_float_covers_every_byte():
 def test_fake_quantize_is_dequantize_of_quantize(dtype):
     x = edge_tensor((5, 3, 128), dtype, seed=7)
     x[0, 0, 3], x[1, 2, 100], x[4, 1, 60] = float("nan"), float("inf"), -float("inf")
-    assert torch.equal(_bits(mxfp8.fake_quantize(x)), _bits(mxfp8.dequantize(*mxfp8.quantize(x), dtype)))
+    expected = mxfp8.dequantize(*mxfp8.quantize(x), dtype)
+    assert torch.equal(_bits(mxfp8.fake_quantize(x)), _bits(expected))
 
 
-def test_compiled_matches_eager():
-    # Small on purpose: each Inductor compile takes a few seconds on 2 cores.
+def _compiled(fn, x):
+    """Result of fn under the default Inductor backend, and the host code that calls its kernels."""
+    torch._dynamo.reset()
+    result, (code,) = run_and_get_code(torch.compile(fn, fullgraph=True), x)
+    return result, code[code.index("def call") :]
+
+
+def test_compiled_matches_eager_and_fuses():
+    # Small on purpose: each Inductor compile takes ~5 s on 2 cores.
     x = edge_tensor((5, 128), torch.bfloat16, seed=9)
     x[1, 40], x[2, 70], x[3, 100] = float("nan"), float("inf"), -float("inf")
-    fake = torch.compile(mxfp8.fake_quantize, fullgraph=True)(x)
-    assert torch.equal(_bits(fake), _bits(mxfp8.dequantize(*mxfp8.quantize(x), x.dtype)))
-    data, scale = torch.compile(mxfp8.quantize, fullgraph=True)(x)
     eager_data, eager_scale = mxfp8.quantize(x)
+
+    fake, host = _compiled(mxfp8.fake_quantize, x)
+    assert torch.equal(_bits(fake), _bits(mxfp8.dequantize(eager_data, eager_scale, x.dtype)))
+    assert host.count("cpp_fused_") == 1 and "torch.ops." not in host  # one kernel, no e8m0
+
+    (data, scale), host = _compiled(mxfp8.quantize, x)
     assert data.dtype == torch.float8_e4m3fn and scale.dtype == torch.float8_e8m0fnu
     assert torch.equal(_bits(data), _bits(eager_data))
     assert torch.equal(_bits(scale), _bits(eager_scale))
+    # one kernel for data and scale; the e8m0 cast is the only op left outside it
+    assert host.count("cpp_fused_") == 1
+    extern_ops = re.findall(r"torch\.ops\.[\w.]+\(", host)
+    assert extern_ops == ["torch.ops.prims.convert_element_type.default("]

@@ -36,9 +36,10 @@ Where compressed-tensors is undefined, this module picks the natural value:
     * amax >= 1.75 * 2**127 (or >= 57344 in fp16): compressed-tensors' power of two
       overflows to inf, giving a NaN scale and all-zero data; here byte = 247
       (fp16: 135) and the block quantizes normally.
-    * fp16 amax below 2**-14 (fp16 subnormal): compressed-tensors rounds amax to 0
-      in fp16 bits and its scale 2**-127 underflows to 0 in fp16 (then replaced
-      by 1); here amax keeps its float32 exponent.
+    * fp16 amax below 2**-14 (fp16 subnormal): compressed-tensors rounds amax in fp16
+      bits, where a subnormal has no leading 1, to 2**-14 or to 0, and for 0 its
+      scale 2**-127 underflows fp16 and is replaced by 1; here the rule is applied to
+      amax's float32 value, as for bf16/fp32.
 
 Everything in ``quantize``, ``dequantize`` and ``fake_quantize`` is elementwise ATen
 math plus one integer max per block: no ``.item()``, no branches on values, no
@@ -62,8 +63,8 @@ _F32_MBITS = 23
 _ROUND_UP_ADD = 1 << (_F32_MBITS - 2)
 _F32_TWO_POW_M127 = 0x00400000  # bits of 2**-127, a float32 subnormal
 # Half the smallest subnormal of the input dtype: a quotient at or below it rounds to
-# 0 in that dtype (a tie goes to the even neighbour, 0). float32 needs no entry: the
-# float32 multiply below rounds exactly as compressed-tensors' float32 division does.
+# 0 in that dtype (a tie goes to the even neighbour, 0). For float32 only exact zeros:
+# the float32 multiply below already rounds as compressed-tensors' division does.
 _ROUNDS_TO_ZERO = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 0.0}
 _INPUT_DTYPES = tuple(_ROUNDS_TO_ZERO)
 
@@ -110,19 +111,20 @@ def _byte_to_float(byte: torch.Tensor) -> torch.Tensor:
 
 
 def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3(clamp(x / 2**(byte - 127), +/-448)); float32 blocks [..., G, 32], int32 bytes [..., G]."""
+    """e4m3(clamp(x / 2**(byte - 127), +/-448)); float32 blocks [..., G, 32], int32 byte [..., G]"""
     finite = byte != E8M0_NAN
     # 1 / scale = 2**(127 - byte): float32 bits (254 - byte) << 23, normal for byte in
     # 0..247. NaN blocks use 0, i.e. x / inf as compressed-tensors computes it.
     inv_scale = torch.where(finite, (2 * E8M0_BIAS - byte) << _F32_MBITS, 0).view(torch.float32)
-    q = blocks * inv_scale.unsqueeze(-1)  # exact: a power-of-two multiply
+    q = blocks * inv_scale.unsqueeze(-1)  # a power-of-two multiply: exact above 2**-126
     # compressed-tensors divides in x's dtype, then adds its zero point 0.0, so whatever
-    # rounds to +/-0 in x's dtype is stored as +0. Any other rounding to x's dtype
-    # happens below 2**-14, where e4m3 gives +/-0 anyway (its smallest value is 2**-9).
+    # rounds to +/-0 in x's dtype is stored as +0. Any other rounding to x's dtype only
+    # happens in its subnormal range (below 2**-14 for fp16, 2**-126 for bf16), where
+    # e4m3 gives +/-0 with the same sign anyway (its smallest step is 2**-9).
     q = torch.where(q.abs() <= _ROUNDS_TO_ZERO[dtype], 0.0, q)
-    pass
-    # One NaN (0x7F) for every NaN: the sign of a NaN is not defined across paths
-    # (compressed-tensors' depends on the dtype; Inductor's vector clamp sets it).
+    q = q.clamp(-E4M3_MAX, E4M3_MAX)
+    # One NaN (0x7F) for every NaN: a NaN's sign differs between paths (compressed-tensors'
+    # depends on the dtype; Inductor's AVX-512 clamp returns NaN with the sign bit set).
     q = torch.where(q.isnan(), float("nan"), q)
     return q.to(torch.float8_e4m3fn)
 
