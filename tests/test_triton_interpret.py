@@ -28,6 +28,7 @@ _CHILD = textwrap.dedent(
     one = lambda impl: mk.Plan((mk.Regime(0, None, impl),))
     plans = {
         "gemv": one(mk.SplitK("gemv", 16, 1, 64, 2)),
+        "gemv-evict": one(mk.SplitK("gemv", 16, 1, 32, 3, evict_first=True)),
         "dot": one(mk.SplitK("dot", 16, 16, 64, 3)),
         "dot-S1": one(mk.SplitK("dot", 16, 16, 32, 1)),
         "dequant-gemm": one(mk.DequantGemm(mk.SplitK("dot", 16, 16, 32, 1), 16, 64)),

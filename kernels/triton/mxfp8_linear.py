@@ -1,33 +1,38 @@
-"""MXFP8 linear on Hopper (sm_90), as Triton kernels behind one ``torch.library.triton_op``.
+"""MXFP8 linear on Hopper (sm_90): Triton kernels behind one ``torch.library.triton_op``.
 
     y [M, N] = x [M, K] @ W.T + bias,   W[n, k] = fp8(qweight[n, k]) * 2**(e8m0(wscale[n, k // 32]) - 127)
 
 Shapes: M = tokens (dynamic), N = out features, K = in features (K % 32 == 0),
-G = K // 32 scale blocks, S = K splits. x is bf16/fp16, qweight [N, K] float8_e4m3fn,
-wscale [N, G] float8_e8m0fnu, bias [N] in x.dtype or None; y is in x.dtype.
+G = K // 32 scale blocks, S = K splits. x is bf16/fp16 [M, K], qweight [N, K]
+float8_e4m3fn, wscale [N, G] float8_e8m0fnu, bias [N] in x.dtype or None; y is x.dtype.
 
-Hopper has no MX block-scaled MMA, so every path turns the weight into x.dtype first:
-fp8 * 2**(e - 127) is exact in bf16 (3 mantissa bits into 7, same exponent range as
-fp32); in fp16 it is exact while the dequantized weight is inside fp16's range. All
-sums are fp32. Paths, picked per call by M at run time (``Plan``):
+Hopper has no MX block-scaled MMA, so the weight is turned into x.dtype (or fp32) in
+registers: fp8 * 2**(e - 127) is exact in bf16 (3 mantissa bits into 7, fp32's exponent
+range); in fp16 it is exact while the dequantized weight is inside fp16's range. All
+sums are fp32. Paths (a ``Plan`` of M ranges, picked per call at run time):
 
-* split-K: ``_mxfp8_gemv_kernel`` (CUDA cores, one x row per program) or
-  ``_mxfp8_dot_kernel`` (tensor cores, W tile as the left operand, x^T as the right,
-  so a handful of tokens fills the MMA's narrow side). Each of S programs per output
-  tile covers K / S and writes fp32 partials [S, M, N]; ``_splitk_reduce_kernel`` sums
-  them in a fixed order (deterministic, no atomics, no zeroed buffer), adds bias, casts.
-  S shrinks as M grows: S(M) = 1 + (S0 - 1) // m_tiles.
-* dequantize + cuBLAS: ``_mxfp8_dequant_kernel`` writes W in x.dtype into a scratch
-  [N, K] buffer, then ``torch.mm`` / ``torch.addmm``: one extra pass over the weight,
-  cheap next to a compute-bound GEMM.
+    M = 1        _mxfp8_gemv_kernel  CUDA cores, split-K, weight-bandwidth bound
+    2 <= M <= 16 _mxfp8_dot_kernel   tensor cores, W tile as the left MMA operand and
+                                     x^T (16 wide) as the right one, split-K
+    17 <= M < 256 _mxfp8_dot_kernel  same, 64-wide x tile, S shrinking with M
+    M >= 256     _mxfp8_dequant_kernel into a scratch W [N, K] in x.dtype, then
+                 _mxfp8_dot_kernel as a plain GEMM (W_DENSE): one extra pass over W
 
-Guard-free dispatch. M is symbolic when this op is compiled, so there is no Python
-``if`` on M: each path's row count is M * ind(M), where ind is an integer expression
-(``_in_range``) that is 1 inside the path's M range and 0 outside; its grids are
-products with that count, and a launch with a zero-sized grid is skipped by the
-launcher. Buffers are sized the same way (the split-K partials are [S(M), M * ind, N],
-never proportional to M outside the small-M paths). The cuBLAS path, when not taken,
-runs with K = 0: ``mm`` then only zero-fills y [M, N], which a split-K path overwrites.
+Split-K programs write fp32 partials [S, M, N]; ``_splitk_reduce_kernel`` sums them in a
+fixed order (deterministic: no atomics, no zeroed buffer), adds bias and casts. With
+S == 1 the kernel writes y itself and the reduce grid is empty.
+
+Guard-free dispatch. M is symbolic when the op is compiled, so there is no Python ``if``
+on M: each path gets the row count M * ind(M), with ind an integer expression
+(``_in_range``) that is 1 inside its M range and 0 outside, and every grid is a product
+with that count. The launcher skips a zero-sized grid (checked on H200 with Inductor's
+generated code, M in 0..2048). Tensor sizes never depend on which path runs: the
+partials buffer has a static size (``_partial_rows``) and the scratch weight is
+[N, max(K * ind, 32)], because a size that can be 0 or 1 makes the tracer add a guard
+on M (``Eq(K_c, 0)``, contiguity checks), i.e. a recompile at the threshold. For the same
+reason the large-M path does not call cuBLAS: ``mm`` on a K-slice of x guarded on M
+(``Ne(K_c, K)`` from the view's contiguity), and ``mm`` on all of x costs a full GEMM on
+every path. Measured numbers behind each choice: notes/kernel-notes.md.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 __all__ = [
-    "DequantMM",
+    "DequantGemm",
     "Plan",
     "Regime",
     "SplitK",
     "default_plan",
+    "mxfp8_dequantize_triton",
     "mxfp8_linear_triton",
     "mxfp8_linear_with_plan",
 ]
@@ -67,7 +73,11 @@ def _e8m0_to_fp32(e):
 
 @triton.jit
 def _dequant_tile(q, e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """W tile [BLOCK_N, BLOCK_K] in dtype from fp8 q [BLOCK_N, BLOCK_K] and E8M0 bytes e [BLOCK_N, BLOCK_K // 32]."""
+    """W tile [BLOCK_N, BLOCK_K] in dtype from fp8 q [BLOCK_N, BLOCK_K] and E8M0 bytes e [BLOCK_N, BLOCK_K // 32].
+
+    Multiplied in fp32 and rounded once. (A bf16 multiply, exact too, was ~20% slower in
+    the dot kernel with triton 3.6 on H200: 34.2 vs 28.2 us, M=16, K=4096, N=12288.)
+    """
     scale = _e8m0_to_fp32(e)
     w = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype)
@@ -102,49 +112,67 @@ def _store_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _load_stream(ptrs, mask, EVICT_FIRST: tl.constexpr):
+    """Masked load (0 where masked) of data read once; EVICT_FIRST asks the caches to drop it first."""
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _mxfp8_gemv_kernel(
     # pointers
     x_ptr, q_ptr, e_ptr, b_ptr, y_ptr, p_ptr,
     # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, b [N], y [M, N], contiguous)
     M, N, K_GROUPS,
     # meta
-    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial y[m, n] over one K split, one row m of x per program: grid (M, cdiv(N, BLOCK_N), S).
+    """Partial y[m, n] over one K split on CUDA cores, one row m of x per program: grid (M, cdiv(N, BLOCK_N), S).
 
-    The weight tile is read as [BLOCK_N, G, 32] so the 32-element dot of each scale block
-    is summed before its scale is applied: one multiply per 32 elements, not per element.
+    The weight tile is read as [BLOCK_N, G, 32] and each 32-element block's dot is summed
+    before its scale is applied (one multiply per 32 elements). x is loaded through
+    pointers broadcast to the weight tile's shape, so both loads get the same register
+    layout: loading x as [1, G, 32] made the compiler move the weight tile through shared
+    memory and reduce across 8 lanes, ~2x the instructions (sm_90 SASS, triton 3.9).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
     G: tl.constexpr = BLOCK_K // 32
-    K = K_GROUPS * 32  # written as a product so the compiler knows rows are 32-byte aligned
+    K = K_GROUPS * 32  # a product, so the compiler knows rows are 32-byte aligned
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, G)
-    offs_j = tl.arange(0, 32)
-    n_mask = offs_n < N
+    rn = tl.arange(0, BLOCK_N)
+    rg = tl.arange(0, G)
+    rj = tl.arange(0, 32)
+    n_mask = (pid_n * BLOCK_N + rn) < N
+    q_base = q_ptr + (pid_n * BLOCK_N).to(tl.int64) * K
+    e_base = e_ptr + (pid_n * BLOCK_N).to(tl.int64) * K_GROUPS
+    x_base = x_ptr + pid_m.to(tl.int64) * K
+    k3 = rg[None, :, None] * 32 + rj[None, None, :]  # [1, G, 32]
+    q_offs = rn[:, None, None] * K + k3  # [BLOCK_N, G, 32]
+    x_offs = rn[:, None, None] * 0 + k3  # same shape as q_offs: see the docstring
+    e_offs = rn[:, None] * K_GROUPS + rg[None, :]  # [BLOCK_N, G]
+
     g_lo, g_hi = _split_range(K_GROUPS, BLOCK_K)
-
-    k3 = (g_lo + offs_g)[None, :, None] * 32 + offs_j[None, None, :]  # [1, G, 32]
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None, None] * K + k3
-    e_ptrs = e_ptr + offs_n.to(tl.int64)[:, None] * K_GROUPS + (g_lo + offs_g)[None, :]
-    x_ptrs = x_ptr + pid_m.to(tl.int64) * K + k3
-
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
     for g0 in range(g_lo, g_hi, G):
-        g_mask = (g0 + offs_g) < g_hi  # K % 32 == 0: a whole scale block is in or out
-        q = tl.load(q_ptrs, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0.0)
-        e = tl.load(e_ptrs, mask=n_mask[:, None] & g_mask[None, :], other=127)
-        xv = tl.load(x_ptrs, mask=g_mask[None, :, None], other=0.0)
+        k0 = g0 * 32
+        if EVEN_K:
+            q = _load_stream(q_base + k0 + q_offs, n_mask[:, None, None], EVICT_FIRST)
+            e = tl.load(e_base + g0 + e_offs, mask=n_mask[:, None], other=127)
+            xv = tl.load(x_base + k0 + x_offs)
+        else:
+            g_mask = (g0 + rg) < g_hi  # K % 32 == 0: a whole scale block is in or out
+            q = _load_stream(q_base + k0 + q_offs, n_mask[:, None, None] & g_mask[None, :, None], EVICT_FIRST)
+            e = tl.load(e_base + g0 + e_offs, mask=n_mask[:, None] & g_mask[None, :], other=127)
+            xv = tl.load(x_base + k0 + x_offs, mask=g_mask[None, :, None], other=0.0)
         blk = tl.sum(q.to(tl.float32) * xv.to(tl.float32), axis=2)  # [BLOCK_N, G]
         acc += blk * _e8m0_to_fp32(e)
-        q_ptrs += BLOCK_K
-        e_ptrs += G
-        x_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
-    _store_tile(out[:, None], offs_n[:, None], pid_m + tl.zeros((1, 1), tl.int32), M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
+    offs_n = pid_n * BLOCK_N + rn
+    offs_m = pid_m + tl.zeros((1, 1), tl.int32)
+    _store_tile(out[:, None], offs_n[:, None], offs_m, M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
 
 
 @triton.jit
@@ -154,7 +182,7 @@ def _mxfp8_dot_kernel(
     # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, b [N], y [M, N], contiguous)
     M, N, K_GROUPS,
     # meta
-    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, W_DENSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, W_DENSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial y^T tile [BLOCK_N, BLOCK_M] over one K split: grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), S).
@@ -187,9 +215,13 @@ def _mxfp8_dot_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g0 in range(g_lo, g_hi, G):
         k0 = g0 * 32
-        k_mask = (g0 + rk // 32) < g_hi  # constant over each scale block
-        q = tl.load(q_base + k0 + q_offs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        xt = tl.load(x_base + k0 + x_offs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        if EVEN_K:
+            q = tl.load(q_base + k0 + q_offs, mask=n_mask[:, None], other=0.0)
+            xt = tl.load(x_base + k0 + x_offs, mask=m_mask[None, :], other=0.0)
+        else:
+            k_mask = (g0 + rk // 32) < g_hi  # constant over each scale block
+            q = tl.load(q_base + k0 + q_offs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.load(x_base + k0 + x_offs, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
         if W_DENSE:
             w = q
         else:
@@ -268,6 +300,7 @@ class SplitK(NamedTuple):
     split: int  # S0: K splits while all M rows fit one M tile; S(M) = 1 + (S0 - 1) // m_tiles
     num_warps: int = 4
     num_stages: int = 3
+    evict_first: bool = False  # gemv: weight loads marked evict-first (read once)
 
 
 class DequantGemm(NamedTuple):
@@ -300,9 +333,9 @@ REDUCE_BLOCK = 1024
 _IDLE_K = MX_BLOCK
 
 # M thresholds of the default plan (H200, torch 2.11, triton 3.6; notes/kernel-notes.md).
-GEMV_MAX_M = 1  # M <= 1: gemv kernel
-SMALL_M = 16  # M < 16: dot kernel with a 16-wide x tile
-LARGE_M = 1024  # M >= 1024: dequantize into scratch, then GEMM
+GEMV_MAX_M = 1  # M <= 1: gemv kernel (CUDA cores)
+SMALL_MAX_M = 16  # 2 <= M <= 16: dot kernel, 16-wide x tile
+LARGE_M = 256  # 17 <= M < 256: dot kernel, 64-wide x tile; M >= 256: dequantize + GEMM
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,19 +351,28 @@ def _split_for(K: int, N: int, block_n: int, block_k: int, num_sms: int, waves: 
 
 
 def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
-    """The plan the op runs for a [N, K] weight (a pure function of the static shapes)."""
-    gemv = SplitK("gemv", block_n=32, block_m=1, block_k=256, split=0, num_warps=4, num_stages=1)
-    small = SplitK("dot", block_n=64, block_m=16, block_k=256, split=0, num_warps=4, num_stages=3)
-    medium = SplitK("dot", block_n=128, block_m=64, block_k=128, split=0, num_warps=8, num_stages=3)
-    gemv = gemv._replace(split=_split_for(K, N, gemv.block_n, gemv.block_k, num_sms))
-    small = small._replace(split=_split_for(K, N, small.block_n, small.block_k, num_sms))
+    """The plan the op runs for a [N, K] weight (a pure function of the static shapes).
+
+    Fastest configurations of ``python -m mxpass.benchmarks.linear --sweep`` on H200
+    (torch 2.11, triton 3.6) for (K, N) in (4096, 12288), (4096, 28672), (14336, 4096);
+    per-configuration times in notes/kernel-notes.md. M = 1: gemv 4x512 tiles, 4 warps,
+    ~8 programs per SM (21.3 / 39.6 / 23.5 us vs bn8 21.8 / 40.2 / 24.5 us); M = 16: dot
+    128x16x128 (28.2 / 58.2 / 33.5 us); M = 128: dot 64x64x128 (52.6 / 136.5 / 65.2 us);
+    M >= 256: dequantize + GEMM 128x256x64, 8 warps (84.5 us at M = 256, 4096x12288,
+    vs 94.8 us in-kernel; 630 vs 1087 us at M = 4096).
+    """
+    gemv = SplitK("gemv", block_n=4, block_m=1, block_k=512, split=0, num_warps=4, num_stages=1, evict_first=True)
+    small = SplitK("dot", block_n=128, block_m=16, block_k=128, split=0, num_warps=4, num_stages=3)
+    medium = SplitK("dot", block_n=64, block_m=64, block_k=128, split=0, num_warps=4, num_stages=3)
+    gemv = gemv._replace(split=_split_for(K, N, gemv.block_n, gemv.block_k, num_sms, waves=8))
+    small = small._replace(split=_split_for(K, N, small.block_n, small.block_k, num_sms, waves=4))
     medium = medium._replace(split=_split_for(K, N, medium.block_n, medium.block_k, num_sms, waves=2))
     large = DequantGemm(SplitK("dot", block_n=128, block_m=256, block_k=64, split=1, num_warps=8, num_stages=3))
     return Plan(
         (
             Regime(0, GEMV_MAX_M + 1, gemv),
-            Regime(GEMV_MAX_M + 1, SMALL_M, small),
-            Regime(SMALL_M, LARGE_M, medium),
+            Regime(GEMV_MAX_M + 1, SMALL_MAX_M + 1, small),
+            Regime(SMALL_MAX_M + 1, LARGE_M, medium),
             Regime(LARGE_M, None, large),
         )
     )
@@ -430,6 +472,8 @@ def mxfp8_linear_with_plan(
         m_r = M * _in_range(M, r.m_lo, r.m_hi)  # M inside the regime, 0 outside: every grid below empty
         cfg, w, w_dense = r.impl, qweight, False
         if isinstance(cfg, DequantGemm):
+            if cfg.gemm.kernel != "dot":
+                raise ValueError(f"mxfp8_linear: DequantGemm needs the dot kernel, got {cfg.gemm.kernel!r}")
             k_on = K * _in_range(M, r.m_lo, r.m_hi)
             w = torch.empty((N, torch.sym_max(k_on, _IDLE_K)), dtype=x.dtype, device=x.device)
             _launch_dequant(qweight, e, w, k_groups, k_on, cfg)
@@ -439,17 +483,21 @@ def mxfp8_linear_with_plan(
         if cfg.kernel == "gemv":
             wrap_triton(_mxfp8_gemv_kernel)[grid](
                 x, w, e, b, y, partial, m_r, N, k_groups,
-                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, EVEN_K=k_groups % (cfg.block_k // MX_BLOCK) == 0,
+                EVICT_FIRST=cfg.evict_first, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         else:
             wrap_triton(_mxfp8_dot_kernel)[grid](
                 x, w, e, b, y, partial, m_r, N, k_groups,
                 HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, W_DENSE=w_dense,
+                EVEN_K=k_groups % (cfg.block_k // MX_BLOCK) == 0,
                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        # With S == 1 the kernel above wrote y itself and this grid is empty.
+        if cfg.split == 1:
+            continue  # S(M) == 1 for every M: the kernel above wrote y itself
+        # Where S(M) == 1 the kernel above wrote y itself and this grid is empty.
         wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m_r * N, REDUCE_BLOCK) * (1 - 1 // split),)](
             partial, b, y, m_r, N, split,
             HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,

@@ -123,7 +123,8 @@ def run(
                 t = graph_ms(lambda: [op(x, q, s) for q, s in sets], rotate, warmup, rep)
                 rows.append(_row("mxfp8_op", M, K, N, t, bf16, err, fp8_bytes))
                 err = rel_error(x @ mk.mxfp8_dequantize_triton(*sets[0], dtype).t(), ref)
-                t = graph_ms(lambda: [x @ mk.mxfp8_dequantize_triton(q, s, dtype).t() for q, s in sets], rotate, warmup, rep)
+                t = graph_ms(lambda: [x @ mk.mxfp8_dequantize_triton(q, s, dtype).t() for q, s in sets],
+                             rotate, warmup, rep)
                 rows.append(_row("dequant+cublas", M, K, N, t, bf16, err, fp8_bytes))
             if cf is not None:
                 err = rel_error(cf(x, *sets[0]), ref)
@@ -159,31 +160,32 @@ def _sweep_candidates(M: int, K: int, N: int, num_sms: int):
     def one(impl):
         return mk.Plan((mk.Regime(0, None, impl),))
 
+    def split_k(kind, bn, bm, bk, nw, ns, waves, evict=False):
+        for w in waves:
+            s = mk._split_for(K, N, bn, bk, num_sms, w)
+            name = f"{kind}{bm} bn{bn} bk{bk} w{nw} s{ns} S0={s}" + (" evict" if evict else "")
+            yield name, one(mk.SplitK(kind, bn, bm, bk, s, nw, ns, evict))
+
     cands = []
-    if M <= 4:
-        for bn, bk, nw, ns in ((16, 512, 4, 1), (8, 1024, 4, 1), (16, 1024, 4, 1), (16, 512, 8, 1), (32, 512, 8, 1), (32, 256, 4, 1)):
-            for waves in (2, 4, 8):
-                s = mk._split_for(K, N, bn, bk, num_sms, waves)
-                cands.append((f"gemv bn{bn} bk{bk} w{nw} s{ns} S{s}", one(mk.SplitK("gemv", bn, 1, bk, s, nw, ns))))
-    if M <= 32:
-        for bn, bk, nw, ns in ((64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (64, 512, 4, 2)):
-            for waves in (2, 4, 8):
-                s = mk._split_for(K, N, bn, bk, num_sms, waves)
-                cands.append((f"dot16 bn{bn} bk{bk} w{nw} s{ns} S{s}", one(mk.SplitK("dot", bn, 16, bk, s, nw, ns))))
-    if 16 <= M <= 1024:
-        for bn, bm, bk, nw, ns in ((128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 32, 128, 4, 3)):
-            for waves in (1, 2, 4) if M <= 128 else (2,):
-                s = mk._split_for(K, N, bn, bk, num_sms, waves)
-                cands.append((f"dot{bm} bn{bn} bk{bk} w{nw} s{ns} S0={s}", one(mk.SplitK("dot", bn, bm, bk, s, nw, ns))))
-    if M >= 512:
-        for bn, bm, bk, nw, ns in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4)):
+    if M == 1:
+        for bn, bk, nw, ev in ((4, 512, 4, True), (4, 512, 4, False), (8, 512, 4, True), (8, 512, 4, False),
+                               (4, 512, 2, False), (8, 256, 4, False), (16, 512, 4, False), (4, 1024, 4, False)):
+            cands += split_k("gemv", bn, 1, bk, nw, 1, (4, 8, 16), ev)
+    if M <= 16:
+        for bn, bk, nw, ns in ((128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3)):
+            cands += split_k("dot", bn, 16, bk, nw, ns, (2, 4, 8))
+    if 16 <= M <= 256:
+        for bn, bm, bk, nw, ns in ((64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)):
+            cands += split_k("dot", bn, bm, bk, nw, ns, (1, 2, 4))
+    if M >= 256:
+        for bn, bm, bk, nw, ns in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)):
             tile = mk.SplitK("dot", bn, bm, bk, 1, nw, ns)
-            cands.append((f"dot{bm} bn{bn} bk{bk} w{nw} s{ns}", one(tile)))
             cands.append((f"deq+dot{bm} bn{bn} bk{bk} w{nw} s{ns}", one(mk.DequantGemm(tile))))
+            cands.append((f"dot{bm} bn{bn} bk{bk} w{nw} s{ns}", one(tile)))
     return cands
 
 
-def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 512, 1024, 4096), rotate: int = 4, warmup: int = 10, rep: int = 40):
+def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 256, 4096), rotate: int = 4, warmup: int = 10, rep: int = 40):
     """Time every candidate kernel configuration (single-regime plans); rows as ``run`` plus "config"."""
     import mxpass.kernels.triton.mxfp8_linear as mk
     from mxpass.kernels.reference import mxfp8_linear_reference
