@@ -17,7 +17,8 @@ from mxpass.lowering.registry import Problem, choose
 from mxpass.schemes import mxfp8
 
 
-def _linear_decomposition(x, qweight, wscale, bias, fmt: str):
+def linear_lowered(x, qweight, wscale, bias, fmt: str):
+    """What an ``mxpass::linear`` node becomes before AOTAutograd traces the graph."""
     f = get_format(fmt)
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
@@ -34,11 +35,28 @@ def _quantize_decomposition(x, fmt: str):
     return q.data, q.scale
 
 
+def lower_linear_nodes(gm: torch.fx.GraphModule) -> int:
+    """Replace every ``mxpass::linear`` node by a call of :func:`linear_lowered`.
+
+    AOTAutograd then traces that Python function like model code: the activation
+    quantization becomes ATen ops, and a Triton kernel's ``triton_op`` is met by
+    functionalization, which turns it into kernel launches in Inductor's generated code. (As
+    an entry of the decomposition table it would run below functionalization, and the
+    triton_op would stay an opaque op called from Python at every step.)
+    """
+    n = 0
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.mxpass.linear.default):
+        node.target = linear_lowered
+        n += 1
+    gm.recompile()
+    return n
+
+
 def decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """mxpass ops -> their Inductor decompositions (merged into Inductor's own table)."""
+    """mxpass ops -> decompositions, for graphs that still hold them (merged into Inductor's table)."""
     import mxpass.ops  # noqa: F401  (defines the ops)
 
     return {
-        torch.ops.mxpass.linear.default: _linear_decomposition,
+        torch.ops.mxpass.linear.default: linear_lowered,
         torch.ops.mxpass.quantize.default: _quantize_decomposition,
     }
