@@ -42,9 +42,12 @@ def test_llama_triton_matches_reference_and_launches_from_generated_code(monkeyp
     Both runs are the same Inductor graph (same fusions, same bf16 activations between
     layers); only the GEMM differs: fp32 sums in another order, then bf16 rounding
     (2**-9 relative). Downstream, such a last-bit difference can flip an activation's e4m3
-    rounding (one e4m3 step is 6-12% of an element), so the logits differ by more than one
-    bf16 step. Measured on H200 (torch 2.11): see the printed values; a wrong tile or scale
-    gives errors of order 1.
+    rounding (one e4m3 step is 6-12% of an element), and a 2-layer random model amplifies
+    these flips. Measured on H200 (torch 2.11), logits relative error: Triton vs reference
+    kernel 0.030; reference kernel (Inductor) vs op-by-op eager 0.043, i.e. the same size as
+    Inductor-vs-eager differences; quantized vs unquantized 0.076. The thresholds sit above
+    these; a wrong tile or scale gives errors of order 1. The tight kernel check is
+    ``test_one_layer_matches_reference_kernel`` (no quantization downstream of the GEMM).
     """
     from torch._inductor.utils import run_and_get_code
 
@@ -65,11 +68,33 @@ def test_llama_triton_matches_reference_and_launches_from_generated_code(monkeyp
     errs = dict(vs_reference_kernel=rel_err(out.logits, ref), vs_eager_reference=rel_err(out.logits, eager_ref),
                 reference_kernel_vs_eager=rel_err(ref, eager_ref), vs_unquantized=rel_err(out.logits, plain))
     print("relative errors:", errs)
-    assert errs["vs_reference_kernel"] < 2e-2
-    assert errs["vs_eager_reference"] < 1e-1
+    assert errs["vs_reference_kernel"] < 0.1
+    assert errs["vs_eager_reference"] < 0.15
     src = "\n".join(code)
     assert "torch.ops.mxpass" not in src, "Python op dispatch in generated code"
     assert re.search(r"_mxfp8_\w+_kernel", src), "the Triton MXFP8 kernels are not launched from generated code"
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 300])
+def test_one_layer_matches_reference_kernel(monkeypatch, tokens):
+    """RMSNorm -> linear through the backend: Triton vs reference kernel on identical x_dq.
+
+    The activation quantization is the same Inductor code in both runs; the GEMMs differ in
+    fp32 summation order and then round to bf16 (2**-9 relative), so 2**-7 is generous.
+    """
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LlamaRMSNorm(512), torch.nn.Linear(512, 1000)).cuda().bfloat16()
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        monkeypatch.setenv("MXPASS_KERNEL", "reference")
+        ref = torch.compile(model, backend=mxpass.backend)(x)
+        monkeypatch.delenv("MXPASS_KERNEL")
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=mxpass.backend)(x)
+    assert mxpass.last_report().rewritten[0].kernel.startswith("triton_mxfp8")
+    assert rel_err(out, ref) < 2**-7
 
 
 def test_cudagraphs_capture_without_weight_copies():
