@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--scheme", default="mxfp8", choices=format_names())
     demo.add_argument("--iters", type=int, default=10)
     bench = sub.add_parser("bench", help="benchmarks (GPU): linear op and model forward")
-    bench.add_argument("what", nargs="*", default=["linear", "model"], choices=["linear", "model"])
+    bench.add_argument("what", nargs="*", choices=["linear", "model"],
+                       help="which benchmarks (default: all)")
     bench.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         from mxpass.benchmarks.suite import run_all
 
-        rows = run_all(args.what)
+        rows = run_all(args.what or ["linear", "model"])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
