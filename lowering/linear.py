@@ -1,9 +1,10 @@
 """Lowering of ``mxpass::linear`` for Inductor.
 
-Inductor receives a decomposition: the activation quantization written as ATen math (so
-it fuses into the kernel that produced the activation: an RMSNorm, a SiLU*mul) followed by
-one call of the kernel the registry picked. A Triton kernel is a ``torch.library.triton_op``,
-which Inductor traces into and launches from its generated code.
+Each ``mxpass::linear`` node becomes a call of :func:`linear_lowered` before AOTAutograd
+traces the graph: the activation quantization written as ATen math (so it fuses into the
+kernel that produced the activation: an RMSNorm, a SiLU*mul) followed by one call of the
+kernel the registry picked. A Triton kernel is a ``torch.library.triton_op``, which
+Inductor traces into and launches from its generated code.
 """
 
 from __future__ import annotations
@@ -12,27 +13,20 @@ from typing import Callable
 
 import torch
 
+from mxpass import quant
 from mxpass.formats import get_format
 from mxpass.lowering.registry import Problem, choose
-from mxpass.schemes import mxfp8
 
 
-def linear_lowered(x, qweight, wscale, bias, fmt: str):
-    """What an ``mxpass::linear`` node becomes before AOTAutograd traces the graph."""
+def linear_lowered(x, qweight, wscale, bias, act_scale, fmt: str):
+    """What an ``mxpass::linear`` node becomes before AOTAutograd traces the graph.
+
+    ``wscale`` of an MX format is the E8M0 scale or its uint8 storage (both decode the same way)."""
     f = get_format(fmt)
     n, k = qweight.shape
-    x2 = x.reshape(-1, k)
-    if not f.weight_only:
-        x2 = mxfp8.fake_quantize(x2)
     choice = choose(Problem("linear", f, x.device, k, n, x.dtype))
-    y = choice.kernel.run(x2, qweight, wscale, bias, f)
+    y = choice.kernel.run(x.reshape(-1, k), qweight, wscale, bias, act_scale, f)
     return y.reshape(*x.shape[:-1], n)
-
-
-def _quantize_decomposition(x, fmt: str):
-    get_format(fmt)
-    q = mxfp8.quantize(x)
-    return q.data, q.scale
 
 
 def lower_linear_nodes(gm: torch.fx.GraphModule) -> int:
@@ -47,9 +41,19 @@ def lower_linear_nodes(gm: torch.fx.GraphModule) -> int:
     n = 0
     for node in gm.graph.find_nodes(op="call_function", target=torch.ops.mxpass.linear.default):
         node.target = linear_lowered
+        x, qweight, wscale, *rest = node.args
+        if wscale.op == "call_function" and wscale.target is torch.ops.aten.view.dtype:
+            # hand the kernel the scale's uint8 storage: Inductor realises a dtype view of a
+            # graph input as a copy kernel, one per call and layer
+            node.args = (x, qweight, wscale.args[0], *rest)
         n += 1
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     return n
+
+
+def _quantize_decomposition(x, fmt: str):
+    return quant.quantize_activation(get_format(fmt), x, None)
 
 
 def decompositions() -> dict[torch._ops.OpOverload, Callable]:

@@ -4,6 +4,7 @@
     print(mxpass.last_report())
 """
 
+from mxpass import ops  # noqa: F401  (defines the mxpass:: ops)
 from mxpass.backend import MxpassBackend, backend, compile
 from mxpass.config import QuantConfig
 from mxpass.formats import Format, format_names, get_format

@@ -105,17 +105,20 @@ def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: tor
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,
             scheme: str = "mxfp8", ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
             cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None,
-            compiler: str = "inductor"):
+            compiler: str = "inductor", activation_scales: dict[str, float] | None = None):
     """The mxpass backend, usable directly or configured.
 
     ``backend=mxpass.backend`` compiles with the defaults (MXFP8 on every eligible linear);
     ``backend=mxpass.backend(scheme=..., ignore=[...], cudagraphs=True)`` returns a configured
-    backend. ``compiler="eager"`` runs the rewritten graph without Inductor (every mxpass op
+    backend. ``activation_scales={"model.layers.0.mlp.down_proj": 0.02, ...}`` gives the static
+    per-tensor activation scales that the static schemes (``fp8``, ``int8-static``) need.
+    ``compiler="eager"`` runs the rewritten graph without Inductor (every mxpass op
     runs its pure-PyTorch reference): the numerical definition compiled code is tested against.
     ``cudagraphs=True`` is the equivalent of ``mode="reduce-overhead"`` (torch.compile
     does not accept a mode together with a custom backend).
     """
-    config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head)
+    config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head,
+                         activation_scales=activation_scales or {})
     be = MxpassBackend(config, cudagraphs=cudagraphs, inductor_options=inductor_options,
                        compiler=compiler)
     if gm is None:
@@ -127,9 +130,10 @@ def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | No
 
 def compile(fn: Callable | None = None, *, scheme: str = "mxfp8", ignore: Sequence[str] | str = (),
             quantize_lm_head: bool = False, cudagraphs: bool = False, dynamic: bool | None = None,
-            fullgraph: bool = False):
+            fullgraph: bool = False, activation_scales: dict[str, float] | None = None):
     """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function)."""
-    be = backend(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head, cudagraphs=cudagraphs)
+    be = backend(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head, cudagraphs=cudagraphs,
+                 activation_scales=activation_scales)
 
     def wrap(f: Callable) -> Callable:
         return torch.compile(f, backend=be, dynamic=dynamic, fullgraph=fullgraph)

@@ -17,17 +17,23 @@ class QuantConfig:
                 ("model.layers.0.mlp.down_proj") or ``re:``-prefixed regular expressions
                 matched from the start of the name (compressed-tensors' convention)
     quantize_lm_head -- quantize the output embedding too (off by default)
+    activation_scales -- static per-tensor activation scales by module path, for the static
+                schemes ("fp8", "int8-static"); a layer without one is an error
     """
 
     scheme: str = "mxfp8"
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
+    activation_scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         else:
             object.__setattr__(self, "ignore", tuple(self.ignore))
+        scales = self.activation_scales
+        object.__setattr__(self, "activation_scales",
+                           tuple(sorted((scales.items() if isinstance(scales, dict) else scales))))
         get_format(self.scheme)  # fail early on an unknown scheme
         for pattern in self.ignore:
             if pattern.startswith("re:"):
@@ -39,6 +45,9 @@ class QuantConfig:
     @property
     def format(self) -> Format:
         return get_format(self.scheme)
+
+    def activation_scale(self, fqn: str) -> float | None:
+        return dict(self.activation_scales).get(fqn)
 
     def ignored_by(self, fqn: str) -> str | None:
         """The ignore pattern that matches module path ``fqn``, if any."""

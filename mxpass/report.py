@@ -30,8 +30,8 @@ class Report:
 
     def table(self) -> str:
         rows = [("layer", "N x K", "scheme / reason", "kernel")]
-        rows += [(r.fqn, f"{r.shape[0]} x {r.shape[1]}", r.scheme, r.kernel) for r in self.rewritten]
-        rows += [(k.fqn, "", "kept: " + k.reason, "") for k in self.kept]
+        rows += [(r.fqn or "(root)", f"{r.shape[0]} x {r.shape[1]}", r.scheme, r.kernel) for r in self.rewritten]
+        rows += [(k.fqn or "(root)", "", "kept: " + k.reason, "") for k in self.kept]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [
             f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip()

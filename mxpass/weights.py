@@ -10,13 +10,13 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mxpass.formats import Format
-from mxpass.schemes import mxfp8
+from mxpass import quant
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: str) -> mxfp8.MXTensor:
-    """``param`` quantized in ``fmt`` as an [N, K] weight (``transposed``: param is [K, N])."""
+def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of ``param`` quantized in ``fmt`` as an [N, K] weight (``transposed``: param is [K, N])."""
     entries = _CACHE.setdefault(param, {})
     key = (fmt.name, transposed)
     hit = entries.get(key)
@@ -28,7 +28,7 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
         w = param.detach()
         if transposed:
             w = w.t()
-        q = mxfp8.quantize_weight(w.contiguous(), name)
+        q = quant.quantize_weight(fmt, w.contiguous(), name)
     entries[key] = (param._version, q)
     return q
 

@@ -5,7 +5,8 @@ import torch
 
 import mxpass.ops  # noqa: F401
 from mxpass.schemes import mxfp8
-from mxpass.schemes.linear import mxfp8_linear_reference
+from mxpass.formats import get_format
+from mxpass.quant import linear_reference
 
 
 def _weight(n, k, dtype=torch.bfloat16):
@@ -31,7 +32,7 @@ def test_opcheck_linear(fmt, x_shape, n, bias):
     qw, ws = _weight(n, k)
     x = torch.randn(x_shape, dtype=torch.bfloat16)
     b = torch.randn(n, dtype=torch.bfloat16) if bias else None
-    args = (x, qw, ws, b, fmt)
+    args = (x, qw, ws, b, None, fmt)
     # opcheck's test_schema compares inputs with torch.allclose, which has no CPU kernel for
     # float8 ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn', torch 2.13): run
     # the other checks, and check "mutates nothing" ourselves on the raw bytes.
@@ -50,18 +51,18 @@ def test_linear_matches_dequantized_math():
     qw, ws = _weight(40, 96)
     x = torch.randn(7, 96, dtype=torch.bfloat16)
     b = torch.randn(40, dtype=torch.bfloat16)
-    y = torch.ops.mxpass.linear(x, qw, ws, b, "mxfp8")
+    y = torch.ops.mxpass.linear(x, qw, ws, b, None, "mxfp8")
     w = qw.float() * (2.0 ** (ws.view(torch.uint8).float() - 127)).repeat_interleave(32, dim=1)
     xq = mxfp8.dequantize(*mxfp8.quantize(x))
     expected = (xq @ w.t() + b.float()).to(torch.bfloat16)
     torch.testing.assert_close(y, expected, atol=0, rtol=0)
     # weight-only keeps x as is
-    y_w = torch.ops.mxpass.linear(x, qw, ws, b, "mxfp8-w")
-    torch.testing.assert_close(y_w, mxfp8_linear_reference(x, qw, ws, b, False), atol=0, rtol=0)
+    y_w = torch.ops.mxpass.linear(x, qw, ws, b, None, "mxfp8-w")
+    torch.testing.assert_close(y_w, linear_reference(x, qw, ws, b, None, get_format("mxfp8-w")), atol=0, rtol=0)
     assert not torch.equal(y, y_w)
 
 
 def test_unknown_format_is_an_error():
     qw, ws = _weight(8, 32)
-    with pytest.raises(ValueError, match="unknown mxpass scheme 'mxfp4'.*known schemes: mxfp8"):
-        torch.ops.mxpass.linear(torch.randn(2, 32), qw, ws, None, "mxfp4")
+    with pytest.raises(ValueError, match="unknown mxpass scheme 'mxfp4'; known schemes: mxfp8, mxfp8-w, fp8-dynamic"):
+        torch.ops.mxpass.linear(torch.randn(2, 32), qw, ws, None, None, "mxfp4")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mxpass
 from mxpass import weights
-from mxpass.schemes.linear import mxfp8_linear_reference
+from mxpass.quant import linear_reference
 from tests.conftest import CountingBackend
 
 
@@ -88,11 +88,12 @@ def test_forms_rewritten_and_kept_with_reasons(toy):
 
 
 def test_rewritten_layers_compute_the_reference(toy):
-    """Each rewritten layer equals mxfp8_linear_reference on its own input; the rest is untouched."""
+    """Each rewritten layer equals the reference linear on its own input; the rest is untouched."""
     ids = torch.randint(0, 10, (3, 4))
     with torch.no_grad():
         logits, router = _compile(toy)(ids)
-        q = lambda mod, x, w, b: mxfp8_linear_reference(x, *weights.quantized_weight(w, mxpass.get_format("mxfp8"), mod, "t"), b, True)  # noqa: E731
+        fmt = mxpass.get_format("mxfp8")
+        q = lambda mod, x, w, b: linear_reference(x, *weights.quantized_weight(w, fmt, mod, "t"), b, None, fmt)  # noqa: E731
         h = toy.embed(ids)
         h = F.silu(q(False, h, toy.q_proj.weight, toy.q_proj.bias))
         h = q(True, h, toy.conv.weight, toy.conv.bias)
@@ -134,7 +135,7 @@ def test_zero_tokens(toy):
 
 
 def test_unknown_scheme():
-    with pytest.raises(ValueError, match="unknown mxpass scheme 'fp3'; known schemes: mxfp8, mxfp8-w"):
+    with pytest.raises(ValueError, match="unknown mxpass scheme 'fp3'; known schemes: mxfp8, mxfp8-w, fp8-dynamic"):
         mxpass.backend(scheme="fp3")
 
 
@@ -174,5 +175,7 @@ def test_registered_name_and_decorator():
 
         y2 = fwd(x)
         assert mxpass.last_report().scheme == "mxfp8-w"
-    torch.testing.assert_close(y1, mxfp8_linear_reference(x, *weights.quantized_weight(lin.weight, mxpass.get_format("mxfp8"), False, "l"), lin.bias, True))
-    torch.testing.assert_close(y2, mxfp8_linear_reference(x, *weights.quantized_weight(lin.weight, mxpass.get_format("mxfp8"), False, "l"), lin.bias, False))
+    for y, name in ((y1, "mxfp8"), (y2, "mxfp8-w")):
+        fmt = mxpass.get_format(name)
+        expected = linear_reference(x, *weights.quantized_weight(lin.weight, fmt, False, "l"), lin.bias, None, fmt)
+        torch.testing.assert_close(y, expected)

@@ -55,9 +55,11 @@ class LinearMatch:
 def _dotted(name: str) -> str:
     """"L['self']._modules['model'].layers[0]" -> "model.layers.0"."""
     body = name[name.find("]") + 1:] if name.startswith(("L[", "G[")) else name
-    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]", body)
-    path = [a or b or c for a, b, c in parts]
-    return ".".join(path) if path else name
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.(\w+)|\[(\d+)\]|\['([^']*)'\]", body)
+    path = [a or b or c or d for a, b, c, d in parts]
+    if path:
+        return ".".join(path)
+    return "" if re.fullmatch(r"[LG]\['\w+'\]", name) else name  # the compiled module itself
 
 
 def source_fqn(node: fx.Node) -> str:
@@ -138,8 +140,10 @@ def _keep_reason(m: LinearMatch, fqn: str, config: QuantConfig, tied: bool) -> s
         return "router gate stays in the model dtype"
     fmt = config.format
     n, k = m.n_k
-    if k % fmt.block:
-        return f"K={k} is not a multiple of {fmt.block} ({fmt.name} block size)"
+    multiple = fmt.k_multiple()
+    if k % multiple:
+        what = "block size" if fmt.family == "mxfp8" else "activation group size"
+        return f"K={k} is not a multiple of {multiple} ({fmt.name} {what})"
     return None
 
 
@@ -175,6 +179,22 @@ def rewrite_linears(
     new_nodes: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
     last_ph = placeholders[-1]
 
+    def fake(t):
+        return fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
+
+    def add_input(name: str, t: torch.Tensor) -> fx.Node:
+        """A new placeholder for ``t``, marked static: CUDA graphs keep its address."""
+        nonlocal last_ph
+        with gm.graph.inserting_after(last_ph):
+            ph = gm.graph.placeholder(name)
+        last_ph = ph
+        ph._dynamo_source = None  # not a user input: no guards
+        ph.meta["example_value"] = fake(t)
+        ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        t._dynamo_static_input_type = "unguarded"
+        new_inputs.append(t)
+        return ph
+
     for m in matches:
         fqn = layer_fqn(m)
         reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
@@ -188,30 +208,31 @@ def rewrite_linears(
         kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype)
         key = (id(m.param), m.transposed)
         if key not in new_nodes:
-            q = quantized_weight(m.param, fmt, m.transposed, fqn)
-            pair = []
-            # the scale travels as its uint8 storage (Inductor has no e8m0 kernel arguments)
-            # and is viewed back to float8_e8m0fnu in the graph, right before the op
-            for suffix, t in (("qweight", q.data), ("wscale", q.scale.view(torch.uint8))):
-                with gm.graph.inserting_after(last_ph):
-                    ph = gm.graph.placeholder(f"mxpass_{m.weight.name}_{suffix}")
-                last_ph = ph
-                ph._dynamo_source = None  # not a user input: no guards
-                ph.meta["example_value"] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
-                # static input: CUDA graphs keep its address instead of copying it per replay
-                ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-                t._dynamo_static_input_type = "unguarded"
-                new_inputs.append(t)
-                pair.append(ph)
-            with gm.graph.inserting_before(m.node):
-                pair[1] = gm.graph.call_function(
-                    torch.ops.aten.view.dtype, (pair[1], q.scale.dtype))
-                pair[1].meta["example_value"] = fake_mode.from_tensor(q.scale, static_shapes=True) if fake_mode else q.scale
-            new_nodes[key] = tuple(pair)
+            data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
+            # an E8M0 scale travels as its uint8 storage (Inductor has no e8m0 kernel
+            # arguments) and is viewed back to float8_e8m0fnu right before the op
+            stored = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
+            qw = add_input(f"mxpass_{m.weight.name}_qweight", data)
+            ws = add_input(f"mxpass_{m.weight.name}_wscale", stored)
+            if stored is not scale:
+                with gm.graph.inserting_before(m.node):
+                    ws = gm.graph.call_function(torch.ops.aten.view.dtype, (ws, scale.dtype))
+                ws.meta["example_value"] = fake(scale)
+            new_nodes[key] = (qw, ws)
+        act = None
+        if fmt.static_activation:
+            value = config.activation_scale(fqn)
+            if value is None:
+                raise ValueError(
+                    f"mxpass: layer {fqn}: scheme {fmt.name!r} quantizes activations with a static "
+                    f"per-tensor scale and none was given (pass activation_scales={{{fqn!r}: s}} "
+                    f"to mxpass.backend, or use a dynamic scheme)")
+            act = add_input(f"mxpass_{m.weight.name}_act_scale",
+                            torch.tensor([value], dtype=torch.float32, device=m.param.device))
         qw, ws = new_nodes[key]
         with gm.graph.inserting_before(m.node):
             new = gm.graph.call_function(
-                torch.ops.mxpass.linear.default, (m.x, qw, ws, m.bias, fmt.name))
+                torch.ops.mxpass.linear.default, (m.x, qw, ws, m.bias, act, fmt.name))
         new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
         m.node.replace_all_uses_with(new)
         gm.graph.erase_node(m.node)

@@ -1,0 +1,86 @@
+"""Every scheme's linear layer through the backend vs bf16, one run (GPU).
+
+One ``nn.Linear`` (bf16, no bias) compiled with ``mxpass.backend(scheme=...)`` — activation
+quantization included, as a model pays it — against the same layer under bf16
+``torch.compile``. Each compiled function is captured in a CUDA graph and its replays are
+timed with ``triton.testing.do_bench`` (median). Outputs are checked against the
+reference kernel first (relative Frobenius error).
+
+    python -m mxpass.benchmarks.schemes [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+# schemes whose registry entry on sm_90 is a real kernel (the others run the fp32 reference)
+SCHEMES = ("mxfp8", "fp8-dynamic", "fp8")
+SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
+MS = (1, 16, 128, 4096)
+
+
+def _graph_ms(fn, x) -> float:
+    import triton.testing
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(x)
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
+    import mxpass
+
+    rows = []
+    for k, n in shapes:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in ms}
+        with torch.inference_mode():
+            torch._dynamo.reset()
+            bf16 = torch.compile(lin, fullgraph=True, dynamic=True)
+            base = {m: _graph_ms(bf16, x) for m, x in xs.items()}
+            for scheme in schemes:
+                kw = {"activation_scales": {"": 0.01}} if scheme == "fp8" else {}
+                torch._dynamo.reset()
+                os.environ["MXPASS_KERNEL"] = "reference"
+                ref_fn = torch.compile(lin, backend=mxpass.backend(scheme=scheme, **kw), dynamic=True)
+                refs = {m: ref_fn(x) for m, x in xs.items()}
+                del os.environ["MXPASS_KERNEL"]
+                torch._dynamo.reset()
+                fn = torch.compile(lin, backend=mxpass.backend(scheme=scheme, **kw), dynamic=True)
+                for m, x in xs.items():
+                    y, ref = fn(x), refs[m]
+                    kernel = mxpass.last_report().rewritten[0].kernel.split(" ")[0]
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+                    t = _graph_ms(fn, x)
+                    rows.append(dict(bench="scheme-linear", scheme=scheme, kernel=kernel, M=m, K=k, N=n,
+                                     bf16_ms=base[m], ms=t, vs_bf16=base[m] / t, err_vs_reference=err))
+                    print(f"{scheme:12} {kernel:26} M={m:5} K={k:5} N={n:5} {t * 1e3:9.1f} us"
+                          f"  bf16 {base[m] * 1e3:9.1f} us  {base[m] / t:5.2f}x  err {err:.1e}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    args = p.parse_args(argv)
+    rows = run(schemes=tuple(args.schemes.split(",")))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
