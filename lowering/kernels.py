@@ -14,7 +14,7 @@ import importlib.util
 import torch
 
 from mxpass import quant
-from mxpass.formats import Format, format_names, get_format
+from mxpass.formats import Format, format_names
 from mxpass.lowering.registry import Kernel, Problem, RegistryKey
 
 
@@ -94,18 +94,64 @@ class ScaledMMLinear:
         return y if bias is None else y + bias
 
 
+class DequantMMLinear:
+    """Activation fake-quantized and weight dequantized in the model dtype (Inductor
+    pointwise code, fused with the producer), then one cuBLAS ``mm``. Works for every format
+    and every M; it moves the weight three times (fp8/int8 read, bf16 write and read), so it
+    suits large M. Rounding the dequantized values to bf16/fp16 adds up to 2**-9 relative
+    error per element (exact for MX, whose scales are powers of two)."""
+
+    name = "dequant_cublas_mm"
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        if device.type != "cuda":
+            return False, f"needs a CUDA device, got {device.type}"
+        return True, ""
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        if problem.dtype not in (torch.bfloat16, torch.float16):
+            return False, f"activations must be bf16 or fp16, got {problem.dtype}"
+        return True, ""
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq = quant.fake_quantize_activation(fmt, x, act_scale)
+        w = quant.dequantize_weight(fmt, qweight, wscale).to(x.dtype)
+        y = torch.mm(xq, w.t())
+        return y if bias is None else y + bias
+
+
+class IntMMLinear:
+    """cuBLAS INT8 GEMM through ``torch._int_mm`` (int32 accumulation, exact), then the
+    per-token x per-channel (or per-tensor) rescale in fp32. ``_int_mm`` needs more than 16
+    rows: smaller batches are zero-padded to 17 rows with guard-free size arithmetic."""
+
+    name = "cublas_int_mm"
+    MIN_ROWS = 17
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        return _cuda_capability(device, (7, 5), "INT8 tensor cores")
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        if problem.k % 8 or problem.n % 8:
+            return False, f"K={problem.k} and N={problem.n} must be multiples of 8"
+        return True, ""
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        m = xq.shape[0]
+        pad = torch.sym_max(self.MIN_ROWS - m, 0)
+        acc = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, pad)), qweight.t())
+        y = acc[:m].float() * xs.reshape(-1, 1) * wscale.reshape(1, -1)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+
 def candidates() -> dict[RegistryKey, list[Kernel]]:
-    ref = ReferenceLinear()
-    table: dict[RegistryKey, list[Kernel]] = {}
-    for name in format_names():
-        f = get_format(name)
-        if f.family == "mxfp8":
-            kernels = [TritonMXFP8Linear(), ref]
-        elif f.name == "fp8-dynamic":
-            kernels = [ScaledMMLinear("rowwise"), ref]
-        elif f.name == "fp8":
-            kernels = [ScaledMMLinear("tensorwise"), ref]
-        else:  # fp8-block, W8A16 FP8, INT8: the reference only, for now
-            kernels = [ref]
-        table[RegistryKey("linear", name)] = kernels
-    return table
+    ref, dequant = ReferenceLinear(), DequantMMLinear()
+    first = {
+        "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
+        "fp8-dynamic": [ScaledMMLinear("rowwise")], "fp8": [ScaledMMLinear("tensorwise")],
+        "int8": [IntMMLinear()], "int8-static": [IntMMLinear()],
+    }
+    return {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}

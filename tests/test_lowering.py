@@ -44,14 +44,16 @@ def test_registry_reasons_and_overrides(monkeypatch):
     cpu = Problem("linear", fmt, torch.device("cpu"), 64, 32, torch.bfloat16)
     choice = registry.choose(cpu)
     assert choice.kernel.name == "reference"
-    assert choice.rejected == (("triton_mxfp8", "needs a CUDA device, got cpu"),)
+    assert choice.rejected == (("triton_mxfp8", "needs a CUDA device, got cpu"),
+                               ("dequant_cublas_mm", "needs a CUDA device, got cpu"))
 
     monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "reference")
     with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*reference: disabled"):
         registry.choose(cpu)
     monkeypatch.delenv("MXPASS_DISABLE_KERNELS")
     monkeypatch.setenv("MXPASS_KERNEL", "triton_mxfp8")
-    with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*reference: MXPASS_KERNEL=triton_mxfp8"):
+    with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*dequant_cublas_mm: "
+                                            "MXPASS_KERNEL=triton_mxfp8; reference: MXPASS_KERNEL=triton_mxfp8"):
         registry.choose(cpu)
 
 
@@ -60,7 +62,8 @@ def test_kernel_choice_is_in_the_report(monkeypatch):
     with torch.no_grad():
         torch.compile(lin, backend=mxpass.backend(compiler="eager"))(torch.randn(2, 64))
     (entry,) = mxpass.last_report().rewritten
-    assert entry.kernel == "reference (not picked: triton_mxfp8: needs a CUDA device, got cpu)"
+    assert entry.kernel == ("reference (not picked: triton_mxfp8: needs a CUDA device, got cpu; "
+                            "dequant_cublas_mm: needs a CUDA device, got cpu)")
 
 
 def test_shared_activation_is_quantized_once():

@@ -17,8 +17,7 @@ import os
 
 import torch
 
-# schemes whose registry entry on sm_90 is a real kernel (the others run the fp32 reference)
-SCHEMES = ("mxfp8", "fp8-dynamic", "fp8")
+SCHEMES = ("mxfp8", "fp8-dynamic", "fp8", "fp8-block", "fp8-w", "int8")
 SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
 MS = (1, 16, 128, 4096)
 
@@ -51,7 +50,7 @@ def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
             bf16 = torch.compile(lin, fullgraph=True, dynamic=True)
             base = {m: _graph_ms(bf16, x) for m, x in xs.items()}
             for scheme in schemes:
-                kw = {"activation_scales": {"": 0.01}} if scheme == "fp8" else {}
+                kw = {"activation_scales": {"": 0.01}} if mxpass.get_format(scheme).static_activation else {}
                 torch._dynamo.reset()
                 os.environ["MXPASS_KERNEL"] = "reference"
                 ref_fn = torch.compile(lin, backend=mxpass.backend(scheme=scheme, **kw), dynamic=True)

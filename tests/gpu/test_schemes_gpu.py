@@ -14,18 +14,22 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("scheme,kernel", [("fp8-dynamic", "cublas_scaled_mm_rowwise"),
-                                           ("fp8", "cublas_scaled_mm_tensorwise")])
+                                           ("fp8", "cublas_scaled_mm_tensorwise"),
+                                           ("int8", "cublas_int_mm"), ("int8-static", "cublas_int_mm"),
+                                           ("fp8-block", "dequant_cublas_mm"), ("fp8-w", "dequant_cublas_mm"),
+                                           ("fp8-w-block", "dequant_cublas_mm")])
 @pytest.mark.parametrize("tokens", [1, 5, 300])
-def test_scaled_mm_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
+def test_kernel_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
     """RMSNorm -> linear(+bias). Same quantized values on both sides (the reference fake-
-    quantizes what cuBLAS receives quantized); cuBLAS FP8 accumulates in its own order and
-    rounds to bf16 (2**-9 relative): 2**-7 is generous, a wrong scale layout gives ~1."""
+    quantizes what cuBLAS receives quantized); cuBLAS accumulates in its own order and rounds
+    to bf16 (2**-9 relative); dequant_cublas_mm also rounds dequantized values to bf16
+    (2**-9 each): 2**-7 is generous, a wrong scale layout gives ~1."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(LlamaRMSNorm(512), torch.nn.Linear(512, 1024)).cuda().bfloat16()
     x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
-    kw = {"activation_scales": {"1": 0.02}} if scheme == "fp8" else {}
+    kw = {"activation_scales": {"1": 0.02}} if scheme in ("fp8", "int8-static") else {}
     with torch.inference_mode():
         torch._dynamo.reset()
         monkeypatch.setenv("MXPASS_KERNEL", "reference")
