@@ -91,3 +91,18 @@ def test_cse_keeps_nan_and_signed_zero_constants_apart():
     got = gm(x)
     for a, b in zip(got, expected):  # +inf and -inf stay apart
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_capability_is_checked(monkeypatch):
+    """On a GPU without FP8 tensor cores (sm_80) no FP8 kernel is offered; dequant+cuBLAS runs."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    gpu = torch.device("cuda", 0)
+    for scheme, skipped in (("mxfp8", "triton_mxfp8"), ("fp8-dynamic", "cublas_scaled_mm_rowwise"),
+                            ("fp8", "cublas_scaled_mm_tensorwise")):
+        choice = registry.choose(Problem("linear", mxpass.get_format(scheme), gpu, 4096, 4096, torch.bfloat16))
+        assert choice.kernel.name == "dequant_cublas_mm"
+        (name, reason), *_ = choice.rejected
+        assert name == skipped and reason.endswith("device has 8.0"), reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    choice = registry.choose(Problem("linear", mxpass.get_format("int8"), gpu, 4096, 4096, torch.bfloat16))
+    assert choice.kernel.name == "dequant_cublas_mm" and "INT8 tensor cores" in choice.rejected[0][1]
