@@ -27,6 +27,12 @@ def _cuda_capability(device: torch.device, need: tuple[int, int], what: str) -> 
     return True, ""
 
 
+def _half_precision(problem: Problem) -> tuple[bool, str]:
+    if problem.dtype not in (torch.bfloat16, torch.float16):
+        return False, f"activations must be bf16 or fp16, got {problem.dtype}"
+    return True, ""
+
+
 class ReferenceLinear:
     """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
 
@@ -54,9 +60,7 @@ class TritonMXFP8Linear:
         return _cuda_capability(device, (8, 9), "e4m3")
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        if problem.dtype not in (torch.bfloat16, torch.float16):
-            return False, f"activations must be bf16 or fp16, got {problem.dtype}"
-        return True, ""
+        return _half_precision(problem)
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         from mxpass.kernels.triton import mxfp8_linear  # noqa: F401  (registers the op)
@@ -109,9 +113,7 @@ class DequantMMLinear:
         return True, ""
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        if problem.dtype not in (torch.bfloat16, torch.float16):
-            return False, f"activations must be bf16 or fp16, got {problem.dtype}"
-        return True, ""
+        return _half_precision(problem)
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         xq = quant.fake_quantize_activation(fmt, x, act_scale)

@@ -78,14 +78,13 @@ from typing import NamedTuple
 
 import torch
 
+from mxpass.schemes._common import check_dtype, check_granularity, round_to
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2**8
 BLOCK = 128  # FP8_BLOCK: block_structure [128, 128] for weights, group_size 128 for activations
 
-_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WEIGHT_GRANULARITIES = ("channel", "tensor", "block")
 _ACT_GRANULARITIES = ("token", "tensor", "group")
-_FP16_MIN_NORMAL = 2.0**-14
-_FP16_SUBNORMAL_STEP = 2.0**-24
 
 
 class QTensor(NamedTuple):
@@ -93,32 +92,9 @@ class QTensor(NamedTuple):
     scale: torch.Tensor  # float32; shape by granularity (module docstring)
 
 
-def _round_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 v rounded (nearest-even) to dtype's precision, kept in float32.
-
-    Equals ``v.to(dtype).float()`` for every v whose dtype value is finite (fp16 values
-    from 65520 up stay finite here instead of becoming Inf; every caller clamps them to
-    the same end of the quantized range). Integer bit math, so Inductor cannot drop it.
-    """
-    if dtype == torch.float32:
-        return v
-    drop = 16 if dtype == torch.bfloat16 else 13  # float32 mantissa bits the dtype lacks
-    nan = v.isnan()
-    bits = torch.where(nan, 0.0, v).view(torch.int32)
-    # c10::BFloat16's round_to_nearest_even: add 0x7FFF plus the lowest kept bit, truncate.
-    # No int32 overflow for non-NaN bits: +/-Inf and the largest finite values stay below.
-    bias = ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)
-    r = ((bits + bias) & -(1 << drop)).view(torch.float32)
-    if dtype == torch.float16:
-        # below fp16's smallest normal the step is fixed: round to a multiple of 2**-24
-        sub = torch.round(v * (1 / _FP16_SUBNORMAL_STEP)) * _FP16_SUBNORMAL_STEP
-        r = torch.where(v.abs() < _FP16_MIN_NORMAL, sub, r)
-    return torch.where(nan, v, r)
-
-
 def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rnd_T(amax / 448), 0 -> eps_T, in float32."""
-    s = _round_to(amax / E4M3_MAX, dtype)
+    s = round_to(amax / E4M3_MAX, dtype)
     return torch.where(s == 0, torch.finfo(dtype).eps, s)
 
 
@@ -129,22 +105,12 @@ def _dynamic_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e4m3(clamp(rnd_T(x / scale), +/-448)) for float32 x and a broadcastable scale."""
-    q = _round_to(x / scale, dtype)
+    q = round_to(x / scale, dtype)
     q = torch.where(q == 0, 0.0, q)  # compressed-tensors' "+ zero_point": -0 -> +0
     q = q.clamp(-E4M3_MAX, E4M3_MAX)
     # One NaN (0x7F) for every NaN: Inductor's AVX-512 clamp sets a NaN's sign bit.
     q = torch.where(q.isnan(), float("nan"), q)
     return q.to(torch.float8_e4m3fn)
-
-
-def _check_dtype(x: torch.Tensor, what: str) -> None:
-    if x.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"FP8: {what} has dtype {x.dtype}; expected bfloat16, float16 or float32")
-
-
-def _check_granularity(granularity: str, allowed: tuple[str, ...], what: str) -> None:
-    if granularity not in allowed:
-        raise ValueError(f"FP8: {what} granularity {granularity!r}; expected one of {allowed}")
 
 
 def _check_group(x: torch.Tensor) -> None:
@@ -174,8 +140,8 @@ def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:
     end as compressed-tensors pads them (module docstring). NaN/Inf is a ValueError.
     """
     what = f"weight {name!r}"
-    _check_dtype(w, what)
-    _check_granularity(granularity, _WEIGHT_GRANULARITIES, what)
+    check_dtype(w, what, "FP8")
+    check_granularity(granularity, _WEIGHT_GRANULARITIES, what, "FP8")
     if w.dim() != 2:
         raise ValueError(f"FP8: {what} has shape {tuple(w.shape)}; expected a 2-D [N, K] weight")
     nonfinite = int((~torch.isfinite(w)).sum())
@@ -203,8 +169,8 @@ def _quantize_activation(
     x: torch.Tensor, granularity: str, scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(data, float32 scale broadcastable to data's float32 view, grouped for "group")."""
-    _check_dtype(x, "activation")
-    _check_granularity(granularity, _ACT_GRANULARITIES, "activation")
+    check_dtype(x, "activation", "FP8")
+    check_granularity(granularity, _ACT_GRANULARITIES, "activation", "FP8")
     if granularity != "tensor" and scale is not None:
         raise ValueError(
             f"FP8: granularity {granularity!r} is dynamic and computes its own scale; "
@@ -237,7 +203,7 @@ def quantize_activation(
 
 def _expand_scale(data: torch.Tensor, scale: torch.Tensor, granularity: str) -> torch.Tensor:
     """float32 scale broadcastable to data [..., K] (checked), one value per element group."""
-    _check_granularity(granularity, _WEIGHT_GRANULARITIES + ("token", "group"), "dequantize")
+    check_granularity(granularity, _WEIGHT_GRANULARITIES + ("token", "group"), "dequantize", "FP8")
     shape, sshape = tuple(data.shape), tuple(scale.shape)
     if granularity == "tensor":
         ok, expected = scale.numel() == 1, "one element"

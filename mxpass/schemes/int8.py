@@ -53,14 +53,13 @@ from typing import NamedTuple
 
 import torch
 
+from mxpass.schemes._common import check_dtype, check_granularity, round_to
+
 INT8_MIN, INT8_MAX = -128.0, 127.0
 HALF_RANGE = (INT8_MAX - INT8_MIN) / 2  # 127.5: compressed-tensors' symmetric divisor
 
-_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WEIGHT_GRANULARITIES = ("channel", "tensor")
 _ACT_GRANULARITIES = ("token", "tensor")
-_FP16_MIN_NORMAL = 2.0**-14
-_FP16_SUBNORMAL_STEP = 2.0**-24
 
 
 class QTensor(NamedTuple):
@@ -68,53 +67,23 @@ class QTensor(NamedTuple):
     scale: torch.Tensor  # float32: [N, 1] / [..., 1] per row, [1] per tensor
 
 
-def _round_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 v rounded (nearest-even) to dtype's precision, kept in float32.
-
-    Equals ``v.to(dtype).float()`` wherever that is finite (fp16 values from 65520 up stay
-    finite; the clamp to [-128, 127] follows). Integer bit math, so Inductor keeps it.
-    """
-    if dtype == torch.float32:
-        return v
-    drop = 16 if dtype == torch.bfloat16 else 13  # float32 mantissa bits the dtype lacks
-    nan = v.isnan()
-    bits = torch.where(nan, 0.0, v).view(torch.int32)
-    # c10::BFloat16's round_to_nearest_even: add 0x7FFF plus the lowest kept bit, truncate.
-    bias = ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)
-    r = ((bits + bias) & -(1 << drop)).view(torch.float32)
-    if dtype == torch.float16:
-        sub = torch.round(v * (1 / _FP16_SUBNORMAL_STEP)) * _FP16_SUBNORMAL_STEP
-        r = torch.where(v.abs() < _FP16_MIN_NORMAL, sub, r)
-    return torch.where(nan, v, r)
-
-
 def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rnd_T(amax / 127.5), 0 -> eps_T, in float32."""
-    s = _round_to(amax / HALF_RANGE, dtype)
+    s = round_to(amax / HALF_RANGE, dtype)
     return torch.where(s == 0, torch.finfo(dtype).eps, s)
 
 
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8(round(clamp(rnd_T(x / scale), -128, 127))); NaN -> 0."""
-    q = _round_to(x / scale, dtype).clamp(INT8_MIN, INT8_MAX).round()
+    q = round_to(x / scale, dtype).clamp(INT8_MIN, INT8_MAX).round()
     return torch.where(q.isnan(), 0.0, q).to(torch.int8)
-
-
-def _check_dtype(x: torch.Tensor, what: str) -> None:
-    if x.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"INT8: {what} has dtype {x.dtype}; expected bfloat16, float16 or float32")
-
-
-def _check_granularity(granularity: str, allowed: tuple[str, ...], what: str) -> None:
-    if granularity not in allowed:
-        raise ValueError(f"INT8: {what} granularity {granularity!r}; expected one of {allowed}")
 
 
 def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:
     """Weight [N, K] -> QTensor; granularity "channel" (scale [N, 1]) or "tensor" ([1])."""
     what = f"weight {name!r}"
-    _check_dtype(w, what)
-    _check_granularity(granularity, _WEIGHT_GRANULARITIES, what)
+    check_dtype(w, what, "INT8")
+    check_granularity(granularity, _WEIGHT_GRANULARITIES, what, "INT8")
     if w.dim() != 2:
         raise ValueError(f"INT8: {what} has shape {tuple(w.shape)}; expected a 2-D [N, K] weight")
     nonfinite = int((~torch.isfinite(w)).sum())
@@ -134,8 +103,8 @@ def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:
 def _quantize_activation(
     x: torch.Tensor, granularity: str, scale: torch.Tensor | None
 ) -> QTensor:
-    _check_dtype(x, "activation")
-    _check_granularity(granularity, _ACT_GRANULARITIES, "activation")
+    check_dtype(x, "activation", "INT8")
+    check_granularity(granularity, _ACT_GRANULARITIES, "activation", "INT8")
     xf = x.float()
     if granularity == "tensor":
         if scale is None:
@@ -172,7 +141,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: str) -> torch.
     """data * scale in float32 (exact for a bf16/fp16 scale); granularity as quantized with."""
     if q.dtype != torch.int8:
         raise TypeError(f"INT8: data has dtype {q.dtype}; expected int8")
-    _check_granularity(granularity, ("channel", "token", "tensor"), "dequantize")
+    check_granularity(granularity, ("channel", "token", "tensor"), "dequantize", "INT8")
     shape, sshape = tuple(q.shape), tuple(scale.shape)
     if granularity == "tensor":
         ok, expected = scale.numel() == 1, "one element"
