@@ -29,6 +29,12 @@ _CHILD = textwrap.dedent(
     plans = {
         "gemv": one(mk.SplitK("gemv", 16, 1, 64, 2)),
         "gemv-evict": one(mk.SplitK("gemv", 16, 1, 32, 3, evict_first=True)),
+        # CHUNK 8 (not 16), a K tail in the pipelined loop, 3 row tiles per program (the last one past N);
+        # gemv for M < 4 only (the interpreter is slow)
+        "gemv-pipe": mk.Plan((mk.Regime(0, 4, mk.SplitK("gemv", 8, 1, 64, 1, num_warps=2, num_stages=3, row_tiles=3)),
+                              mk.Regime(4, None, mk.SplitK("dot", 16, 16, 64, 3)))),
+        "gemv-S2": mk.Plan((mk.Regime(0, 4, mk.SplitK("gemv", 8, 1, 128, 2, num_warps=4, num_stages=1)),
+                            mk.Regime(4, None, mk.SplitK("dot", 16, 16, 64, 1)))),
         "dot": one(mk.SplitK("dot", 16, 16, 64, 3)),
         "dot-S1": one(mk.SplitK("dot", 16, 16, 32, 1)),
         "dequant-gemm": one(mk.DequantGemm(mk.SplitK("dot", 16, 16, 32, 1), 16, 64)),

@@ -4,19 +4,21 @@
 
 Shapes: M = tokens (dynamic), N = out features, K = in features (K % 32 == 0),
 G = K // 32 scale blocks, S = K splits. x is bf16/fp16 [M, K], qweight [N, K]
-float8_e4m3fn, wscale [N, G] float8_e8m0fnu, bias [N] in x.dtype or None; y is x.dtype.
+float8_e4m3fn, wscale [N, G] float8_e8m0fnu (or its uint8 storage), bias [N] in x.dtype or None; y is x.dtype.
 
 Hopper has no MX block-scaled MMA, so the weight is turned into x.dtype (or fp32) in
 registers: fp8 * 2**(e - 127) is exact in bf16 (3 mantissa bits into 7, fp32's exponent
 range); in fp16 it is exact while the dequantized weight is inside fp16's range. All
 sums are fp32. Paths (a ``Plan`` of M ranges, picked per call at run time):
 
-    M = 1        _mxfp8_gemv_kernel  CUDA cores, split-K, weight-bandwidth bound
-    2 <= M <= 16 _mxfp8_dot_kernel   tensor cores, W tile as the left MMA operand and
-                                     x^T (16 wide) as the right one, split-K
-    17 <= M < 256 _mxfp8_dot_kernel  same, 64-wide x tile, S shrinking with M
-    M >= 256     _mxfp8_dequant_kernel into a scratch W [N, K] in x.dtype, then
-                 _mxfp8_dot_kernel as a plain GEMM (W_DENSE): one extra pass over W
+    M = 1         _mxfp8_gemv_kernel  CUDA cores, weight-bandwidth bound, no split-K: a grid of
+                                      ~8 programs per SM, each walking several row tiles
+    2 <= M <= 16  _mxfp8_dot_kernel   tensor cores, W tile as the left MMA operand and
+                                      x^T (16 wide) as the right one, split-K
+    17 <= M <= 64 _mxfp8_dot_kernel   same, 64-wide x tile, S shrinking with M
+    65 <= M < 256 _mxfp8_dot_kernel   same, 128-wide x tile (each W tile dequantized once)
+    M >= 256      _mxfp8_dequant_kernel into a scratch W [N, K] in x.dtype, then
+                  _mxfp8_dot_kernel as a plain GEMM (W_DENSE): one extra pass over W
 
 Split-K programs write fp32 partials [S, M, N]; ``_splitk_reduce_kernel`` sums them in a
 fixed order (deterministic: no atomics, no zeroed buffer), adds bias and casts. With
@@ -120,59 +122,88 @@ def _load_stream(ptrs, mask, EVICT_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _gemv_scales(e_ptr, n0, g0, g_hi, N, K_GROUPS, BLOCK_N: tl.constexpr, C: tl.constexpr, PER_BLOCK: tl.constexpr):
+    """E8M0 bytes [BLOCK_N, C] of rows n0.. and chunks from scale block g0 on (127, i.e. 1.0, where masked)."""
+    rn = tl.arange(0, BLOCK_N)
+    rg = tl.arange(0, C) // PER_BLOCK
+    ptrs = e_ptr + n0.to(tl.int64) * K_GROUPS + (rn[:, None] * K_GROUPS + (g0 + rg)[None, :])
+    return tl.load(ptrs, mask=((n0 + rn) < N)[:, None] & ((g0 + rg) < g_hi)[None, :], other=127)
+
+
+@triton.jit
 def _mxfp8_gemv_kernel(
     # pointers
     x_ptr, q_ptr, e_ptr, b_ptr, y_ptr, p_ptr,
     # sizes (K = 32 * K_GROUPS; x [M, K], q [N, K], e [N, K_GROUPS] uint8, b [N], y [M, N], contiguous)
-    M, N, K_GROUPS,
+    M, N, K_GROUPS, ROW_TILES,
     # meta
     HAS_BIAS: tl.constexpr, MAY_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVICT_FIRST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Partial y[m, n] over one K split on CUDA cores, one row m of x per program: grid (M, cdiv(N, BLOCK_N), S).
+    """Partial y[m, n] over one K split on CUDA cores: grid (M, cdiv(cdiv(N, BLOCK_N), ROW_TILES), S).
 
-    The weight tile is read as [BLOCK_N, G, 32] and each 32-element block's dot is summed
-    before its scale is applied (one multiply per 32 elements). x is loaded through
-    pointers broadcast to the weight tile's shape, so both loads get the same register
-    layout: loading x as [1, G, 32] made the compiler move the weight tile through shared
-    memory and reduce across 8 lanes, ~2x the instructions (sm_90 SASS, triton 3.9).
+    Each program takes row m of x and ROW_TILES consecutive tiles of BLOCK_N weight rows,
+    walking (tile, K step) as one loop. The weight tile is read as [BLOCK_N, C, CHUNK]
+    (C = BLOCK_K // CHUNK, CHUNK = the elements one thread holds, so each chunk's dot is
+    summed inside the thread, no shuffles) and each chunk's sum is scaled by its block's
+    E8M0 byte; x is loaded as [1, C, CHUNK] and broadcast over the rows.
+
+    ROW_TILES > 1 sizes the grid to what the GPU holds at once (no partly filled last wave)
+    and removes split-K at M = 1: 20.0 / 38.2 / 22.2 us vs 21.1 / 39.6 / 22.3 us with one
+    tile per program (H200, K x N = 4096 x 12288 / 4096 x 28672 / 14336 x 4096). Loads stay
+    in flight across steps and tiles: ``tl.range(num_stages=STAGES)`` pipelines the weight
+    and x loads through shared memory (cp.async; triton does this for loads that feed no
+    tl.dot only when the loop asks, not for the kernel-level num_stages: 20.0 vs 23.9 us
+    unpipelined, 4096 x 12288), and the scale bytes, too narrow for cp.async, are loaded
+    one step ahead by hand (else each step waits for its scale load after its weights, two
+    DRAM round trips per step, as sm_90 SASS of the unpipelined loop showed).
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_t = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 32
+    C: tl.constexpr = BLOCK_K // CHUNK
+    PER_BLOCK: tl.constexpr = 32 // CHUNK  # chunks per scale block
     K = K_GROUPS * 32  # a product, so the compiler knows rows are 32-byte aligned
 
     rn = tl.arange(0, BLOCK_N)
-    rg = tl.arange(0, G)
-    rj = tl.arange(0, 32)
-    n_mask = (pid_n * BLOCK_N + rn) < N
-    q_base = q_ptr + (pid_n * BLOCK_N).to(tl.int64) * K
-    e_base = e_ptr + (pid_n * BLOCK_N).to(tl.int64) * K_GROUPS
-    x_base = x_ptr + pid_m.to(tl.int64) * K
-    k3 = rg[None, :, None] * 32 + rj[None, None, :]  # [1, G, 32]
-    q_offs = rn[:, None, None] * K + k3  # [BLOCK_N, G, 32]
-    x_offs = rn[:, None, None] * 0 + k3  # same shape as q_offs: see the docstring
-    e_offs = rn[:, None] * K_GROUPS + rg[None, :]  # [BLOCK_N, G]
+    rc = tl.arange(0, C)
+    rj = tl.arange(0, CHUNK)
+    k3 = rc[None, :, None] * CHUNK + rj[None, None, :]  # [1, C, CHUNK]
+    q_offs = rn[:, None, None] * K + k3  # [BLOCK_N, C, CHUNK]
+    x_ptrs = x_ptr + pid_m.to(tl.int64) * K + k3
 
     g_lo, g_hi = _split_range(K_GROUPS, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    for g0 in range(g_lo, g_hi, G):
-        k0 = g0 * 32
+    k_steps = tl.maximum(tl.cdiv(g_hi - g_lo, G), 1)  # >= 1: an empty split still stores its zeros
+    g_end = g_lo + k_steps * G
+    n0 = pid_t * ROW_TILES * BLOCK_N  # (n0, g0): this step's first row and scale block
+    g0 = g_lo
+    e_next = _gemv_scales(e_ptr, n0, g0, g_hi, N, K_GROUPS, BLOCK_N, C, PER_BLOCK)
+    acc = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+    for _ in tl.range(0, ROW_TILES * k_steps, num_stages=STAGES):
+        last = g0 + G >= g_end  # this tile's K range ends with this step
+        n1 = tl.where(last, n0 + BLOCK_N, n0)
+        g1 = tl.where(last, g_lo, g0 + G)
+        e = e_next
+        e_next = _gemv_scales(e_ptr, n1, g1, g_hi, N, K_GROUPS, BLOCK_N, C, PER_BLOCK)
+        n_mask = (n0 + rn) < N
+        q_ptrs = q_ptr + n0.to(tl.int64) * K + g0 * 32 + q_offs
         if EVEN_K:
-            q = _load_stream(q_base + k0 + q_offs, n_mask[:, None, None], EVICT_FIRST)
-            e = tl.load(e_base + g0 + e_offs, mask=n_mask[:, None], other=127)
-            xv = tl.load(x_base + k0 + x_offs)
+            step_ok = ((g0 + 0 * rc) < g_hi)[None, :, None]  # false only in an empty split
+            q = _load_stream(q_ptrs, n_mask[:, None, None] & step_ok, EVICT_FIRST)
+            xv = tl.load(x_ptrs + g0 * 32, mask=step_ok, other=0.0)
         else:
-            g_mask = (g0 + rg) < g_hi  # K % 32 == 0: a whole scale block is in or out
-            q = _load_stream(q_base + k0 + q_offs, n_mask[:, None, None] & g_mask[None, :, None], EVICT_FIRST)
-            e = tl.load(e_base + g0 + e_offs, mask=n_mask[:, None] & g_mask[None, :], other=127)
-            xv = tl.load(x_base + k0 + x_offs, mask=g_mask[None, :, None], other=0.0)
-        blk = tl.sum(q.to(tl.float32) * xv.to(tl.float32), axis=2)  # [BLOCK_N, G]
-        acc += blk * _e8m0_to_fp32(e)
-    out = tl.sum(acc, axis=1)
-    offs_n = pid_n * BLOCK_N + rn
-    offs_m = pid_m + tl.zeros((1, 1), tl.int32)
-    _store_tile(out[:, None], offs_n[:, None], offs_m, M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
+            c_mask = ((g0 + rc // PER_BLOCK) < g_hi)[None, :, None]  # K % 32 == 0: a whole block is in or out
+            q = _load_stream(q_ptrs, n_mask[:, None, None] & c_mask, EVICT_FIRST)
+            xv = tl.load(x_ptrs + g0 * 32, mask=c_mask, other=0.0)
+        part = tl.sum(q.to(tl.float32) * xv.to(tl.float32), axis=2)  # [BLOCK_N, C]
+        acc += part * _e8m0_to_fp32(e)
+        if last:
+            out = tl.sum(acc, axis=1)
+            offs_m = pid_m + tl.zeros((1, 1), tl.int32)
+            _store_tile(out[:, None], (n0 + rn)[:, None], offs_m, M, N, b_ptr, y_ptr, p_ptr, HAS_BIAS, MAY_SPLIT)
+            acc = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+        n0 = n1
+        g0 = g1
 
 
 @triton.jit
@@ -299,8 +330,9 @@ class SplitK(NamedTuple):
     block_k: int
     split: int  # S0: K splits while all M rows fit one M tile; S(M) = 1 + (S0 - 1) // m_tiles
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 3  # gemv: stages of its K loop (tl.range); dot: the kernel's
     evict_first: bool = False  # gemv: weight loads marked evict-first (read once)
+    row_tiles: int = 1  # gemv: tiles of block_n rows per program (see _gemv_row_tiles)
 
 
 class DequantGemm(NamedTuple):
@@ -335,7 +367,8 @@ _IDLE_K = MX_BLOCK
 # M thresholds of the default plan (H200, torch 2.11, triton 3.6; notes/kernel-notes.md).
 GEMV_MAX_M = 1  # M <= 1: gemv kernel (CUDA cores)
 SMALL_MAX_M = 16  # 2 <= M <= 16: dot kernel, 16-wide x tile
-LARGE_M = 256  # 17 <= M < 256: dot kernel, 64-wide x tile; M >= 256: dequantize + GEMM
+MEDIUM_MAX_M = 64  # 17 <= M <= 64: dot kernel, 64-wide x tile
+LARGE_M = 256  # 65 <= M < 256: dot kernel, 128-wide x tile; M >= 256: dequantize + GEMM
 
 
 @functools.lru_cache(maxsize=None)
@@ -355,24 +388,29 @@ def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
 
     Fastest configurations of ``python -m mxpass.benchmarks.linear --sweep`` on H200
     (torch 2.11, triton 3.6) for (K, N) in (4096, 12288), (4096, 28672), (14336, 4096);
-    per-configuration times in notes/kernel-notes.md. M = 1: gemv 4x512 tiles, 4 warps,
-    ~8 programs per SM (21.3 / 39.6 / 23.5 us vs bn8 21.8 / 40.2 / 24.5 us); M = 16: dot
-    128x16x128 (28.2 / 58.2 / 33.5 us); M = 128: dot 64x64x128 (52.6 / 136.5 / 65.2 us);
-    M >= 256: dequantize + GEMM 128x256x64, 8 warps (84.5 us at M = 256, 4096x12288,
-    vs 94.8 us in-kernel; 630 vs 1087 us at M = 4096).
+    per-configuration times in notes/kernel-notes.md. M = 1: gemv 4x1024 tiles, 4 warps,
+    3-stage K loop, row tiles for <= 8 programs per SM, no split (20.0 / 38.2 / 22.2 us vs
+    20.7 / 39.8 / 23.0 us for the previous 4x512 split-K gemv in the same run); M = 16: dot
+    128x16x128 (28.2 / 58.2 / 33.5 us); M = 17..64: dot 64x64x128 (35.1 / 94.3 / 44.2 us
+    at M = 64); M = 65..255: dot 64x128x128, one M tile (51.0 / 97.4 / 62.0 us at M = 96
+    vs 52.9 / 137.3 / 64.7 with 64-wide tiles); M >= 256: dequantize + GEMM 128x256x64,
+    8 warps (84.5 us at M = 256, 4096x12288, vs 94.8 us in-kernel; 630 vs 1087 us at M = 4096).
     """
-    gemv = SplitK("gemv", block_n=4, block_m=1, block_k=512, split=0, num_warps=4, num_stages=1, evict_first=True)
+    gemv = SplitK("gemv", block_n=4, block_m=1, block_k=1024, split=1, num_warps=4, num_stages=3, evict_first=True)
     small = SplitK("dot", block_n=128, block_m=16, block_k=128, split=0, num_warps=4, num_stages=3)
     medium = SplitK("dot", block_n=64, block_m=64, block_k=128, split=0, num_warps=4, num_stages=3)
-    gemv = gemv._replace(split=_split_for(K, N, gemv.block_n, gemv.block_k, num_sms, waves=8))
+    wide = SplitK("dot", block_n=64, block_m=128, block_k=128, split=0, num_warps=4, num_stages=3)
+    gemv = gemv._replace(row_tiles=_gemv_row_tiles(N, gemv.block_n, num_sms, programs_per_sm=8))
     small = small._replace(split=_split_for(K, N, small.block_n, small.block_k, num_sms, waves=4))
     medium = medium._replace(split=_split_for(K, N, medium.block_n, medium.block_k, num_sms, waves=2))
+    wide = wide._replace(split=_split_for(K, N, wide.block_n, wide.block_k, num_sms, waves=1))
     large = DequantGemm(SplitK("dot", block_n=128, block_m=256, block_k=64, split=1, num_warps=8, num_stages=3))
     return Plan(
         (
             Regime(0, GEMV_MAX_M + 1, gemv),
             Regime(GEMV_MAX_M + 1, SMALL_MAX_M + 1, small),
-            Regime(SMALL_MAX_M + 1, LARGE_M, medium),
+            Regime(SMALL_MAX_M + 1, MEDIUM_MAX_M + 1, medium),
+            Regime(MEDIUM_MAX_M + 1, LARGE_M, wide),
             Regime(LARGE_M, None, large),
         )
     )
@@ -409,6 +447,17 @@ def _partial_rows(r: Regime) -> int:
     return max((_splits(m, cfg) * m for m in range(max(r.m_lo, 1), hi) if _splits(m, cfg) > 1), default=0)
 
 
+def _gemv_row_tiles(N: int, block_n: int, num_sms: int, programs_per_sm: int) -> int:
+    """Row tiles per gemv program so that its grid (one row of x, no split) is at most num_sms * programs_per_sm."""
+    return max(1, triton.cdiv(triton.cdiv(N, block_n), num_sms * programs_per_sm))
+
+
+def _gemv_chunk(cfg: SplitK) -> int:
+    """Elements of a weight row one gemv thread holds (<= 16: one 16-byte load; divides 32 and BLOCK_K)."""
+    per_thread = cfg.block_n * cfg.block_k // (32 * cfg.num_warps)
+    return max(1, min(16, per_thread, cfg.block_k))
+
+
 def _check_inputs(x, qweight, wscale, bias) -> None:
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"mxfp8_linear: x has dtype {x.dtype}; expected bfloat16 or float16")
@@ -416,8 +465,8 @@ def _check_inputs(x, qweight, wscale, bias) -> None:
         raise ValueError(f"mxfp8_linear: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if qweight.dtype != torch.float8_e4m3fn or qweight.dim() != 2:
         raise TypeError(f"mxfp8_linear: qweight must be 2-D float8_e4m3fn, got {qweight.dtype} {tuple(qweight.shape)}")
-    if wscale.dtype != torch.float8_e8m0fnu:
-        raise TypeError(f"mxfp8_linear: wscale has dtype {wscale.dtype}; expected float8_e8m0fnu")
+    if wscale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+        raise TypeError(f"mxfp8_linear: wscale has dtype {wscale.dtype}; expected float8_e8m0fnu (or its uint8 storage)")
     N, K = qweight.shape
     if K % MX_BLOCK != 0:
         raise ValueError(f"mxfp8_linear: K = {K} (qweight {tuple(qweight.shape)}) is not a multiple of {MX_BLOCK}")
@@ -459,7 +508,10 @@ def mxfp8_linear_with_plan(
     _check_inputs(x, qweight, wscale, bias)
     x = x.contiguous()
     qweight = qweight.contiguous()
-    e = wscale.contiguous().view(torch.uint8)
+    # uint8 storage passes straight through; an e8m0 input is viewed (a copy under
+    # Inductor, which materialises dtype views of graph inputs: ~6 us per call measured)
+    e = wscale.contiguous()
+    e = e if e.dtype == torch.uint8 else e.view(torch.uint8)
     M = x.shape[0]
     N, K = qweight.shape
     k_groups = K // MX_BLOCK
@@ -479,19 +531,19 @@ def mxfp8_linear_with_plan(
             _launch_dequant(qweight, e, w, k_groups, k_on, cfg)
             cfg, w_dense = cfg.gemm, True
         split = _splits(m_r, cfg)
-        grid = (triton.cdiv(m_r, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+        grid = (triton.cdiv(m_r, cfg.block_m), triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.row_tiles), split)
+        even_k = k_groups % (cfg.block_k // MX_BLOCK) == 0
         if cfg.kernel == "gemv":
             wrap_triton(_mxfp8_gemv_kernel)[grid](
-                x, w, e, b, y, partial, m_r, N, k_groups,
-                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, EVEN_K=k_groups % (cfg.block_k // MX_BLOCK) == 0,
-                EVICT_FIRST=cfg.evict_first, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                x, w, e, b, y, partial, m_r, N, k_groups, cfg.row_tiles,
+                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, EVEN_K=even_k, EVICT_FIRST=cfg.evict_first,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=_gemv_chunk(cfg), STAGES=cfg.num_stages,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         else:
             wrap_triton(_mxfp8_dot_kernel)[grid](
                 x, w, e, b, y, partial, m_r, N, k_groups,
-                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, W_DENSE=w_dense,
-                EVEN_K=k_groups % (cfg.block_k // MX_BLOCK) == 0,
+                HAS_BIAS=bias is not None, MAY_SPLIT=cfg.split > 1, W_DENSE=w_dense, EVEN_K=even_k,
                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )

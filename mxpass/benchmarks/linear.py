@@ -161,22 +161,31 @@ def _sweep_candidates(M: int, K: int, N: int, num_sms: int):
         return mk.Plan((mk.Regime(0, None, impl),))
 
     def split_k(kind, bn, bm, bk, nw, ns, waves, evict=False):
+        seen = set()
         for w in waves:
-            s = mk._split_for(K, N, bn, bk, num_sms, w)
+            s = 1 if w == 0 else mk._split_for(K, N, bn, bk, num_sms, w)
+            if s in seen:
+                continue
+            seen.add(s)
             name = f"{kind}{bm} bn{bn} bk{bk} w{nw} s{ns} S0={s}" + (" evict" if evict else "")
             yield name, one(mk.SplitK(kind, bn, bm, bk, s, nw, ns, evict))
 
     cands = []
     if M == 1:
-        for bn, bk, nw, ev in ((4, 512, 4, True), (4, 512, 4, False), (8, 512, 4, True), (8, 512, 4, False),
-                               (4, 512, 2, False), (8, 256, 4, False), (16, 512, 4, False), (4, 1024, 4, False)):
-            cands += split_k("gemv", bn, 1, bk, nw, 1, (4, 8, 16), ev)
-    if M <= 16:
-        for bn, bk, nw, ns in ((128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3)):
-            cands += split_k("dot", bn, 16, bk, nw, ns, (2, 4, 8))
-    if 16 <= M <= 256:
-        for bn, bm, bk, nw, ns in ((64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)):
-            cands += split_k("dot", bn, bm, bk, nw, ns, (1, 2, 4))
+        cands.append(("gemv1 bn4 bk1024 w4 s2 S0=1 (one tile)", one(mk.SplitK("gemv", 4, 1, 1024, 1, 4, 2, True))))
+        # gemv over row tiles: (block_n, block_k, warps, K-loop stages, programs per SM)
+        for bn, bk, nw, ns, per_sm in ((4, 1024, 4, 3, 8), (4, 1024, 4, 2, 8), (4, 1024, 4, 3, 6), (2, 2048, 4, 3, 8),
+                                       (4, 2048, 4, 3, 6), (8, 1024, 4, 3, 6), (4, 1024, 2, 3, 12), (8, 1024, 8, 3, 4),
+                                       (4, 512, 4, 3, 8), (4, 1024, 4, 1, 8)):
+            rt = mk._gemv_row_tiles(N, bn, num_sms, per_sm)
+            name = f"gemv1 bn{bn} bk{bk} w{nw} s{ns} {per_sm}/SM rows={rt}x{bn}"
+            cands.append((name, one(mk.SplitK("gemv", bn, 1, bk, 1, nw, ns, True, row_tiles=rt))))
+    if 1 < M <= 16:
+        for bn, bk, nw, ns in ((128, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3)):
+            cands += split_k("dot", bn, 16, bk, nw, ns, (2, 4))
+    if 16 < M <= 256:
+        for bn, bm, bk, nw, ns in ((64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3)):
+            cands += split_k("dot", bn, bm, bk, nw, ns, (1, 2))
     if M >= 256:
         for bn, bm, bk, nw, ns in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)):
             tile = mk.SplitK("dot", bn, bm, bk, 1, nw, ns)
@@ -185,8 +194,12 @@ def _sweep_candidates(M: int, K: int, N: int, num_sms: int):
     return cands
 
 
-def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 256, 4096), rotate: int = 4, warmup: int = 10, rep: int = 40):
-    """Time every candidate kernel configuration (single-regime plans); rows as ``run`` plus "config"."""
+def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 256, 4096), rotate: int = 4, warmup: int = 10, rep: int = 40,
+          log=None):
+    """Time every candidate kernel configuration (single-regime plans); rows as ``run`` plus "config".
+
+    ``log``: a path; each row is appended to it as one JSON line as soon as it is measured.
+    """
     import mxpass.kernels.triton.mxfp8_linear as mk
     from mxpass.kernels.reference import mxfp8_linear_reference
 
@@ -200,6 +213,10 @@ def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 256, 4096), rotate: int = 4, wa
             ref = mxfp8_linear_reference(x, *sets[0])
             bf16 = graph_ms(lambda: [x @ w.t() for w in w16], rotate, warmup, rep)
             rows.append({**_row("cublas_bf16", M, K, N, bf16, bf16, None, 2.0 * N * K), "config": ""})
+            print(f"M={M:<5} K={K:<6} N={N:<6} {'cublas bf16':<40} {bf16 * 1e3:8.1f} us", flush=True)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(rows[-1], default=str) + "\n")
             for name, plan in _sweep_candidates(M, K, N, num_sms):
                 try:
                     with _no_wrap_triton():
@@ -210,6 +227,9 @@ def sweep(shapes=DEFAULT_SHAPES, ms=(1, 16, 128, 256, 4096), rotate: int = 4, wa
                 except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
                     rows.append({"impl": "sweep", "M": M, "K": K, "N": N, "config": name, "error": repr(exc)[:300]})
                 print(_fmt_sweep(rows[-1]), flush=True)
+                if log:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(rows[-1], default=str) + "\n")
             del x, ref
         del sets, w16
         torch.cuda.empty_cache()
@@ -240,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="time every kernel configuration instead")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--json", help="write all rows here")
+    p.add_argument("--ms", help="comma-separated token counts for --sweep (default 1,16,128,256,4096)")
+    p.add_argument("--log", help="--sweep: append each row to this file as a JSON line")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("mxpass.benchmarks.linear: needs a CUDA GPU", file=sys.stderr)
@@ -254,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     print(env, flush=True)
     out = {"env": env}
     if args.sweep:
-        out["sweep"] = sweep()
+        ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (1, 16, 128, 256, 4096)
+        out["sweep"] = sweep(ms=ms, log=args.log)
         out["sweep_best"] = best_of_sweep(out["sweep"])
         if args.json:
             with open(args.json, "w") as f:

@@ -19,7 +19,7 @@ if torch.cuda.is_available():
     from mxpass.kernels.reference import mxfp8_linear_reference
 
 # Every threshold of the default plan and its neighbours, plus odd sizes.
-MS = [0, 1, 2, 3, 15, 16, 17, 100, 1023, 1024, 1100]
+MS = [0, 1, 2, 3, 15, 16, 17, 64, 65, 100, 255, 256, 1023, 1024, 1100]
 SHAPES = [(4096, 1000), (1056, 4100), (288, 96)]  # (K, N): tails in N and in K's BLOCK_K steps
 
 
@@ -51,8 +51,14 @@ def _plans(K, N):
     yield "gemv", one(mk.SplitK("gemv", 32, 1, 256, 3))
     yield "gemv-S1", one(mk.SplitK("gemv", 16, 1, 512, 1))
     yield "gemv-evict", one(mk.SplitK("gemv", 8, 1, 1024, 2, evict_first=True))
+    yield "gemv-row", one(mk.SplitK("gemv", 1, 1, 2048, 1, 4, 3))  # one row per program, K tail
+    yield "gemv-tiles", one(mk.SplitK("gemv", 4, 1, 256, 2, 4, 3, row_tiles=7))  # 7 row tiles per program, split
+    yield "gemv-tiles-S1", one(mk.SplitK("gemv", 2, 1, 512, 1, 4, 2, row_tiles=9))
+    yield "gemv-chunk8", one(mk.SplitK("gemv", 4, 1, 256, 3, 4, 4))  # 8 elements per thread, 4 stages
+    yield "gemv-nopipe", one(mk.SplitK("gemv", 2, 1, 1024, 2, 4, 1))
     yield "dot16", one(mk.SplitK("dot", 64, 16, 256, 5))
     yield "dot64", one(mk.SplitK("dot", 128, 64, 128, 3, 8))
+    yield "dot128", one(mk.SplitK("dot", 64, 128, 128, 2, 4, 3))
     yield "dequant-gemm", one(mk.DequantGemm(mk.SplitK("dot", 128, 128, 64, 1, 8)))
     yield "default", mk.default_plan(K, N)
 
