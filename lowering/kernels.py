@@ -69,6 +69,21 @@ class TritonMXFP8Linear:
         return torch.ops.mxpass.mxfp8_linear_triton(x, qweight, wscale, bias)
 
 
+class TritonW8Linear(TritonMXFP8Linear):
+    """Triton FP8/INT8-weight x bf16/fp16 linear with float32 channel, tensor or 128x128-block
+    scales (the weight is never rounded, except in the large-M scratch of block scales); the
+    M = 1 GEMV and the split-K tensor-core paths read the 1-byte weight once. Same device
+    and dtype requirements as ``triton_mxfp8``."""
+
+    name = "triton_w8"
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        from mxpass.kernels.triton import w8_linear  # noqa: F401  (registers the op)
+
+        x = quant.fake_quantize_activation(fmt, x, act_scale)
+        return torch.ops.mxpass.w8_linear_triton(x, qweight, wscale, bias, fmt.weight_granularity)
+
+
 class ScaledMMLinear:
     """cuBLAS FP8 GEMM through ``torch._scaled_mm``: rowwise (per-token x per-channel) or
     tensorwise (per-tensor x per-tensor) scales; the activation is really quantized to e4m3."""
@@ -155,5 +170,7 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
         "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
         "fp8-dynamic": [ScaledMMLinear("rowwise")], "fp8": [ScaledMMLinear("tensorwise")],
         "int8": [IntMMLinear()], "int8-static": [IntMMLinear()],
+        "fp8-w": [TritonW8Linear()], "fp8-w-tensor": [TritonW8Linear()], "fp8-w-block": [TritonW8Linear()],
+        "fp8-block": [TritonW8Linear()],
     }
     return {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
