@@ -46,8 +46,9 @@ def lower_linear_nodes(gm: torch.fx.GraphModule) -> int:
             # hand the kernel the scale's uint8 storage: Inductor realises a dtype view of a
             # graph input as a copy kernel, one per call and layer
             node.args = (x, qweight, wscale.args[0], *rest)
+            if not wscale.users:
+                gm.graph.erase_node(wscale)
         n += 1
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     return n
 

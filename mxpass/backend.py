@@ -17,6 +17,7 @@ import torch.fx as fx
 from mxpass.config import QuantConfig
 from mxpass.formats import Format
 from mxpass.passes.linear import rewrite_linears
+from mxpass.passes.moe import rewrite_moes, use_grouped_mm
 from mxpass.report import Report, record
 
 
@@ -33,6 +34,7 @@ class MxpassBackend:
         self.inductor_options = dict(inductor_options or {})
         if cudagraphs:
             self.inductor_options["triton.cudagraphs"] = True
+        self.notes: list[str] = []  # changes made to the model before tracing, for every report
 
     def __repr__(self) -> str:
         return f"mxpass.backend(scheme={self.config.scheme!r}, ignore={list(self.config.ignore)!r})"
@@ -43,12 +45,15 @@ class MxpassBackend:
 
         from mxpass.lowering.cse import MergeIdenticalNodes
         from mxpass.lowering.linear import decompositions, lower_linear_nodes
+        from mxpass.lowering import moe as moe_lowering
 
-        import mxpass.ops  # noqa: F401  (defines mxpass::linear before the pass emits it)
+        import mxpass.ops  # noqa: F401  (defines the mxpass ops before the passes emit them)
 
         report = Report(scheme=self.config.scheme)
         gm = _private_copy(gm)
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
+        extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report)
+        report.warnings.extend(self.notes)
         record(report)
         for w in report.warnings:
             warnings.warn(f"mxpass: {w}", stacklevel=2)
@@ -56,7 +61,8 @@ class MxpassBackend:
             # the rewritten graph run op by op: every mxpass op runs its reference body
             return _append_inputs(gm, extra) if extra else gm
         lower_linear_nodes(gm)
-        decomps = {**select_decomp_table(), **decompositions()}
+        moe_lowering.lower_moe_nodes(gm)
+        decomps = {**select_decomp_table(), **decompositions(), **moe_lowering.decompositions()}
         options = {"post_grad_custom_pre_pass": MergeIdenticalNodes(), **self.inductor_options}
         compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
                               decompositions=decomps)
@@ -131,11 +137,19 @@ def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | No
 def compile(fn: Callable | None = None, *, scheme: str = "mxfp8", ignore: Sequence[str] | str = (),
             quantize_lm_head: bool = False, cudagraphs: bool = False, dynamic: bool | None = None,
             fullgraph: bool = False, activation_scales: dict[str, float] | None = None):
-    """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function)."""
+    """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function).
+
+    Given a model (or a bound method of one) whose MoE experts run transformers' eager loop,
+    it first selects the grouped_mm experts implementation through transformers' switch
+    (the eager loop graph-breaks); the change is noted in the report.
+    """
     be = backend(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head, cudagraphs=cudagraphs,
                  activation_scales=activation_scales)
 
     def wrap(f: Callable) -> Callable:
+        model = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
+        if isinstance(model, torch.nn.Module):
+            be.notes.extend(use_grouped_mm(model))
         return torch.compile(f, backend=be, dynamic=dynamic, fullgraph=fullgraph)
 
     return wrap(fn) if fn is not None else wrap

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import mxpass.ops  # noqa: F401
+from mxpass import weights
+from mxpass.ops import experts_reference
 from mxpass.schemes import mxfp8
 from mxpass.formats import get_format
 from mxpass.quant import linear_reference
@@ -66,3 +68,81 @@ def test_unknown_format_is_an_error():
     qw, ws = _weight(8, 32)
     with pytest.raises(ValueError, match="unknown mxpass scheme 'mxfp4'; known schemes: mxfp8, mxfp8-w, fp8-dynamic"):
         torch.ops.mxpass.linear(torch.randn(2, 32), qw, ws, None, None, "mxfp4")
+
+
+# --- mxpass::moe. T tokens, E experts, A active per token, H hidden, I intermediate ---
+
+def _experts(e, n, k, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, n, k, generator=g, dtype=torch.bfloat16) * 0.1
+    return weights.quantized_experts(w, get_format(fmt), "w")
+
+
+def _moe_args(t, h, i, e, a, fmt, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.randint(0, e, (t, a), generator=g)
+    w = torch.rand(t, a, generator=g).to(dtype)
+    return (x, ids, w, *_experts(e, 2 * i, h, fmt), *_experts(e, h, i, fmt, seed=2), fmt, "silu")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp8-w", "fp8-dynamic", "fp8-w-block", "int8"])
+@pytest.mark.parametrize("t,h,i,e,a", [(5, 64, 32, 4, 2), (0, 32, 32, 3, 1), (1, 32, 64, 1, 1)])
+def test_opcheck_moe(fmt, t, h, i, e, a):
+    args = _moe_args(t, h, i, e, a, fmt)
+    # float8 inputs: skip test_schema as in test_opcheck_linear, check "mutates nothing" here
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.mxpass.moe.default, args, test_utils=utils)
+    tensors = args[:7]
+    before = [t_.view(torch.uint8).clone() if t_.dtype.itemsize == 1 else t_.clone() for t_ in tensors]
+    y = torch.ops.mxpass.moe(*args)
+    after = [t_.view(torch.uint8) if t_.dtype.itemsize == 1 else t_ for t_ in tensors]
+    assert all(torch.equal(b_, a_) for b_, a_ in zip(before, after))
+    assert y.shape == (t, h) and y.dtype == torch.bfloat16
+
+
+def _moe_by_token(x, ids, w, q13, s13, q2, s2, fmt):
+    """An independent spelling: per token and routed expert, two reference linears."""
+    f = get_format(fmt)
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    i = q2.shape[-1]
+    for t in range(x.shape[0]):
+        for a in range(ids.shape[1]):
+            e = int(ids[t, a])
+            gate_up = linear_reference(x[t:t + 1], q13[e], s13[e], None, None, f)
+            h = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]
+            out[t] += w[t, a].float() * linear_reference(h, q2[e], s2[e], None, None, f)[0]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp8-w", "fp8-dynamic", "int8"])
+def test_moe_matches_per_token_reference_linears(fmt):
+    """In fp32 the op is, token by token, fq(x) -> gate/up -> SiLU*up -> fq -> down, weighted, summed."""
+    args = _moe_args(9, 64, 32, 4, 2, fmt, dtype=torch.float32)
+    y = torch.ops.mxpass.moe(*args)
+    torch.testing.assert_close(y, _moe_by_token(*args[:8]), atol=1e-5, rtol=1e-5)  # fp32 sum order only
+
+
+def test_moe_weight_only_is_the_float_moe_on_dequantized_weights():
+    x, ids, w, q13, s13, q2, s2, fmt, act = _moe_args(7, 64, 32, 4, 2, "mxfp8-w")
+    deq = lambda q, s: mxfp8.dequantize(q, s)  # noqa: E731  (MX dequantization broadcasts over E)
+    expected = experts_reference(x, ids, w, deq(q13, s13), deq(q2, s2), "silu")
+    y = torch.ops.mxpass.moe(x, ids, w, q13, s13, q2, s2, fmt, act)
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_moe_routing_id_out_of_range_is_an_error(bad):
+    args = list(_moe_args(3, 32, 32, 4, 2, "mxfp8"))
+    args[1] = args[1].clone()
+    args[1][1, 0] = bad
+    with pytest.raises(ValueError, match=r"routing ids must be in \[0, 4\)"):
+        torch.ops.mxpass.moe(*args)
+
+
+def test_moe_bad_activation_and_static_scheme():
+    args = list(_moe_args(3, 32, 32, 2, 1, "mxfp8"))
+    with pytest.raises(ValueError, match="activation 'gelu' is not supported"):
+        torch.ops.mxpass.moe(*args[:8], "gelu")
+    with pytest.raises(ValueError, match="static per-tensor"):
+        torch.ops.mxpass.moe(*_moe_args(3, 32, 32, 2, 1, "fp8"))

@@ -45,6 +45,7 @@ class LinearMatch:
     param: torch.nn.Parameter
     transposed: bool          # param is stored [K, N]
     form: str                 # linear / addmm / matmul
+    w_arg: fx.Node            # the weight operand as the node used it (W, or a W.t() view)
 
     @property
     def n_k(self) -> tuple[int, int]:
@@ -125,7 +126,7 @@ def find_linears(gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> list[Line
             continue
         if bias is not None and not isinstance(bias, fx.Node):
             continue
-        matches.append(LinearMatch(node, x, w, bias, param, base_t != t_view, form))
+        matches.append(LinearMatch(node, x, w, bias, param, base_t != t_view, form, w_arg))
     return matches
 
 
@@ -157,6 +158,17 @@ def _check_dtypes(fqn: str, m: LinearMatch) -> torch.dtype:
                 f"(expected one of {', '.join(str(d) for d in ACTIVATION_DTYPES)})"
             )
     return x_dtype
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase these (pure view) nodes if nothing uses them any more.
+
+    Not ``graph.eliminate_dead_code()``: FX treats every call_method as pure, so it would
+    also delete an in-place ``out.add_(bias)`` whose result is unused (seen: GPT-OSS's
+    expert biases vanished)."""
+    for node in dict.fromkeys(nodes):
+        if node.op != "placeholder" and not node.users:
+            graph.erase_node(node)
 
 
 def rewrite_linears(
@@ -195,6 +207,7 @@ def rewrite_linears(
         new_inputs.append(t)
         return ph
 
+    dead_candidates: list[fx.Node] = []  # W.t() views the rewrite may leave unused
     for m in matches:
         fqn = layer_fqn(m)
         reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
@@ -236,12 +249,13 @@ def rewrite_linears(
         new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
         m.node.replace_all_uses_with(new)
         gm.graph.erase_node(m.node)
+        dead_candidates.append(m.w_arg)
         report.rewritten.append(Rewritten(fqn, m.form, fmt.name, kernel, (n, k)))
 
     for pattern in config.ignore:
         if pattern not in used_patterns:
             report.warnings.append(f"ignore pattern {pattern!r} matched no linear layer in this graph")
-    gm.graph.eliminate_dead_code()
+    _erase_unused(gm.graph, dead_candidates)
     gm.graph.lint()
     gm.recompile()
     return new_inputs
