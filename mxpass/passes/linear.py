@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES
+from mxpass.passes.inputs import StaticInputs
 from mxpass.report import Kept, Report, Rewritten
 from mxpass.weights import quantized_weight
 
@@ -179,33 +180,14 @@ def rewrite_linears(
     choose_kernel: KernelChooser,
 ) -> list[torch.Tensor]:
     """Rewrite matched linears in place; returns the tensors for the new placeholders."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    inputs = dict(zip(placeholders, example_inputs))
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    inputs = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
     fmt = config.format
     matches = find_linears(gm, inputs)
     embedded = {n.args[1] for n in gm.graph.nodes
                 if n.op == "call_function" and n.target is torch.nn.functional.embedding}
     used_patterns: set[str] = set()
-    new_inputs: list[torch.Tensor] = []
     new_nodes: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
-    last_ph = placeholders[-1]
-
-    def fake(t):
-        return fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
-
-    def add_input(name: str, t: torch.Tensor) -> fx.Node:
-        """A new placeholder for ``t``, marked static: CUDA graphs keep its address."""
-        nonlocal last_ph
-        with gm.graph.inserting_after(last_ph):
-            ph = gm.graph.placeholder(name)
-        last_ph = ph
-        ph._dynamo_source = None  # not a user input: no guards
-        ph.meta["example_value"] = fake(t)
-        ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-        t._dynamo_static_input_type = "unguarded"
-        new_inputs.append(t)
-        return ph
+    static = StaticInputs(gm, example_inputs)
 
     dead_candidates: list[fx.Node] = []  # W.t() views the rewrite may leave unused
     for m in matches:
@@ -222,16 +204,7 @@ def rewrite_linears(
         key = (id(m.param), m.transposed)
         if key not in new_nodes:
             data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
-            # an E8M0 scale travels as its uint8 storage (Inductor has no e8m0 kernel
-            # arguments) and is viewed back to float8_e8m0fnu right before the op
-            stored = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
-            qw = add_input(f"mxpass_{m.weight.name}_qweight", data)
-            ws = add_input(f"mxpass_{m.weight.name}_wscale", stored)
-            if stored is not scale:
-                with gm.graph.inserting_before(m.node):
-                    ws = gm.graph.call_function(torch.ops.aten.view.dtype, (ws, scale.dtype))
-                ws.meta["example_value"] = fake(scale)
-            new_nodes[key] = (qw, ws)
+            new_nodes[key] = static.weight(f"mxpass_{m.weight.name}", data, scale, m.node)
         act = None
         if fmt.static_activation:
             value = config.activation_scale(fqn)
@@ -240,7 +213,7 @@ def rewrite_linears(
                     f"mxpass: layer {fqn}: scheme {fmt.name!r} quantizes activations with a static "
                     f"per-tensor scale and none was given (pass activation_scales={{{fqn!r}: s}} "
                     f"to mxpass.backend, or use a dynamic scheme)")
-            act = add_input(f"mxpass_{m.weight.name}_act_scale",
+            act = static.add(f"mxpass_{m.weight.name}_act_scale",
                             torch.tensor([value], dtype=torch.float32, device=m.param.device))
         qw, ws = new_nodes[key]
         with gm.graph.inserting_before(m.node):
@@ -258,4 +231,4 @@ def rewrite_linears(
     _erase_unused(gm.graph, dead_candidates)
     gm.graph.lint()
     gm.recompile()
-    return new_inputs
+    return static.tensors

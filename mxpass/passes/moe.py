@@ -40,6 +40,7 @@ import torch.fx as fx
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format
 from mxpass.ops import MOE_ACTIVATIONS, experts_reference
+from mxpass.passes.inputs import StaticInputs
 from mxpass.passes.linear import _dotted, source_fqn
 from mxpass.report import Kept, Report, Rewritten
 from mxpass.weights import quantized_experts
@@ -314,38 +315,9 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     """Rewrite verified experts regions in place; returns the tensors for the new placeholders."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     inputs = dict(zip(placeholders, example_inputs))
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fmt = config.format
-    new_inputs: list[torch.Tensor] = []
-    last_ph = placeholders[-1] if placeholders else None
     used_patterns: set[str] = set()
-
-    def fake(t):
-        return fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t
-
-    def add_input(name: str, t: torch.Tensor) -> fx.Node:
-        """A new placeholder for ``t``, marked static: CUDA graphs keep its address."""
-        nonlocal last_ph
-        with gm.graph.inserting_after(last_ph):
-            ph = gm.graph.placeholder(name)
-        last_ph = ph
-        ph._dynamo_source = None  # not a user input: no guards
-        ph.meta["example_value"] = fake(t)
-        ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-        t._dynamo_static_input_type = "unguarded"
-        new_inputs.append(t)
-        return ph
-
-    def weight_inputs(ph: fx.Node, data: torch.Tensor, scale: torch.Tensor, before: fx.Node):
-        # an E8M0 scale travels as its uint8 storage and is viewed back right before the op
-        stored = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
-        qw = add_input(f"mxpass_{ph.name}_qweight", data)
-        ws = add_input(f"mxpass_{ph.name}_wscale", stored)
-        if stored is not scale:
-            with gm.graph.inserting_before(before):
-                ws = gm.graph.call_function(torch.ops.aten.view.dtype, (ws, scale.dtype))
-            ws.meta["example_value"] = fake(scale)
-        return qw, ws
+    static = StaticInputs(gm, example_inputs)
 
     for region in find_experts_regions(gm, inputs):
         fqn = region.fqn
@@ -373,8 +345,8 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
         rows = _gate_up_rows(layout, two_i // 2)
         q13, s13 = quantized_experts(w13, fmt, f"{fqn}.{source_fqn(itf.w13).rpartition('.')[2]}", rows)
         q2, s2 = quantized_experts(w2, fmt, f"{fqn}.{source_fqn(itf.w2).rpartition('.')[2]}")
-        qw13, ws13 = weight_inputs(itf.w13, q13, s13, itf.out)
-        qw2, ws2 = weight_inputs(itf.w2, q2, s2, itf.out)
+        qw13, ws13 = static.weight(f"mxpass_{itf.w13.name}", q13, s13, itf.out)
+        qw2, ws2 = static.weight(f"mxpass_{itf.w2.name}", q2, s2, itf.out)
         with gm.graph.inserting_before(itf.out):
             new = gm.graph.call_function(
                 torch.ops.mxpass.moe.default,
@@ -399,4 +371,4 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     # in-place method whose result is unused (GPT-OSS experts' ``out.add_(bias)``)
     gm.graph.lint()
     gm.recompile()
-    return new_inputs
+    return static.tensors
