@@ -15,22 +15,27 @@ from mxpass import quant
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, scale) of ``param`` quantized in ``fmt`` as an [N, K] weight (``transposed``: param is [K, N])."""
+def _cached(param: torch.Tensor, key: tuple, name: str, compute):
+    """``compute(param.detach())`` for this Parameter and key, recomputed only if the
+    Parameter changed in place since (its ``_version``)."""
     entries = _CACHE.setdefault(param, {})
-    key = (fmt.name, transposed)
     hit = entries.get(key)
     if hit is not None and hit[0] == param._version:
         return hit[1]
     if param.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
     with torch.no_grad():
-        w = param.detach()
-        if transposed:
-            w = w.t()
-        q = quant.quantize_weight(fmt, w.contiguous(), name)
+        q = compute(param.detach())
     entries[key] = (param._version, q)
     return q
+
+
+def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of ``param`` quantized in ``fmt`` as an [N, K] weight (``transposed``: param is [K, N])."""
+    def compute(w):
+        return quant.quantize_weight(fmt, (w.t() if transposed else w).contiguous(), name)
+
+    return _cached(param, (fmt.name, transposed), name, compute)
 
 
 def quantized_experts(param: torch.Tensor, fmt: Format, name: str,
@@ -41,21 +46,13 @@ def quantized_experts(param: torch.Tensor, fmt: Format, name: str,
     ``rows`` reorders every slice's rows first (a gate/up layout brought to [gate; up]);
     ``None`` keeps them. Cached like :func:`quantized_weight`.
     """
-    entries = _CACHE.setdefault(param, {})
-    key = (fmt.name, "experts", rows)
-    hit = entries.get(key)
-    if hit is not None and hit[0] == param._version:
-        return hit[1]
-    if param.device.type == "meta":
-        raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
-    with torch.no_grad():
-        w = param.detach()
+    def compute(w):
         if rows is not None:
             w = w[:, list(rows)]
         parts = [quant.quantize_weight(fmt, w[e].contiguous(), f"{name}[{e}]") for e in range(w.shape[0])]
-        q = (torch.stack([d for d, _ in parts]), torch.stack([s for _, s in parts]))
-    entries[key] = (param._version, q)
-    return q
+        return torch.stack([d for d, _ in parts]), torch.stack([s for _, s in parts])
+
+    return _cached(param, (fmt.name, "experts", rows), name, compute)
 
 
 def cache_size() -> int:
