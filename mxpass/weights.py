@@ -22,6 +22,11 @@ def _cached(param: torch.Tensor, key: tuple, name: str, compute):
     hit = entries.get(key)
     if hit is not None and hit[0] == param._version:
         return hit[1]
+    if prequantized_scheme(param) is not None:
+        raise ValueError(
+            f"{name}: this weight was loaded quantized from a checkpoint as {prequantized_scheme(param)!r} "
+            f"and has no data of its own; compile with scheme={prequantized_scheme(param)!r} "
+            f"(asked for {key[0]!r})")
     if param.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
     with torch.no_grad():
@@ -36,6 +41,23 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
         return quant.quantize_weight(fmt, (w.t() if transposed else w).contiguous(), name)
 
     return _cached(param, (fmt.name, transposed), name, compute)
+
+
+def seed_quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool,
+                          data: torch.Tensor, scale: torch.Tensor) -> None:
+    """Make :func:`quantized_weight` return ``(data, scale)`` for ``param`` without computing it.
+
+    For weights that arrive already quantized (a checkpoint): ``param`` may be a stand-in on
+    the ``meta`` device, since a seeded entry is returned before its data would be read.
+    The entry holds while ``param`` is not modified in place.
+    """
+    _CACHE.setdefault(param, {})[(fmt.name, transposed)] = (param._version, (data, scale))
+    param._mxpass_prequantized = fmt.name  # a stand-in: no data of its own
+
+
+def prequantized_scheme(param: torch.Tensor) -> str | None:
+    """The scheme a checkpoint stand-in was seeded with, or None for an ordinary weight."""
+    return getattr(param, "_mxpass_prequantized", None)
 
 
 def quantized_experts(param: torch.Tensor, fmt: Format, name: str,

@@ -27,7 +27,7 @@ from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES
 from mxpass.passes.inputs import StaticInputs
 from mxpass.report import Kept, Report, Rewritten
-from mxpass.weights import quantized_weight
+from mxpass.weights import prequantized_scheme, quantized_weight
 
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {torch.matmul, operator.matmul}
@@ -196,6 +196,11 @@ def rewrite_linears(
         if config.ignored_by(fqn):
             used_patterns.add(config.ignored_by(fqn))
         if reason is not None:
+            if prequantized_scheme(m.param) is not None:
+                raise ValueError(
+                    f"mxpass: layer {fqn} was loaded quantized from a checkpoint "
+                    f"({prequantized_scheme(m.param)}) but would be kept unquantized ({reason}); "
+                    f"its weight is a stand-in with no data, so it cannot run in the model dtype")
             report.kept.append(Kept(fqn, reason))
             continue
         x_dtype = _check_dtypes(fqn, m)

@@ -1,0 +1,248 @@
+"""mxpass.checkpoint.load on checkpoints written by compressed-tensors itself.
+
+A tiny bf16 Llama is quantized with compressed-tensors (apply_quantization_config, weight
+qparams from its own calculate_qparams / compute_dynamic_scales_and_zp, as a min-max
+observer gives them), compressed with ModelCompressor and saved with save_pretrained.
+The loaded model must hold exactly the bytes mxpass computes online from the original
+weights (the schemes are bit-identical to compressed-tensors) and compile to exactly the
+outputs of the online-quantized original.
+"""
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.offload import update_offload_parameter
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStrategy,
+    apply_quantization_config,
+)
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from compressed_tensors.quantization.utils import (
+    calculate_qparams,
+    compute_dynamic_scales_and_zp,
+    maybe_pad_tensor_for_block_quant,
+)
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import mxpass
+from mxpass import checkpoint, quant
+from mxpass.formats import get_format
+from mxpass.weights import quantized_weight
+
+# preset -> mxpass scheme; hidden 128 so that FP8_BLOCK's 1 x 128 activation groups fit
+PRESETS = {"FP8_DYNAMIC": "fp8-dynamic", "MXFP8": "mxfp8", "MXFP8A16": "mxfp8-w",
+           "FP8_BLOCK": "fp8-block", "FP8": "fp8", "W8A8": "int8"}
+IGNORE = ["lm_head", "re:.*layers\\.1\\.mlp\\.down_proj$"]
+
+
+def _tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def _qparams(x: torch.Tensor, args):
+    """compressed-tensors' scale and zero point for x under args (min-max over each group)."""
+    if args.strategy == QuantizationStrategy.TENSOR:
+        lo, hi = torch.aminmax(x)
+    elif args.strategy == QuantizationStrategy.CHANNEL:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    elif args.strategy == QuantizationStrategy.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(x, (bh, bw))
+        blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+        blocks = blocks.transpose(1, 2).flatten(-2)
+        lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    else:  # GROUP (MX)
+        return compute_dynamic_scales_and_zp(x, args, module=None)
+    return calculate_qparams(lo, hi, args)
+
+
+def _save_with_compressed_tensors(preset: str, path: str):
+    """Original bf16 model, written to ``path`` as a compressed-tensors checkpoint."""
+    model = _tiny_llama()
+    original = copy.deepcopy(model)
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
+                                                        ignore=IGNORE), show_progress=False)
+    gen = torch.Generator().manual_seed(1)
+    for _, m in model.named_modules():
+        s = getattr(m, "quantization_scheme", None)
+        if s is None:
+            continue
+        scale, zp = _qparams(m.weight.data, s.weights)
+        update_offload_parameter(m, "weight_scale", scale)
+        if hasattr(m, "weight_zero_point"):
+            update_offload_parameter(m, "weight_zero_point", zp)
+        if s.input_activations is not None and not s.input_activations.dynamic:
+            x = torch.randn(8, m.in_features, generator=gen).to(torch.bfloat16)
+            update_offload_parameter(m, "input_scale", _qparams(x, s.input_activations)[0])
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    return original
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """preset -> (path, original bf16 model); written once per module."""
+    root = tmp_path_factory.mktemp("ct")
+    return {p: (str(root / p), _save_with_compressed_tensors(p, str(root / p))) for p in PRESETS}
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _logits(model, backend, ids):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=backend)(ids).logits
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_scheme_maps_to_mxpass_format(preset):
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+    assert checkpoint.format_for_scheme(scheme).name == PRESETS[preset]
+
+
+@pytest.mark.parametrize("preset, what", [("W4A16", "num_bits=4"), ("NVFP4", "num_bits=4"),
+                                          ("W8A16", "type=int")])
+def test_unknown_scheme_is_a_clear_error(preset, what):
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset])
+    with pytest.raises(ValueError, match=f"no mxpass scheme matches.*{what}"):
+        checkpoint.format_for_scheme(scheme)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_loaded_weights_and_outputs_equal_online_quantization(checkpoints, preset):
+    path, original = checkpoints[preset]
+    model, info = checkpoint.load(path)
+    fmt = get_format(PRESETS[preset])
+    assert info.scheme == fmt.name
+    assert set(info.ignore) == {"lm_head", "model.layers.1.mlp.down_proj"}
+    assert len(info.quantized) == 13 and info.unused_tensors == ()
+
+    modules = dict(model.named_modules())
+    for fqn in info.quantized:
+        data, scale = quantized_weight(modules[fqn].weight, fmt, False, fqn)  # the seeded entry
+        ref_data, ref_scale = quant.quantize_weight(fmt, original.get_submodule(fqn).weight.detach(), fqn)
+        assert data.dtype == ref_data.dtype and scale.dtype == ref_scale.dtype, fqn
+        assert scale.shape == ref_scale.shape, fqn
+        assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8)), fqn
+        assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8)), fqn
+    # unquantized tensors are the original ones
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.norm.weight", "model.rotary_emb.inv_freq"):
+        assert torch.equal(model.get_parameter(name) if "inv_freq" not in name else model.get_buffer(name),
+                           original.get_parameter(name) if "inv_freq" not in name
+                           else original.get_buffer(name)), name
+
+    if fmt.static_activation:
+        assert set(info.activation_scales) == set(info.quantized)
+        for fqn, value in info.activation_scales.items():
+            assert value > 0 and value == float(torch.tensor(value).bfloat16()), fqn  # stored in bf16
+    else:
+        assert info.activation_scales == {}
+
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    kwargs = info.backend_kwargs()
+    loaded = _logits(model, mxpass.backend(**kwargs, compiler="eager"), ids)
+    report = mxpass.last_report()
+    assert len(report.rewritten) == 13 and {k.fqn for k in report.kept} == set(info.ignore)
+    online = _logits(original, mxpass.backend(**kwargs, compiler="eager"), ids)
+    assert torch.isfinite(loaded).all()
+    assert torch.equal(loaded, online)
+
+
+def test_inductor_runs_the_loaded_model(checkpoints):
+    path, original = checkpoints["FP8_DYNAMIC"]
+    model, info = checkpoint.load(path)
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3))
+    loaded = _logits(model, mxpass.backend(**info.backend_kwargs()), ids)
+    online = _logits(original, mxpass.backend(**info.backend_kwargs()), ids)
+    assert torch.equal(loaded, online)
+
+
+def test_config_is_read_with_compressed_tensors_classes(checkpoints):
+    path, _ = checkpoints["MXFP8"]
+    with open(os.path.join(path, "config.json")) as f:
+        qconfig = checkpoint.read_quantization_config(json.load(f))
+    assert isinstance(qconfig, QuantizationConfig)
+    assert qconfig.config_groups["group_0"].weights.scale_dtype == torch.uint8
+
+
+def test_two_config_groups_are_not_supported(checkpoints, tmp_path):
+    path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "two")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    groups = config["quantization_config"]["config_groups"]
+    groups["group_1"] = dict(groups["group_0"], targets=["re:.*lm_head"])
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(NotImplementedError, match="2 config groups"):
+        checkpoint.load(path)
+
+
+def test_truncated_file_is_a_clear_error(checkpoints, tmp_path):
+    path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "trunc")
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        checkpoint.load(path)
+
+
+def _rewrite_tensors(path: str, change) -> None:
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_scale_is_a_clear_error(checkpoints, tmp_path):
+    path = _copy(checkpoints["MXFP8"][0], tmp_path / "missing")
+    key = "model.layers.0.mlp.up_proj.weight_scale"
+    _rewrite_tensors(path, lambda t: t.pop(key))
+    with pytest.raises(KeyError, match=f"{key}.*weight scale of model.layers.0.mlp.up_proj.*missing"):
+        checkpoint.load(path)
+
+
+def test_wrong_shape_and_dtype_are_clear_errors(checkpoints, tmp_path):
+    key = "model.layers.1.self_attn.k_proj.weight_scale"
+    path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "shape")
+    _rewrite_tensors(path, lambda t: t.update({key: t[key][:-1]}))
+    with pytest.raises(ValueError, match=rf"{key}.*shape \(63, 1\); expected \(64, 1\)"):
+        checkpoint.load(path)
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    path = _copy(checkpoints["MXFP8"][0], tmp_path / "dtype")
+    _rewrite_tensors(path, lambda t: t.update({key: t[key].to(torch.bfloat16)}))
+    with pytest.raises(TypeError, match=f"{key}.*bfloat16; expected torch.float8_e4m3fn"):
+        checkpoint.load(path)
+
+
+def test_standins_are_never_used_silently(checkpoints):
+    """A checkpoint layer the pass would keep (ignored here) or a different scheme: clear errors."""
+    import mxpass
+
+    model, info = checkpoint.load(checkpoints["FP8_DYNAMIC"][0])
+    layer = info.quantized[0]
+    ids = torch.randint(0, 64, (1, 4))
+    with pytest.raises(Exception, match=rf"layer {layer} was loaded quantized from a checkpoint "
+                                        r"\(fp8-dynamic\) but would be kept unquantized \(ignored by"):
+        _logits(model, mxpass.backend(scheme=info.scheme, ignore=[*info.ignore, layer], compiler="eager"), ids)
+    with pytest.raises(Exception, match=r"loaded quantized from a checkpoint as 'fp8-dynamic'.*"
+                                        r"compile with scheme='fp8-dynamic' \(asked for 'mxfp8'\)"):
+        _logits(model, mxpass.backend(scheme="mxfp8", ignore=list(info.ignore), compiler="eager"), ids)
