@@ -30,7 +30,8 @@ class Report:
 
     def table(self) -> str:
         rows = [("layer", "N x K", "scheme / reason", "kernel")]
-        rows += [(r.fqn or "(root)", f"{r.shape[0]} x {r.shape[1]}", r.scheme, r.kernel) for r in self.rewritten]
+        rows += [(r.fqn or "(root)", f"{r.shape[0]} x {r.shape[1]}", r.scheme, r.kernel.split(" (")[0])
+                 for r in self.rewritten]
         rows += [(k.fqn or "(root)", "", "kept: " + k.reason, "") for k in self.kept]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [
@@ -40,7 +41,9 @@ class Report:
         lines.insert(1, "-" * max(len(line) for line in lines))
         head = (f"mxpass report (graph {self.graph}, scheme {self.scheme}): "
                 f"{len(self.rewritten)} rewritten, {len(self.kept)} kept")
-        tail = [f"warning: {w}" for w in self.warnings]
+        # why each kernel was chosen over the others, once per distinct choice
+        tail = [f"kernel {c}" for c in dict.fromkeys(r.kernel for r in self.rewritten) if " (" in c]
+        tail += [f"warning: {w}" for w in self.warnings]
         return "\n".join([head, *lines, *tail])
 
     def __str__(self) -> str:

@@ -185,3 +185,18 @@ def test_registered_name_and_decorator():
         fmt = mxpass.get_format(name)
         expected = linear_reference(x, *weights.quantized_weight(lin.weight, fmt, False, "l"), lin.bias, None, fmt)
         torch.testing.assert_close(y, expected)
+
+
+def test_chained_linears():
+    """A linear feeding a linear directly (no op between): both rewritten, in order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48), nn.Linear(48, 16))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = _compile(model)(x)
+        fmt = mxpass.get_format("mxfp8")
+        h = linear_reference(x, *weights.quantized_weight(model[0].weight, fmt, False, "0"), model[0].bias, None, fmt)
+        h = linear_reference(h, *weights.quantized_weight(model[1].weight, fmt, False, "1"), model[1].bias, None, fmt)
+    rep = mxpass.last_report()
+    assert [r.fqn for r in rep.rewritten] == ["0", "1"] and [k.fqn for k in rep.kept] == ["2"]  # K=48
+    torch.testing.assert_close(y, model[2](h), atol=0, rtol=0)

@@ -190,6 +190,7 @@ def rewrite_linears(
     static = StaticInputs(gm, example_inputs)
 
     dead_candidates: list[fx.Node] = []  # W.t() views the rewrite may leave unused
+    replaced: dict[fx.Node, fx.Node] = {}
     for m in matches:
         fqn = layer_fqn(m)
         reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
@@ -221,12 +222,15 @@ def rewrite_linears(
             act = static.add(f"mxpass_{m.weight.name}_act_scale",
                             torch.tensor([value], dtype=torch.float32, device=m.param.device))
         qw, ws = new_nodes[key]
+        # an earlier rewrite may have replaced this layer's input (linear -> linear)
+        x, bias = replaced.get(m.x, m.x), replaced.get(m.bias, m.bias)
         with gm.graph.inserting_before(m.node):
             new = gm.graph.call_function(
-                torch.ops.mxpass.linear.default, (m.x, qw, ws, m.bias, act, fmt.name))
+                torch.ops.mxpass.linear.default, (x, qw, ws, bias, act, fmt.name))
         new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
         m.node.replace_all_uses_with(new)
         gm.graph.erase_node(m.node)
+        replaced[m.node] = new
         dead_candidates.append(m.w_arg)
         report.rewritten.append(Rewritten(fqn, m.form, fmt.name, kernel, (n, k)))
 
