@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -119,5 +119,3 @@ def choose(problem: Problem) -> Choice:
         f"{problem.dtype} on {problem.device}: {reasons}"
     )
 
-
-KernelFactory = Callable[[], Kernel]

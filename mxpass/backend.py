@@ -44,8 +44,8 @@ class MxpassBackend:
         from torch._inductor.decomposition import select_decomp_table
 
         from mxpass.lowering.cse import MergeIdenticalNodes
-        from mxpass.lowering.linear import decompositions, lower_linear_nodes
-        from mxpass.lowering import moe as moe_lowering
+        from mxpass.lowering.linear import decompositions
+        from mxpass.lowering.nodes import lower_mxpass_nodes
 
         import mxpass.ops  # noqa: F401  (defines the mxpass ops before the passes emit them)
 
@@ -60,9 +60,8 @@ class MxpassBackend:
         if self.compiler == "eager":
             # the rewritten graph run op by op: every mxpass op runs its reference body
             return _append_inputs(gm, extra) if extra else gm
-        lower_linear_nodes(gm)
-        moe_lowering.lower_moe_nodes(gm)
-        decomps = {**select_decomp_table(), **decompositions(), **moe_lowering.decompositions()}
+        lower_mxpass_nodes(gm)
+        decomps = {**select_decomp_table(), **decompositions()}
         options = {"post_grad_custom_pre_pass": MergeIdenticalNodes(), **self.inductor_options}
         compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
                               decompositions=decomps)
