@@ -23,3 +23,40 @@ class CountingBackend:
     def __call__(self, gm, example_inputs):
         self.graphs += 1
         return self.inner(gm, example_inputs)
+
+
+# opcheck's test_schema compares inputs with torch.allclose, which has no float8 kernel
+# (torch 2.13 CPU: "mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn'; torch 2.11
+# CUDA: "mul_cuda"): the other checks run, and "mutates nothing" is checked on raw bytes.
+OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck_float8(op, args):
+    """``torch.library.opcheck`` without test_schema, then one eager call; no tensor argument
+    may change (compared byte for byte). Returns the eager call's output."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    before = [t.view(torch.uint8).clone() for t in tensors]
+    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+    out = op(*args)
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t.view(torch.uint8)), "an input was modified"
+    return out
+
+
+def run_under_triton_interpreter(child: str, timeout: int) -> None:
+    """Run the Python source ``child`` with TRITON_INTERPRET=1 in a child process (the
+    interpreter is chosen when kernels are defined); it must print "ok" last."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    try:
+        proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.skip("Triton interpreter too slow here")
+    if proc.returncode != 0 and "interpret" in proc.stderr.lower() and "not supported" in proc.stderr.lower():
+        pytest.skip(f"Triton interpreter cannot run these kernels: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -9,6 +9,7 @@ from mxpass.ops import experts_reference
 from mxpass.schemes import mxfp8
 from mxpass.formats import get_format
 from mxpass.quant import linear_reference
+from tests.conftest import opcheck_float8
 
 
 def _weight(n, k, dtype=torch.bfloat16):
@@ -34,17 +35,7 @@ def test_opcheck_linear(fmt, x_shape, n, bias):
     qw, ws = _weight(n, k)
     x = torch.randn(x_shape, dtype=torch.bfloat16)
     b = torch.randn(n, dtype=torch.bfloat16) if bias else None
-    args = (x, qw, ws, b, None, fmt)
-    # opcheck's test_schema compares inputs with torch.allclose, which has no CPU kernel for
-    # float8 ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn', torch 2.13): run
-    # the other checks, and check "mutates nothing" ourselves on the raw bytes.
-    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.mxpass.linear.default, args, test_utils=utils)
-    before = [t.view(torch.uint8).clone() if t.dtype.itemsize == 1 else t.clone()
-              for t in (x, qw, ws) + ((b,) if bias else ())]
-    y = torch.ops.mxpass.linear(*args)
-    after = [t.view(torch.uint8) if t.dtype.itemsize == 1 else t for t in (x, qw, ws) + ((b,) if bias else ())]
-    assert all(torch.equal(a, b_) for a, b_ in zip(before, after))
+    y = opcheck_float8(torch.ops.mxpass.linear.default, (x, qw, ws, b, None, fmt))
     assert y.shape == (*x_shape[:-1], n) and y.dtype == x.dtype
 
 
@@ -89,15 +80,7 @@ def _moe_args(t, h, i, e, a, fmt, dtype=torch.bfloat16):
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp8-w", "fp8-dynamic", "fp8-w-block", "int8"])
 @pytest.mark.parametrize("t,h,i,e,a", [(5, 64, 32, 4, 2), (0, 32, 32, 3, 1), (1, 32, 64, 1, 1)])
 def test_opcheck_moe(fmt, t, h, i, e, a):
-    args = _moe_args(t, h, i, e, a, fmt)
-    # float8 inputs: skip test_schema as in test_opcheck_linear, check "mutates nothing" here
-    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.mxpass.moe.default, args, test_utils=utils)
-    tensors = args[:7]
-    before = [t_.view(torch.uint8).clone() if t_.dtype.itemsize == 1 else t_.clone() for t_ in tensors]
-    y = torch.ops.mxpass.moe(*args)
-    after = [t_.view(torch.uint8) if t_.dtype.itemsize == 1 else t_ for t_ in tensors]
-    assert all(torch.equal(b_, a_) for b_, a_ in zip(before, after))
+    y = opcheck_float8(torch.ops.mxpass.moe.default, _moe_args(t, h, i, e, a, fmt))
     assert y.shape == (t, h) and y.dtype == torch.bfloat16
 
 

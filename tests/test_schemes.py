@@ -6,6 +6,7 @@ import torch
 import mxpass
 from mxpass import quant, weights
 from mxpass.formats import format_names, get_format
+from tests.conftest import opcheck_float8
 from tests.test_models import MLPStack, rel_err
 
 STATIC = {"fp8", "int8-static"}
@@ -22,9 +23,7 @@ def test_opcheck_linear_every_format(name):
     qw, ws = quant.quantize_weight(fmt, w, "w")
     act = torch.tensor([0.05]) if fmt.static_activation else None
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.mxpass.linear.default, (x, qw, ws, None, act, name), test_utils=utils)
-    y = torch.ops.mxpass.linear(x, qw, ws, None, act, name)
+    y = opcheck_float8(torch.ops.mxpass.linear.default, (x, qw, ws, None, act, name))
     # the definition, spelled out: fake-quantized x times the dequantized weight, fp32
     expected = (quant.fake_quantize_activation(fmt, x, act).float()
                 @ quant.dequantize_weight(fmt, qw, ws).t()).to(x.dtype)

@@ -6,12 +6,9 @@ wrong, fp16 is right. Shapes are tiny; every path of the op and the op itself ar
 with ``mxfp8_linear_reference``.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from tests.conftest import run_under_triton_interpreter
 
 _CHILD = textwrap.dedent(
     """
@@ -60,12 +57,4 @@ _CHILD = textwrap.dedent(
 
 
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.skip("Triton interpreter too slow here")
-    if proc.returncode != 0 and "interpret" in proc.stderr.lower() and "not supported" in proc.stderr.lower():
-        pytest.skip(f"Triton interpreter cannot run these kernels: {proc.stderr[-300:]}")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_under_triton_interpreter(_CHILD, timeout=120)

@@ -7,6 +7,9 @@ Run on the GPU machine: ``pytest -m gpu tests/gpu/test_triton_mxfp8.py``.
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
+
+from tests.conftest import CountingBackend, opcheck_float8
 
 pytestmark = [
     pytest.mark.gpu,
@@ -117,28 +120,7 @@ def test_k_not_multiple_of_32_is_an_error():
 def test_opcheck(M, bias):
     """Fake vs real (shapes, strides, dtypes), AOT dispatch with dynamic shapes, no input mutation."""
     x, q, s, b = make_inputs(M, 256, 96, seed=1, bias=bias)
-    # opcheck's "test_schema" compares inputs with torch.allclose, which has no CUDA kernel for
-    # float8 (torch 2.11: "mul_cuda" not implemented for 'Float8_e4m3fn'); the byte
-    # comparison below checks the same promise (mutates_args=()).
-    before = [t.clone() for t in (x, q, s, b) if t is not None]
-    torch.library.opcheck(
-        torch.ops.mxpass.mxfp8_linear_triton.default,
-        (x, q, s, b),
-        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
-    for t0, t1 in zip(before, [t for t in (x, q, s, b) if t is not None]):
-        assert torch.equal(t0.view(torch.uint8), t1.view(torch.uint8))
-
-
-class _Counting:
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
-        self.graphs += 1
-        return compile_fx(gm, example_inputs)
+    opcheck_float8(torch.ops.mxpass.mxfp8_linear_triton.default, (x, q, s, b))
 
 
 @pytest.mark.parametrize("mark", ["dynamic", "unbacked"])
@@ -147,7 +129,7 @@ def test_compiles_once_for_every_m(mark):
     torch._dynamo.reset()
     K, N = 4096, 1000
     _, q, s, _ = make_inputs(1, K, N, seed=5)
-    backend = _Counting()
+    backend = CountingBackend(compile_fx)
     f = torch.compile(lambda x: torch.ops.mxpass.mxfp8_linear_triton(x, q, s, None), backend=backend, dynamic=True)
     ms = [3, 15, 16, 17, 128, 2048] + ([0, 1] if mark == "unbacked" else [])
     with torch._dynamo.config.patch(error_on_recompile=True):

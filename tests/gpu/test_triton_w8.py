@@ -9,6 +9,9 @@ import dataclasses
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
+
+from tests.conftest import CountingBackend, opcheck_float8
 
 pytestmark = [
     pytest.mark.gpu,
@@ -141,27 +144,7 @@ def test_bad_inputs_are_errors():
 def test_opcheck(case, M, bias):
     """Fake vs real (shapes, strides, dtypes), AOT dispatch with dynamic shapes, no input mutation."""
     _, x, q, s, b = _inputs(case, M, k=256, n=96, bias=bias)
-    # opcheck's "test_schema" compares inputs with torch.allclose, which has no CUDA float8
-    # kernel (torch 2.11); the byte comparison below checks the same promise (mutates_args=()).
-    before = [t.clone() for t in (x, q, s, b) if t is not None]
-    torch.library.opcheck(
-        torch.ops.mxpass.w8_linear_triton.default,
-        (x, q, s, b, CASES[case][1]),
-        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
-    for t0, t1 in zip(before, [t for t in (x, q, s, b) if t is not None]):
-        assert torch.equal(t0.view(torch.uint8), t1.view(torch.uint8))
-
-
-class _Counting:
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
-        self.graphs += 1
-        return compile_fx(gm, example_inputs)
+    opcheck_float8(torch.ops.mxpass.w8_linear_triton.default, (x, q, s, b, CASES[case][1]))
 
 
 def test_compiles_once_and_inductor_launches_the_kernels():
@@ -170,7 +153,7 @@ def test_compiles_once_and_inductor_launches_the_kernels():
 
     torch._dynamo.reset()
     fmt, _, q, s, b = _inputs("fp8-channel", 1, bias=True)
-    backend = _Counting()
+    backend = CountingBackend(compile_fx)
     f = torch.compile(lambda x: torch.ops.mxpass.w8_linear_triton(x, q, s, b, "channel"), backend=backend, dynamic=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i, M in enumerate((3, 15, 16, 17, 128, 300, 2048)):
