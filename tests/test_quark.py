@@ -1,0 +1,279 @@
+"""AMD Quark checkpoints: config resolution, scheme mapping, stored tensors -> mxpass layout.
+
+Fixtures are Quark checkpoints written here from a tiny bf16 Llama: weights quantized with
+mxpass's own numerics (mxpass/quant.py -> schemes/int8.py, fp8.py), stored under the tensor
+names and in the layout that Quark exports and vLLM / transformers read, with a
+``quantization_config`` shaped like Quark's ``QConfig.to_dict()``. Fields and their sources:
+
+  quantization_config.quant_method "quark"; global_quant_config, layer_quant_config,
+  layer_type_quant_config, exclude, algo_config, softmax_quant_spec, quant_mode, version
+      quark/torch/quantization/config/config.py (QConfig.to_dict)
+  each QTensorConfig: dtype, is_dynamic, qscheme, ch_axis, group_size, symmetric,
+  round_method, scale_type, scale_format, scale_calculation_mode, mx_element_dtype,
+  observer_cls, is_scale_quant
+      same file (QTensorConfig.to_dict)
+  export {kv_cache_group, min_kv_scale, pack_method, weight_format, weight_merge_groups}
+      quark/torch/export/api.py (QuarkSafetensorsExporter), read by vLLM QuarkConfig.from_config
+  <layer>.weight [N, K] int8 / float8_e4m3fn; .weight_scale float32, () per_tensor, (N,)
+  per_channel; .weight_zero_point int8 of the scale's shape (int8 only); .input_scale ()
+  and .input_zero_point () (static inputs)
+      quark/torch/utils/pack.py (_infer_scale_zero_point_shape), realquantizer.py;
+      vLLM quark/schemes/quark_w8a8_int8.py, quark_w8a8_fp8.py (create_weights);
+      transformers quantizers/quantizer_quark.py (CHECKPOINT_KEYS)
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mxpass import quant, quark
+from mxpass.formats import get_format
+from mxpass.quark import QuarkConfig, QuarkConfigError
+from mxpass.schemes import fp8 as fp8_scheme
+
+# --- Quark config dicts, as QTensorConfig.to_dict() writes them ---
+
+
+def spec(dtype, qscheme, *, dynamic=False, ch_axis=None, symmetric=True, **extra):
+    observer = {"per_tensor": "PerTensorMinMaxObserver", "per_channel": "PerChannelMinMaxObserver"}
+    d = dict(dtype=dtype, is_dynamic=dynamic, qscheme=qscheme, ch_axis=ch_axis, group_size=None,
+             symmetric=symmetric, round_method="half_even" if dtype == "int8" else None,
+             scale_type="float", scale_format=None, scale_calculation_mode=None,
+             mx_element_dtype=None, observer_cls=observer.get(qscheme), is_scale_quant=False)
+    d.update(extra)
+    return d
+
+
+def layer(weight, inp=None, output=None, bias=None):
+    return dict(weight=weight, input_tensors=inp, output_tensors=output, bias=bias, target_device=None)
+
+
+def w_channel(dtype):
+    return spec(dtype, "per_channel", ch_axis=0)
+
+
+def w_tensor(dtype):
+    return spec(dtype, "per_tensor")
+
+
+def a_token(dtype):
+    return spec(dtype, "per_channel", dynamic=True, ch_axis=1)
+
+
+def a_static(dtype):
+    return spec(dtype, "per_tensor")
+
+
+# Quark recipe -> (global layer config, mxpass format): the table in mxpass/quark.py
+RECIPES = {
+    "ptpc_int8": (layer(w_channel("int8"), a_token("int8")), "int8"),
+    "int8_wtensor_atoken": (layer(w_tensor("int8"), a_token("int8")), "int8"),
+    "int8_static": (layer(w_tensor("int8"), a_static("int8")), "int8-static"),
+    "fp8": (layer(w_tensor("fp8_e4m3"), a_static("fp8_e4m3")), "fp8"),
+    "ptpc_fp8": (layer(w_channel("fp8_e4m3"), a_token("fp8_e4m3")), "fp8-dynamic"),
+    "fp8_wtensor_atoken": (layer(w_tensor("fp8_e4m3"), a_token("fp8_e4m3")), "fp8-dynamic"),
+    "fp8_weight_only": (layer(w_channel("fp8_e4m3")), "fp8-w"),
+}
+
+
+def quark_config(global_cfg, *, layers=None, types=None, exclude=("lm_head",), **top):
+    qc = dict(quant_method="quark", global_quant_config=global_cfg, layer_quant_config=layers or {},
+              layer_type_quant_config=types or {}, kv_cache_quant_config={}, exclude=list(exclude),
+              algo_config=None, softmax_quant_spec=None, quant_mode="eager_mode", version="0.11",
+              export=dict(kv_cache_group=[], min_kv_scale=0.0, pack_method="reorder",
+                          weight_format="real_quantized", weight_merge_groups=None))
+    qc.update(top)
+    return qc
+
+
+# --- config resolution ---
+
+
+def test_precedence_layer_name_then_type_then_global():
+    static, ptpc, fp8 = (RECIPES[k][0] for k in ("int8_static", "ptpc_int8", "fp8"))
+    cfg = QuarkConfig.from_dict(quark_config(
+        ptpc, layers={"*down_proj": static, "model.layers.1.*": fp8}, types={"Linear": fp8},
+        exclude=["lm_head", "re:.*layers\\.0\\.self_attn\\.[qk]_proj$", "*.mlp.gate", "model.vision"]))
+    r = cfg.resolve
+    assert r("model.layers.0.mlp.down_proj", "Linear").source == "layer_quant_config['*down_proj']"
+    assert r("model.layers.1.mlp.down_proj", "Linear").source == "layer_quant_config['*down_proj']"  # first match
+    assert r("model.layers.1.mlp.up_proj", "Linear").source == "layer_quant_config['model.layers.1.*']"
+    assert r("model.layers.0.mlp.up_proj", "Linear").source == "layer_type_quant_config['Linear']"
+    assert r("model.layers.0.mlp.up_proj", "Conv1D").source == "global_quant_config"
+    assert r("model.layers.0.mlp.up_proj", "Conv1D").spec == cfg.global_quant_config
+    for name, hit in [("lm_head", "'lm_head'"), ("model.layers.0.self_attn.k_proj", "'re:"),
+                      ("model.layers.3.mlp.gate", "'*.mlp.gate'"),
+                      ("model.vision.blocks.0.proj", "'model.vision'")]:  # Quark adds "<entry>.*"
+        res = r(name, "Linear")
+        assert res.spec is None and res.source.startswith(f"exclude[{hit}"), name
+    assert r("model.layers.0.self_attn.v_proj", "Linear").spec is not None
+    assert r("model.layers.10.self_attn.k_proj", "Linear").spec is not None  # re: anchored at layers.0
+    assert r("model.layers.3.mlp.gate_proj", "Linear").spec is not None  # "*.mlp.gate" is not a prefix match
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_maps_to_mxpass_format(recipe):
+    cfg, name = RECIPES[recipe]
+    p = quark.layer_plan(QuarkConfig.from_dict(quark_config(cfg)), "model.layers.0.mlp.up_proj")
+    fmt = get_format(name)
+    assert p.format == fmt
+    assert p.weight == "model.layers.0.mlp.up_proj.weight"
+    assert p.weight_scale == "model.layers.0.mlp.up_proj.weight_scale"
+    assert (p.input_scale is not None) == fmt.static_activation
+    int8 = fmt.family == "int8"
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in p.zero_points) == int8
+    assert ("model.layers.0.mlp.up_proj.input_zero_point" in p.zero_points) == (int8 and fmt.static_activation)
+
+
+BAD = {
+    "unknown dtype": (layer(spec("int4", "per_channel", ch_axis=0), a_token("int4")), "weight dtype 'int4'"),
+    "per_group": (layer(spec("int8", "per_group", ch_axis=1, group_size=128), a_token("int8")),
+                  "weight qscheme 'per_group'"),
+    "asymmetric int8 weight": (layer(spec("int8", "per_channel", ch_axis=0, symmetric=False), a_token("int8")),
+                               "asymmetric int8 weights"),
+    "asymmetric int8 input": (layer(w_tensor("int8"), spec("int8", "per_tensor", symmetric=False)),
+                              "asymmetric int8 activations"),
+    "dynamic per-tensor input": (layer(w_tensor("fp8_e4m3"), spec("fp8_e4m3", "per_tensor", dynamic=True)),
+                                 "input qscheme 'per_tensor' with is_dynamic=True"),
+    "channel weight, static input": (layer(w_channel("int8"), a_static("int8")), "have no mxpass format"),
+    "mixed dtypes": (layer(w_channel("fp8_e4m3"), a_token("int8")), "input dtype 'int8' differs"),
+    "int8 weight-only": (layer(w_channel("int8")), "have no mxpass format"),
+    "weight ch_axis 1": (layer(spec("int8", "per_channel", ch_axis=1), a_token("int8")), "ch_axis 1"),
+    "output quantized": (layer(w_tensor("fp8_e4m3"), a_static("fp8_e4m3"), output=a_static("fp8_e4m3")),
+                         "output_tensors quantization"),
+    "two-stage weight": (layer([w_tensor("fp8_e4m3"), w_channel("int8")], a_token("fp8_e4m3")),
+                         "a list of 2 specs"),
+    "mx scales": (layer(spec("fp8_e4m3", "per_channel", ch_axis=0, scale_format="e8m0"), a_token("fp8_e4m3")),
+                  "scale_format 'e8m0'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_unsupported_layer_config_is_a_clear_error(case):
+    cfg, what = BAD[case]
+    qc = quark_config(RECIPES["ptpc_int8"][0], layers={"*.mlp.down_proj": cfg})
+    config = QuarkConfig.from_dict(qc) if case != "two-stage weight" else None
+    if config is None:
+        with pytest.raises(QuarkConfigError, match=r"layer_quant_config\['\*.mlp.down_proj'\]\.weight: " + what):
+            QuarkConfig.from_dict(qc)
+        return
+    assert isinstance(quark.layer_plan(config, "model.layers.0.mlp.up_proj"), quark.QuarkLayer)
+    with pytest.raises(QuarkConfigError, match=r"layer model\.layers\.0\.mlp\.down_proj "
+                                               r"\(layer_quant_config\['\*\.mlp\.down_proj'\]\): .*" + what):
+        quark.layer_plan(config, "model.layers.0.mlp.down_proj")
+
+
+@pytest.mark.parametrize("top, what", [
+    (dict(quant_method="fp8"), "quant_method is 'fp8'"),
+    (dict(export=dict(weight_format="fake_quantized")), "fake_quantized"),
+    (dict(export=dict(kv_cache_group=["*k_proj", "*v_proj"])), "KV-cache quantization"),
+    (dict(exclude=["re:(unclosed"]), "not a valid regex"),
+    (dict(algo_config=[{"name": "rotation"}]), "algo_config 'rotation'"),
+])
+def test_unsupported_checkpoint_config_is_a_clear_error(top, what):
+    with pytest.raises(QuarkConfigError, match=what):
+        QuarkConfig.from_dict(quark_config(RECIPES["ptpc_int8"][0], **top))
+
+
+# --- stored tensors -> mxpass layout ---
+
+
+def test_per_tensor_weight_scale_broadcasts_to_channel_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40).bfloat16()
+    data, s = quant.quantize_weight(get_format("int8-static"), w, "w")  # per-tensor, scale [1]
+    stored = s.reshape(())  # Quark: shape ()
+    fmt = get_format("int8")
+    scale = quark.convert_weight_scale("w.weight_scale", stored, "per_tensor", fmt, 24)
+    assert scale.shape == (24, 1) and scale.dtype == torch.float32
+    assert torch.equal(quant.dequantize_weight(fmt, data, scale),
+                       quant.dequantize_weight(get_format("int8-static"), data, s))
+    kept = quark.convert_weight_scale("w.weight_scale", stored, "per_tensor", get_format("int8-static"), 24)
+    assert kept.shape == (1,) and torch.equal(kept, s)
+
+
+@pytest.mark.parametrize("stored, qscheme, what", [
+    (torch.ones(23), "per_channel", r"shape \(23,\); expected \(24,\)"),
+    (torch.ones(2), "per_tensor", r"shape \(2,\); expected a per-tensor scale"),
+    (torch.ones(24, dtype=torch.int8), "per_channel", "dtype torch.int8; expected a float scale"),
+    (torch.zeros(24), "per_channel", "finite and > 0"),
+])
+def test_bad_weight_scale_is_a_clear_error(stored, qscheme, what):
+    with pytest.raises(QuarkConfigError, match=r"'m\.weight_scale'.*" + what):
+        quark.convert_weight_scale("m.weight_scale", stored, qscheme, get_format("int8"), 24)
+
+
+def test_zero_points_must_be_zero():
+    quark.check_zero_point("m.weight_zero_point", torch.zeros(8, dtype=torch.int8))
+    bad = torch.zeros(8, dtype=torch.int8)
+    bad[3] = 2
+    with pytest.raises(QuarkConfigError, match=r"'m\.weight_zero_point' has 1 nonzero values .*symmetric"):
+        quark.check_zero_point("m.weight_zero_point", bad)
+    with pytest.raises(QuarkConfigError, match="expected an integer zero point"):
+        quark.check_zero_point("m.input_zero_point", torch.zeros(()))
+
+
+# --- MoE: fused gate/up of one expert ---
+
+
+def _shards(family, seed):
+    """Two per-tensor-quantized [I, K] projections (gate, up) with different scales."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(16, 32, generator=g).bfloat16()
+    up = (3 * torch.randn(16, 32, generator=g)).bfloat16()  # larger: up owns the max scale
+    fmt = get_format("fp8" if family == "fp8" else "int8-static")
+    return fmt, [quant.quantize_weight(fmt, t, n) for t, n in ((gate, "gate"), (up, "up"))]
+
+
+@pytest.mark.parametrize("family", ["int8", "fp8"])
+def test_requantize_to_max_scale_follows_vllm(family):
+    fmt, ((gd, gs), (ud, us)) = _shards(family, 1)
+    assert us > gs
+    data, scale = quark.requantize_to_max_scale([(gd, gs.reshape(())), (ud, us.reshape(()))], "e0")
+    assert torch.equal(scale, us)
+    # the shard that owns the max scale comes back bit for bit
+    assert torch.equal(data[16:].view(torch.uint8), ud.view(torch.uint8))
+    # the other is the nearest grid point of the max scale to its float16 dequantized values
+    dq = (gd.to(torch.float16) * gs).float()
+    got = data[:16].float() * us
+    if family == "int8":
+        assert torch.equal(data[:16], torch.round(dq / us).clamp(-128, 127).to(torch.int8))
+        assert ((got - dq).abs() <= us / 2 * (1 + 1e-6)).all()
+    else:
+        ref = (dq * (1 / us)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(data[:16].view(torch.uint8), ref.view(torch.uint8))
+        # e4m3: within half a step (2**-3 relative) of the dequantized value, above subnormals
+        normal = dq.abs() >= us * 2 ** -6
+        assert ((got - dq).abs()[normal] <= dq.abs()[normal] * 2 ** -4 * (1 + 1e-6)).all()
+        # and within an ulp of mxpass's float32 rule for fused per-tensor shards
+        f32 = fp8_scheme.requantize_fused_per_tensor(
+            [fp8_scheme.QTensor(gd, gs), fp8_scheme.QTensor(ud, us)])
+        assert torch.equal(f32.scale, scale)
+        diff = (f32.data.view(torch.uint8).int() - data.view(torch.uint8).int()).abs()
+        assert diff.max() <= 1
+
+
+@pytest.mark.parametrize("family", ["int8", "fp8"])
+def test_fuse_gate_up_per_channel_keeps_every_byte(family):
+    _, ((gd, gs), (ud, us)) = _shards(family, 2)
+    fmt = get_format("int8" if family == "int8" else "fp8-dynamic")
+    data, scale = quark.fuse_gate_up(fmt, (gd, gs.reshape(()), "per_tensor"),
+                                     (ud, us.reshape(()), "per_tensor"), "experts.0")
+    assert data.shape == (32, 32) and scale.shape == (32, 1)
+    assert torch.equal(data.view(torch.uint8), torch.cat([gd, ud]).view(torch.uint8))
+    assert torch.equal(scale[:16], gs.expand(16, 1)) and torch.equal(scale[16:], us.expand(16, 1))
+    ref_fmt = get_format("int8-static" if family == "int8" else "fp8")
+    assert torch.equal(quant.dequantize_weight(fmt, data, scale),
+                       torch.cat([quant.dequantize_weight(ref_fmt, gd, gs),
+                                  quant.dequantize_weight(ref_fmt, ud, us)]))
+    # per-tensor formats take one scale: vLLM's max rule
+    fmt_t = get_format("int8-static" if family == "int8" else "fp8")
+    data_t, scale_t = quark.fuse_gate_up(fmt_t, (gd, gs.reshape(()), "per_tensor"),
+                                         (ud, us.reshape(()), "per_tensor"), "experts.0")
+    assert torch.equal(scale_t, torch.maximum(gs, us))
+    assert torch.equal(data_t.view(torch.uint8), quark.requantize_to_max_scale(
+        [(gd, gs), (ud, us)], "experts.0")[0].view(torch.uint8))
