@@ -277,3 +277,114 @@ def test_fuse_gate_up_per_channel_keeps_every_byte(family):
     assert torch.equal(scale_t, torch.maximum(gs, us))
     assert torch.equal(data_t.view(torch.uint8), quark.requantize_to_max_scale(
         [(gd, gs), (ud, us)], "experts.0")[0].view(torch.uint8))
+
+
+# --- checkpoints written from a tiny Llama ---
+
+# per recipe: how the fixture quantizes a weight (mxpass format with the stored granularity)
+_WEIGHT_FORMAT = {("int8", "per_channel"): "int8", ("int8", "per_tensor"): "int8-static",
+                  ("fp8_e4m3", "per_channel"): "fp8-dynamic", ("fp8_e4m3", "per_tensor"): "fp8"}
+KEPT = {"lm_head", "model.layers.1.mlp.down_proj"}
+QUANTIZED = 13  # 2 layers x 7 Linears, less the excluded down_proj
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def write_quark_checkpoint(path: str, model, layer_cfg: dict, kept=KEPT, seed=1) -> dict:
+    """``model`` saved as a Quark checkpoint whose Linears (but ``kept``) all use ``layer_cfg``.
+
+    Returns {fqn: static input scale} for static recipes (random calibration activations,
+    amax / q_max as float32)."""
+    os.makedirs(path, exist_ok=True)
+    w_spec, a_spec = layer_cfg["weight"], layer_cfg["input_tensors"]
+    wfmt = get_format(_WEIGHT_FORMAT[(w_spec["dtype"], w_spec["qscheme"])])
+    int8 = w_spec["dtype"] == "int8"
+    static = a_spec is not None and not a_spec["is_dynamic"]
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    input_scales = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or fqn in kept:
+            continue
+        data, s = quant.quantize_weight(wfmt, m.weight.detach(), fqn)
+        s = s.reshape(-1) if w_spec["qscheme"] == "per_channel" else s.reshape(())
+        tensors[f"{fqn}.weight"] = data
+        tensors[f"{fqn}.weight_scale"] = s
+        if int8:
+            tensors[f"{fqn}.weight_zero_point"] = torch.zeros(s.shape, dtype=torch.int8)
+        if static:
+            x = torch.randn(8, m.in_features, generator=gen)
+            a = (x.abs().amax() / (127.5 if int8 else 448.0)).float().reshape(())
+            tensors[f"{fqn}.input_scale"] = a
+            input_scales[fqn] = float(a)
+            if int8:
+                tensors[f"{fqn}.input_zero_point"] = torch.zeros((), dtype=torch.int8)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = quark_config(layer_cfg, exclude=sorted(kept))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return input_scales
+
+
+E2E = ["ptpc_int8", "int8_wtensor_atoken", "int8_static", "fp8", "ptpc_fp8", "fp8_wtensor_atoken"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """recipe -> (path, original bf16 model, static input scales); written once per module."""
+    root = tmp_path_factory.mktemp("quark")
+    model = _tiny_llama()
+    return {r: (str(root / r), model, write_quark_checkpoint(str(root / r), model, RECIPES[r][0]))
+            for r in E2E}
+
+
+def _meta_model(path):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    qc = cfg.quantization_config
+    del cfg.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16), qc
+
+
+@pytest.mark.parametrize("recipe", E2E)
+def test_plan_reads_the_bytes_mxpass_computes(checkpoints, recipe):
+    """The plan of a written checkpoint names every stored tensor, and its conversions give
+    exactly what mxpass computes online for the mapped format (per-tensor weight scales
+    repeated per row for the per-channel formats)."""
+    path, original, input_scales = checkpoints[recipe]
+    meta, qc = _meta_model(path)
+    plan = quark.read_plan(qc, meta)
+    fmt = get_format(RECIPES[recipe][1])
+    assert set(plan.kept) == KEPT and len(plan.layers) == QUANTIZED
+    assert all("excluded by exclude[" in why for why in plan.kept.values())
+    stored = load_file(os.path.join(path, "model.safetensors"))
+    read = set()
+    for fqn, p in plan.layers.items():
+        assert p.format == fmt and p.source == "global_quant_config"
+        n, k = original.get_submodule(fqn).weight.shape
+        data = quark.check_weight(p.weight, stored[p.weight], fmt, n, k)
+        scale = p.weight_scale_to_mxpass(stored[p.weight_scale], n)
+        for z in p.zero_points:
+            quark.check_zero_point(z, stored[z])
+        w = original.get_submodule(fqn).weight.detach()
+        wq = RECIPES[recipe][0]["weight"]
+        ref_data, ref_scale = quant.quantize_weight(get_format(_WEIGHT_FORMAT[(wq["dtype"], wq["qscheme"])]),
+                                                    w, fqn)
+        if fmt.weight_granularity == "channel":
+            ref_scale = ref_scale.reshape(-1, 1).expand(n, 1)
+        assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8)), fqn
+        assert scale.dtype == torch.float32 and torch.equal(scale, ref_scale), fqn
+        if p.input_scale:
+            assert p.input_scale_to_mxpass(stored[p.input_scale]) == input_scales[fqn]
+        read.update(p.tensors)
+    unquantized = {k for k in meta.state_dict() if k.rsplit(".", 1)[0] not in plan.layers}
+    assert read | unquantized == set(stored)
