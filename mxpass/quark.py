@@ -52,6 +52,9 @@ _ELEMENT = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 _FAMILY = {"int8": "int8", "fp8_e4m3": "fp8"}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _ZERO_POINT_DTYPES = (torch.int8, torch.uint8, torch.int32)
+# Quark ScaleType values (quark/torch/quantization/config/type.py) whose scales are stored
+# as plain floats; "float8_e5m3" and "float8_e8m0fnu" store encoded bytes.
+_FLOAT_SCALE_TYPES = (None, "float", "float32", "float16", "bfloat16", "pof2")
 # Quark's per-token activation spec is per_channel along ch_axis 1 (PTPCFP8Scheme in
 # quark/torch/quantization/config/template.py); vLLM checks only qscheme and is_dynamic.
 _TOKEN_AXES = (None, 0, 1)
@@ -79,6 +82,7 @@ class TensorSpec:
     is_dynamic: bool | None
     symmetric: bool | None
     scale_format: str | None
+    scale_type: str | None
     raw: dict = field(compare=False, repr=False)
 
     @classmethod
@@ -92,7 +96,8 @@ class TensorSpec:
             raise _err(f"{where}: expected a Quark QTensorConfig dict with a 'dtype'; got {d!r}")
         return cls(dtype=d["dtype"], qscheme=d.get("qscheme"), ch_axis=d.get("ch_axis"),
                    group_size=d.get("group_size"), is_dynamic=d.get("is_dynamic"),
-                   symmetric=d.get("symmetric"), scale_format=d.get("scale_format"), raw=d)
+                   symmetric=d.get("symmetric"), scale_format=d.get("scale_format"),
+                   scale_type=d.get("scale_type"), raw=d)
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ class QuarkConfig:
 def _describe(t: TensorSpec | None) -> str:
     if t is None:
         return "none"
-    keys = ("dtype", "qscheme", "ch_axis", "group_size", "is_dynamic", "symmetric", "scale_format")
+    keys = ("dtype", "qscheme", "ch_axis", "group_size", "is_dynamic", "symmetric", "scale_type",
+            "scale_format")
     return "{" + ", ".join(f"{k}={t.raw.get(k)!r}" for k in keys if k in t.raw) + "}"
 
 
@@ -232,8 +238,9 @@ def _weight_kind(w: TensorSpec, fail) -> str:
         fail(f"weight dtype {w.dtype!r} is not supported (mxpass reads {', '.join(_ELEMENT)})")
     if w.is_dynamic:
         fail("dynamic weight quantization (is_dynamic true) is not supported")
-    if w.scale_format is not None:
-        fail(f"weight scale_format {w.scale_format!r} is not supported (plain float scales only)")
+    if w.scale_format is not None or w.scale_type not in _FLOAT_SCALE_TYPES:
+        fail(f"weight scale_format {w.scale_format!r} / scale_type {w.scale_type!r} is not "
+             "supported (plain float scales only)")
     if w.dtype == "int8" and w.symmetric is not True:
         fail(f"asymmetric int8 weights (symmetric={w.symmetric!r}) are not supported")
     if w.dtype == "fp8_e4m3" and w.symmetric is False:
@@ -254,8 +261,9 @@ def _activation_kind(a: TensorSpec | None, w: TensorSpec, fail) -> str | None:
         return None
     if a.dtype != w.dtype:
         fail(f"input dtype {a.dtype!r} differs from weight dtype {w.dtype!r}")
-    if a.scale_format is not None:
-        fail(f"input scale_format {a.scale_format!r} is not supported")
+    if a.scale_format is not None or a.scale_type not in _FLOAT_SCALE_TYPES:
+        fail(f"input scale_format {a.scale_format!r} / scale_type {a.scale_type!r} is not "
+             "supported (plain float scales only)")
     if a.dtype == "int8" and a.symmetric is not True:
         fail(f"asymmetric int8 activations (symmetric={a.symmetric!r}) are not supported")
     if a.dtype == "fp8_e4m3" and a.symmetric is False:

@@ -149,6 +149,8 @@ BAD = {
                          "a list of 2 specs"),
     "mx scales": (layer(spec("fp8_e4m3", "per_channel", ch_axis=0, scale_format="e8m0"), a_token("fp8_e4m3")),
                   "scale_format 'e8m0'"),
+    "e5m3 scales": (layer(w_tensor("fp8_e4m3"), spec("fp8_e4m3", "per_tensor", scale_type="float8_e5m3")),
+                    "input scale_format None / scale_type 'float8_e5m3'"),
 }
 
 
