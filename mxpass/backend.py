@@ -1,6 +1,7 @@
 """The torch.compile backend: run the mxpass passes on Dynamo's graph, then Inductor.
 
     torch.compile(model, backend=mxpass.backend)                       # MXFP8, defaults
+    torch.compile(mxpass.load(path), backend=mxpass.backend)           # the checkpoint's formats
     torch.compile(model, backend=mxpass.backend(scheme="mxfp8", ignore=["re:.*o_proj"]))
     torch.compile(model, backend="mxpass")                             # entry-point name
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from mxpass.config import QuantConfig
+from mxpass.config import DEFAULT_SCHEME, QuantConfig
 from mxpass.formats import Format
 from mxpass.passes.linear import rewrite_linears
 from mxpass.passes.moe import rewrite_moes, use_grouped_mm
@@ -49,11 +50,14 @@ class MxpassBackend:
 
         import mxpass.ops  # noqa: F401  (defines the mxpass ops before the passes emit them)
 
-        report = Report(scheme=self.config.scheme)
+        report = Report(scheme=self.config.scheme or DEFAULT_SCHEME)
         gm = _private_copy(gm)
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
         extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report)
         report.warnings.extend(self.notes)
+        if not self.config.explicit and report.rewritten:
+            # no scheme given: loaded layers keep their checkpoint's formats
+            report.scheme = ", ".join(dict.fromkeys(r.scheme for r in report.rewritten))
         record(report)
         for w in report.warnings:
             warnings.warn(f"mxpass: {w}", stacklevel=2)
@@ -108,12 +112,17 @@ def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: tor
 
 
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,
-            scheme: str = "mxfp8", ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
+            scheme: str | None = None, ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
             cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None,
             compiler: str = "inductor", activation_scales: dict[str, float] | None = None):
     """The mxpass backend, usable directly or configured.
 
-    ``backend=mxpass.backend`` compiles with the defaults (MXFP8 on every eligible linear);
+    ``backend=mxpass.backend`` compiles with the defaults: MXFP8 on every eligible linear of an
+    ordinary model; a model from ``mxpass.load`` runs each quantized layer in the format its
+    checkpoint stored and keeps the Linears the checkpoint left unquantized (``scheme=None``;
+    an explicit scheme quantizes those too, and must equal the stored format of every
+    loaded layer). Static input scales stored in the checkpoint are used unless
+    ``activation_scales`` names the layer.
     ``backend=mxpass.backend(scheme=..., ignore=[...], cudagraphs=True)`` returns a configured
     backend. ``activation_scales={"model.layers.0.mlp.down_proj": 0.02, ...}`` gives the static
     per-tensor activation scales that the static schemes (``fp8``, ``int8-static``) need.
@@ -133,7 +142,7 @@ def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | No
     return be(gm, example_inputs)
 
 
-def compile(fn: Callable | None = None, *, scheme: str = "mxfp8", ignore: Sequence[str] | str = (),
+def compile(fn: Callable | None = None, *, scheme: str | None = None, ignore: Sequence[str] | str = (),
             quantize_lm_head: bool = False, cudagraphs: bool = False, dynamic: bool | None = None,
             fullgraph: bool = False, activation_scales: dict[str, float] | None = None):
     """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function).

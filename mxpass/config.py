@@ -7,12 +7,20 @@ from dataclasses import dataclass
 
 from mxpass.formats import Format, get_format
 
+#: The scheme for ordinary weights when none is given.
+DEFAULT_SCHEME = "mxfp8"
+
 
 @dataclass(frozen=True)
 class QuantConfig:
     """Which scheme to apply and which layers to leave alone.
 
-    scheme   -- format name (see ``mxpass.formats.format_names()``)
+    scheme   -- format name (see ``mxpass.formats.format_names()``), or None (the default):
+                MXFP8 for ordinary weights; a weight loaded quantized by ``mxpass.load`` keeps
+                the format it was stored in, and a Linear the load left in the model dtype
+                is kept ("unquantized in the checkpoint"). Given a scheme, ordinary weights and
+                the ones the load left unquantized are quantized with it, and a weight loaded in
+                another format is an error
     ignore   -- module paths to keep in the model dtype: exact names
                 ("model.layers.0.mlp.down_proj") or ``re:``-prefixed regular expressions
                 matched from the start of the name (compressed-tensors' convention)
@@ -21,7 +29,7 @@ class QuantConfig:
                 schemes ("fp8", "int8-static"); a layer without one is an error
     """
 
-    scheme: str = "mxfp8"
+    scheme: str | None = None
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     activation_scales: tuple[tuple[str, float], ...] = ()
@@ -34,7 +42,8 @@ class QuantConfig:
         scales = self.activation_scales
         object.__setattr__(self, "activation_scales",
                            tuple(sorted((scales.items() if isinstance(scales, dict) else scales))))
-        get_format(self.scheme)  # fail early on an unknown scheme
+        if self.scheme is not None:
+            get_format(self.scheme)  # fail early on an unknown scheme
         for pattern in self.ignore:
             if pattern.startswith("re:"):
                 try:
@@ -44,7 +53,13 @@ class QuantConfig:
 
     @property
     def format(self) -> Format:
-        return get_format(self.scheme)
+        """The format for ordinary weights (the scheme given, else the default)."""
+        return get_format(self.scheme or DEFAULT_SCHEME)
+
+    @property
+    def explicit(self) -> bool:
+        """A scheme was asked for (rather than defaulted)."""
+        return self.scheme is not None
 
     def activation_scale(self, fqn: str) -> float | None:
         return dict(self.activation_scales).get(fqn)

@@ -2,9 +2,16 @@
 
 A recompile (new shapes, a second graph) finds the same tensors, so quantized copies are
 never duplicated. An entry is recomputed if the Parameter was modified in place since.
+
+Weights loaded by ``mxpass.load`` also carry where they came from (:class:`Origin`): a
+stand-in seeded with a checkpoint's quantized tensors (its format and static input scale),
+or a weight the load left in the model dtype (and why). The passes read it to pick each
+layer's format when the backend was given no scheme.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -13,6 +20,31 @@ from mxpass.formats import Format
 from mxpass import quant
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ORIGIN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a loaded weight came from.
+
+    scheme      -- format the weight was seeded with (a stand-in without data), or None
+    input_scale -- static per-tensor activation scale stored with it (static formats)
+    kept        -- why the load left it in the model dtype ("unquantized in the checkpoint")
+    """
+
+    scheme: str | None = None
+    input_scale: float | None = None
+    kept: str | None = None
+
+
+def origin(param: torch.Tensor) -> Origin | None:
+    """How ``param`` was loaded by ``mxpass.load`` (None for an ordinary weight)."""
+    return _ORIGIN.get(param)
+
+
+def mark_kept(param: torch.Tensor, reason: str) -> None:
+    """Record that a load left ``param`` in the model dtype, and why."""
+    _ORIGIN[param] = Origin(kept=reason)
 
 
 def _cached(param: torch.Tensor, key: tuple, name: str, compute):
@@ -25,8 +57,8 @@ def _cached(param: torch.Tensor, key: tuple, name: str, compute):
     if prequantized_scheme(param) is not None:
         raise ValueError(
             f"{name}: this weight was loaded quantized from a checkpoint as {prequantized_scheme(param)!r} "
-            f"and has no data of its own; compile with scheme={prequantized_scheme(param)!r} "
-            f"(asked for {key[0]!r})")
+            f"and has no data of its own; compile with scheme={prequantized_scheme(param)!r} or with "
+            f"no scheme (asked for {key[0]!r})")
     if param.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
     with torch.no_grad():
@@ -44,20 +76,50 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
 
 
 def seed_quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool,
-                          data: torch.Tensor, scale: torch.Tensor) -> None:
+                          data: torch.Tensor, scale: torch.Tensor,
+                          input_scale: float | None = None) -> None:
     """Make :func:`quantized_weight` return ``(data, scale)`` for ``param`` without computing it.
 
-    For weights that arrive already quantized (a checkpoint): ``param`` may be a stand-in on
-    the ``meta`` device, since a seeded entry is returned before its data would be read.
+    For weights that arrive already quantized (a checkpoint): ``param`` is a stand-in with
+    no data of its own, since a seeded entry is returned before its data would be read.
+    ``input_scale``: the static per-tensor activation scale stored with it (static formats).
     The entry holds while ``param`` is not modified in place.
     """
     _CACHE.setdefault(param, {})[(fmt.name, transposed)] = (param._version, (data, scale))
-    param._mxpass_prequantized = fmt.name  # a stand-in: no data of its own
+    _ORIGIN[param] = Origin(scheme=fmt.name, input_scale=input_scale)
+
+
+def seed_quantized_experts(param: torch.Tensor, fmt: Format, rows: tuple[int, ...] | None,
+                           data: torch.Tensor, scale: torch.Tensor) -> None:
+    """:func:`seed_quantized_weight` for a 3-D experts weight: :func:`quantized_experts`
+    returns ``(data [E, N, K], scale [E, ...])`` for ``param`` with this ``rows``."""
+    _CACHE.setdefault(param, {})[(fmt.name, "experts", rows)] = (param._version, (data, scale))
+    _ORIGIN[param] = Origin(scheme=fmt.name)
 
 
 def prequantized_scheme(param: torch.Tensor) -> str | None:
     """The scheme a checkpoint stand-in was seeded with, or None for an ordinary weight."""
-    return getattr(param, "_mxpass_prequantized", None)
+    o = _ORIGIN.get(param)
+    return o.scheme if o is not None else None
+
+
+def prequantized_input_scale(param: torch.Tensor) -> float | None:
+    """The static input scale a checkpoint stored with a seeded stand-in, if any."""
+    o = _ORIGIN.get(param)
+    return o.input_scale if o is not None else None
+
+
+def kept_reason(param: torch.Tensor) -> str | None:
+    """Why ``mxpass.load`` left this weight in the model dtype (None: it did not say)."""
+    o = _ORIGIN.get(param)
+    return o.kept if o is not None else None
+
+
+def cached_weights(param: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{format name: (data, scale)} of the valid [N, K] (not transposed) entries of ``param``."""
+    entries = _CACHE.get(param) or {}
+    return {key[0]: q for key, (version, q) in entries.items()
+            if len(key) == 2 and key[1] is False and version == param._version}
 
 
 def quantized_experts(param: torch.Tensor, fmt: Format, name: str,
@@ -80,3 +142,22 @@ def quantized_experts(param: torch.Tensor, fmt: Format, name: str,
 def cache_size() -> int:
     """Number of (Parameter, format) entries alive (for tests)."""
     return sum(len(v) for v in _CACHE.values())
+
+
+def record_input_scale(param: torch.Tensor, fmt: Format, value: float) -> None:
+    """Remember the static input scale a compile used with ``param`` in ``fmt`` (``mxpass.save``
+    writes it beside the weight)."""
+    _INPUT_SCALES.setdefault(param, {})[fmt.name] = float(value)
+
+
+def input_scale(param: torch.Tensor, fmt: Format) -> float | None:
+    """The static input scale of ``param`` in ``fmt``: the one a compile used, else the one
+    stored with a loaded weight."""
+    used = (_INPUT_SCALES.get(param) or {}).get(fmt.name)
+    if used is not None:
+        return used
+    o = _ORIGIN.get(param)
+    return o.input_scale if o is not None and o.scheme == fmt.name else None
+
+
+_INPUT_SCALES: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -1,4 +1,4 @@
-"""mxpass.checkpoint.load on checkpoints written by compressed-tensors itself.
+"""mxpass.load on checkpoints written by compressed-tensors itself.
 
 A tiny bf16 Llama is quantized with compressed-tensors (apply_quantization_config, weight
 qparams from its own calculate_qparams / compute_dynamic_scales_and_zp, as a min-max
@@ -128,7 +128,8 @@ def test_unknown_scheme_is_a_clear_error(preset, what):
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_loaded_weights_and_outputs_equal_online_quantization(checkpoints, preset):
     path, original = checkpoints[preset]
-    model, info = checkpoint.load(path)
+    model = mxpass.load(path)
+    info = checkpoint.info(model)
     fmt = get_format(PRESETS[preset])
     assert info.scheme == fmt.name
     assert set(info.ignore) == {"lm_head", "model.layers.1.mlp.down_proj"}
@@ -158,19 +159,25 @@ def test_loaded_weights_and_outputs_equal_online_quantization(checkpoints, prese
 
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     kwargs = info.backend_kwargs()
-    loaded = _logits(model, mxpass.backend(**kwargs, compiler="eager"), ids)
+    # no arguments: each layer in its stored format, with its stored input scale
+    loaded = _logits(model, mxpass.backend(compiler="eager"), ids)
     report = mxpass.last_report()
-    assert len(report.rewritten) == 13 and {k.fqn for k in report.kept} == set(info.ignore)
+    assert len(report.rewritten) == 13 and {r.scheme for r in report.rewritten} == {fmt.name}
+    assert {(k.fqn, k.reason) for k in report.kept} == {(f, "unquantized in the checkpoint") for f in info.ignore}
+    assert report.scheme == fmt.name
     online = _logits(original, mxpass.backend(**kwargs, compiler="eager"), ids)
     assert torch.isfinite(loaded).all()
     assert torch.equal(loaded, online)
+    # the checkpoint's choices stated explicitly give the same
+    assert torch.equal(_logits(model, mxpass.backend(**kwargs, compiler="eager"), ids), online)
 
 
 def test_inductor_runs_the_loaded_model(checkpoints):
     path, original = checkpoints["FP8_DYNAMIC"]
-    model, info = checkpoint.load(path)
+    model = mxpass.load(path)
+    info = checkpoint.info(torch.compile(model))
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3))
-    loaded = _logits(model, mxpass.backend(**info.backend_kwargs()), ids)
+    loaded = _logits(model, mxpass.backend, ids)
     online = _logits(original, mxpass.backend(**info.backend_kwargs()), ids)
     assert torch.equal(loaded, online)
 
@@ -183,25 +190,13 @@ def test_config_is_read_with_compressed_tensors_classes(checkpoints):
     assert qconfig.config_groups["group_0"].weights.scale_dtype == torch.uint8
 
 
-def test_two_config_groups_are_not_supported(checkpoints, tmp_path):
-    path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "two")
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    groups = config["quantization_config"]["config_groups"]
-    groups["group_1"] = dict(groups["group_0"], targets=["re:.*lm_head"])
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    with pytest.raises(NotImplementedError, match="2 config groups"):
-        checkpoint.load(path)
-
-
 def test_truncated_file_is_a_clear_error(checkpoints, tmp_path):
     path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "trunc")
     file = os.path.join(path, "model.safetensors")
     with open(file, "r+b") as f:
         f.truncate(os.path.getsize(file) // 2)
     with pytest.raises(ValueError, match="model.safetensors.*truncated"):
-        checkpoint.load(path)
+        mxpass.load(path)
 
 
 def _rewrite_tensors(path: str, change) -> None:
@@ -216,7 +211,7 @@ def test_missing_scale_is_a_clear_error(checkpoints, tmp_path):
     key = "model.layers.0.mlp.up_proj.weight_scale"
     _rewrite_tensors(path, lambda t: t.pop(key))
     with pytest.raises(KeyError, match=f"{key}.*weight scale of model.layers.0.mlp.up_proj.*missing"):
-        checkpoint.load(path)
+        mxpass.load(path)
 
 
 def test_wrong_shape_and_dtype_are_clear_errors(checkpoints, tmp_path):
@@ -224,25 +219,27 @@ def test_wrong_shape_and_dtype_are_clear_errors(checkpoints, tmp_path):
     path = _copy(checkpoints["FP8_DYNAMIC"][0], tmp_path / "shape")
     _rewrite_tensors(path, lambda t: t.update({key: t[key][:-1]}))
     with pytest.raises(ValueError, match=rf"{key}.*shape \(63, 1\); expected \(64, 1\)"):
-        checkpoint.load(path)
+        mxpass.load(path)
 
     key = "model.layers.0.self_attn.q_proj.weight"
     path = _copy(checkpoints["MXFP8"][0], tmp_path / "dtype")
     _rewrite_tensors(path, lambda t: t.update({key: t[key].to(torch.bfloat16)}))
     with pytest.raises(TypeError, match=f"{key}.*bfloat16; expected torch.float8_e4m3fn"):
-        checkpoint.load(path)
+        mxpass.load(path)
 
 
 def test_standins_are_never_used_silently(checkpoints):
     """A checkpoint layer the pass would keep (ignored here) or a different scheme: clear errors."""
     import mxpass
 
-    model, info = checkpoint.load(checkpoints["FP8_DYNAMIC"][0])
+    model = mxpass.load(checkpoints["FP8_DYNAMIC"][0])
+    info = checkpoint.info(model)
     layer = info.quantized[0]
     ids = torch.randint(0, 64, (1, 4))
     with pytest.raises(Exception, match=rf"layer {layer} was loaded quantized from a checkpoint "
                                         r"\(fp8-dynamic\) but would be kept unquantized \(ignored by"):
         _logits(model, mxpass.backend(scheme=info.scheme, ignore=[*info.ignore, layer], compiler="eager"), ids)
-    with pytest.raises(Exception, match=r"loaded quantized from a checkpoint as 'fp8-dynamic'.*"
-                                        r"compile with scheme='fp8-dynamic' \(asked for 'mxfp8'\)"):
+    with pytest.raises(Exception, match=rf"layer {layer} was loaded quantized from a checkpoint as "
+                                        r"'fp8-dynamic'.*compile with scheme='fp8-dynamic' or with no "
+                                        r"scheme \(asked for 'mxfp8'\)"):
         _logits(model, mxpass.backend(scheme="mxfp8", ignore=list(info.ignore), compiler="eager"), ids)

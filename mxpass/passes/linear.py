@@ -24,10 +24,11 @@ import torch
 import torch.fx as fx
 
 from mxpass.config import QuantConfig
-from mxpass.formats import ACTIVATION_DTYPES
+from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
 from mxpass.passes.inputs import StaticInputs
 from mxpass.report import Kept, Report, Rewritten
-from mxpass.weights import prequantized_scheme, quantized_weight
+from mxpass.weights import (kept_reason, prequantized_input_scale, prequantized_scheme,
+                            quantized_weight, record_input_scale)
 
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {torch.matmul, operator.matmul}
@@ -131,7 +132,13 @@ def find_linears(gm: fx.GraphModule, inputs: dict[fx.Node, object]) -> list[Line
     return matches
 
 
-def _keep_reason(m: LinearMatch, fqn: str, config: QuantConfig, tied: bool) -> str | None:
+def keep_reason(fqn: str, n: int, k: int, fmt: Format, config: QuantConfig, tied: bool) -> str | None:
+    """Why an ordinary [N, K] weight at module path ``fqn`` stays in the model dtype under
+    ``fmt``, or None to quantize it (``tied``: it is also an embedding's weight).
+
+    The rules every quantizer of mxpass applies (the pass, ``mxpass.load(..., scheme=)``,
+    ``mxpass.save(..., scheme=)``): ignore patterns, lm_head, router gates, K not a
+    multiple of the format's block."""
     leaf = fqn.rsplit(".", 1)[-1]
     pattern = config.ignored_by(fqn)
     if pattern is not None:
@@ -140,13 +147,44 @@ def _keep_reason(m: LinearMatch, fqn: str, config: QuantConfig, tied: bool) -> s
         return "output embedding (lm_head) stays in the model dtype"
     if leaf in _ROUTER_NAMES:
         return "router gate stays in the model dtype"
-    fmt = config.format
-    n, k = m.n_k
     multiple = fmt.k_multiple()
     if k % multiple:
         what = "block size" if fmt.family == "mxfp8" else "activation group size"
         return f"K={k} is not a multiple of {multiple} ({fmt.name} {what})"
     return None
+
+
+def layer_format(param: torch.Tensor, fqn: str, n: int, k: int, config: QuantConfig,
+                 tied: bool) -> tuple[Format | None, str | None]:
+    """(format, None) to quantize the layer, or (None, why it is kept).
+
+    A weight loaded quantized (a stand-in) uses the format it was stored in; it cannot be
+    kept (it has no data in the model dtype) nor requantized, so either is an error. With
+    no scheme asked for, a Linear the load left in the model dtype is kept with the load's
+    reason; everything else follows :func:`keep_reason` under ``config.format``.
+    """
+    stored = prequantized_scheme(param)
+    if stored is not None:
+        if config.explicit and config.scheme != stored:
+            raise ValueError(
+                f"mxpass: layer {fqn} was loaded quantized from a checkpoint as {stored!r} and has "
+                f"no data of its own; compile with scheme={stored!r} or with no scheme "
+                f"(asked for {config.scheme!r})")
+        fmt = get_format(stored)
+        pattern = config.ignored_by(fqn)
+        reason = f"ignored by {pattern!r}" if pattern else None
+        if reason is None and k % fmt.k_multiple():
+            reason = f"K={k} is not a multiple of {fmt.k_multiple()} ({fmt.name})"
+        if reason is not None:
+            raise ValueError(
+                f"mxpass: layer {fqn} was loaded quantized from a checkpoint ({stored}) but would be "
+                f"kept unquantized ({reason}); its weight is a stand-in with no data, so it cannot "
+                "run in the model dtype")
+        return fmt, None
+    if not config.explicit and kept_reason(param) is not None:
+        return None, kept_reason(param)
+    reason = keep_reason(fqn, n, k, config.format, config, tied)
+    return (None, reason) if reason is not None else (config.format, None)
 
 
 def _check_dtypes(fqn: str, m: LinearMatch) -> torch.dtype:
@@ -181,33 +219,27 @@ def rewrite_linears(
 ) -> list[torch.Tensor]:
     """Rewrite matched linears in place; returns the tensors for the new placeholders."""
     inputs = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
-    fmt = config.format
     matches = find_linears(gm, inputs)
     embedded = {n.args[1] for n in gm.graph.nodes
                 if n.op == "call_function" and n.target is torch.nn.functional.embedding}
     used_patterns: set[str] = set()
-    new_nodes: dict[tuple[int, bool], tuple[fx.Node, fx.Node]] = {}
+    new_nodes: dict[tuple[int, bool, str], tuple[fx.Node, fx.Node]] = {}
     static = StaticInputs(gm, example_inputs)
 
     dead_candidates: list[fx.Node] = []  # W.t() views the rewrite may leave unused
     replaced: dict[fx.Node, fx.Node] = {}
     for m in matches:
         fqn = layer_fqn(m)
-        reason = _keep_reason(m, fqn, config, tied=m.weight in embedded)
+        n, k = m.n_k
         if config.ignored_by(fqn):
             used_patterns.add(config.ignored_by(fqn))
+        fmt, reason = layer_format(m.param, fqn, n, k, config, tied=m.weight in embedded)
         if reason is not None:
-            if prequantized_scheme(m.param) is not None:
-                raise ValueError(
-                    f"mxpass: layer {fqn} was loaded quantized from a checkpoint "
-                    f"({prequantized_scheme(m.param)}) but would be kept unquantized ({reason}); "
-                    f"its weight is a stand-in with no data, so it cannot run in the model dtype")
             report.kept.append(Kept(fqn, reason))
             continue
         x_dtype = _check_dtypes(fqn, m)
-        n, k = m.n_k
         kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype)
-        key = (id(m.param), m.transposed)
+        key = (id(m.param), m.transposed, fmt.name)
         if key not in new_nodes:
             data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
             new_nodes[key] = static.weight(f"mxpass_{m.weight.name}", data, scale, m.node)
@@ -215,10 +247,13 @@ def rewrite_linears(
         if fmt.static_activation:
             value = config.activation_scale(fqn)
             if value is None:
+                value = prequantized_input_scale(m.param)  # stored with a loaded weight
+            if value is None:
                 raise ValueError(
                     f"mxpass: layer {fqn}: scheme {fmt.name!r} quantizes activations with a static "
                     f"per-tensor scale and none was given (pass activation_scales={{{fqn!r}: s}} "
                     f"to mxpass.backend, or use a dynamic scheme)")
+            record_input_scale(m.param, fmt, value)  # for mxpass.save
             act = static.add(f"mxpass_{m.weight.name}_act_scale",
                             torch.tensor([value], dtype=torch.float32, device=m.param.device))
         qw, ws = new_nodes[key]
