@@ -99,15 +99,20 @@ class ExpertsPlan:
 
     gate_up, down -- names of the experts module's 3-D Parameters ("gate_up_proj", "down_proj")
     experts       -- per expert: (gate [I, H], up [I, H], down [H, I]), each a LayerPlan in
-                     ``fmt``; gate_up is [gate; up] per expert, scales concatenated the same way
-                     (per-tensor scales must then be equal within an expert: convert them to
-                     per-channel in ``ScaleLayout.convert`` if they are not)
+                     ``fmt``
+    merge_gate_up -- (gate data, gate scale, up data, up scale), each in mxpass's layout
+                     -> (gate_up data [2I, H], its scale); None: concatenate data and scales
+                     along rows ([gate; up]), which needs equal per-tensor scales within an
+                     expert (a reader may requantize with the larger one, as vLLM does, or
+                     convert per-tensor scales to per-channel in ``ScaleLayout.convert``)
     """
 
     fmt: Format
     gate_up: str
     down: str
     experts: tuple[tuple[LayerPlan, LayerPlan, LayerPlan], ...]
+    merge_gate_up: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                            tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
