@@ -3,7 +3,8 @@
 Each kernel's ``run`` receives the raw activation [M, K] and applies the format's
 activation quantization itself (as ATen math, which Inductor fuses into the producer):
 fake-quantized for kernels that compute on dequantized values, really quantized for the
-cuBLAS FP8 kernels. Order is decided by measurement (docs/performance.md); the reference is
+cuBLAS FP8 kernels. MoE kernels (op "moe") take the ``mxpass::moe`` arguments and apply
+the activation quantization of both expert inputs themselves. Order is decided by measurement (docs/performance.md); the reference is
 always last and always available.
 """
 
@@ -164,6 +165,46 @@ class IntMMLinear:
         return y.to(x.dtype)
 
 
+class ReferenceMoE:
+    """Every expert on every token with dequantized weights, fp32 matmuls, a gather (any device)."""
+
+    name = "reference"
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        return True, ""
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        return True, ""
+
+    def run(self, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: Format, activation: str):
+        from mxpass.ops import moe_reference
+
+        return moe_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, activation)
+
+
+class TritonMoE:
+    """Fused Triton MoE (kernels/triton/moe.py): routing alignment on the GPU, grouped GEMMs
+    with SiLU*mul and the top-k sum fused, a GEMV path for few tokens; weights dequantized
+    in-kernel (every weight granularity), activations fake-quantized in ATen math."""
+
+    name = "triton_moe"
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        return _cuda_capability(device, (8, 9), "e4m3")
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        return _half_precision(problem)
+
+    def run(self, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: Format, activation: str):
+        from mxpass.kernels.triton.moe import moe_triton
+
+        if activation != "silu":
+            raise ValueError(f"triton_moe: activation {activation!r} is not implemented (silu only)")
+        return moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt)
+
+
 def candidates() -> dict[RegistryKey, list[Kernel]]:
     ref, dequant = ReferenceLinear(), DequantMMLinear()
     first = {
@@ -173,4 +214,6 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
         "fp8-w": [TritonW8Linear()], "fp8-w-tensor": [TritonW8Linear()], "fp8-w-block": [TritonW8Linear()],
         "fp8-block": [TritonW8Linear()],
     }
-    return {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
+    table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
+    table.update({RegistryKey("moe", name): [TritonMoE(), ReferenceMoE()] for name in format_names()})
+    return table

@@ -1,19 +1,37 @@
-"""Lowering of ``mxpass::moe`` for Inductor: the reference math, traced into the graph.
+"""Lowering of ``mxpass::moe`` for Inductor: the kernel the registry picks.
 
 Each ``mxpass::moe`` node becomes a call of :func:`moe_lowered` before AOTAutograd traces
-the graph (``lowering/nodes.py``, as for linears): per-expert dequantization, the
-activation quantization of both expert inputs, two batched fp32 matmuls over all experts
-and a gather of each token's A results, all ATen ops that Inductor compiles and fuses. No
-kernel registry entry yet: this is the CPU path; GPU MoE kernels will be registry candidates.
-Routing ids outside [0, E) hit the bounds check Inductor generates for the gather.
+the graph (``lowering/nodes.py``, as for linears), so what the chosen kernel's ``run``
+does is traced like model code:
+
+- ``triton_moe`` (CUDA, sm_89+): the format's activation quantization of x as ATen math
+  (it fuses into x's producer), ``mxpass::moe_gate_up_triton`` (routing alignment on the
+  GPU, gate/up grouped GEMM with SiLU*mul), the activation quantization of h as ATen math,
+  ``mxpass::moe_down_triton`` (down grouped GEMM, routed-weight multiply, top-k sum). Both
+  are ``triton_op``s, so Inductor launches their kernels from its generated code
+  (``kernels/triton/moe.py``).
+- ``reference`` (any device): per-expert dequantization, both activation quantizations,
+  two batched fp32 matmuls over all experts and a gather of each token's A results, all
+  ATen ops that Inductor compiles. Routing ids outside [0, E) hit the bounds check
+  Inductor generates for the gather.
+
+The choice is recorded in the Report by the MoE pass (``mxpass.backend``).
 """
 
 from __future__ import annotations
 
 from mxpass.formats import get_format
-from mxpass.ops import moe_reference
+from mxpass.lowering.registry import Problem, choose
+
+
+def moe_problem(fmt, device, hidden: int, inter: int, dtype) -> Problem:
+    """The registry's description of one MoE layer: k = H (hidden), n = I (expert intermediate)."""
+    return Problem("moe", fmt, device, hidden, inter, dtype)
 
 
 def moe_lowered(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: str, activation: str):
     """What an ``mxpass::moe`` node becomes; an MX scale may be its uint8 storage."""
-    return moe_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, get_format(fmt), activation)
+    f = get_format(fmt)
+    _, hidden, inter = w2.shape
+    choice = choose(moe_problem(f, x.device, hidden, inter, x.dtype))
+    return choice.kernel.run(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, f, activation)

@@ -4,7 +4,8 @@ Candidates are ordered per (op, format). Each answers ``is_supported(device)`` a
 ``can_implement(problem)`` with ``(ok, reason)``; the first that accepts wins. The reference
 is an ordinary last entry. Overrides:
 
-- ``MXPASS_KERNEL=name``: use this kernel (an error, with its reason, if it cannot run);
+- ``MXPASS_KERNEL=name``: use this kernel (an error, with its reason, if it cannot run) for
+  every op that has a kernel of that name; ops that have none keep their order;
 - ``MXPASS_DISABLE_KERNELS=a,b``: skip these.
 
 Every choice is logged once and recorded in the Report by the backend.
@@ -25,7 +26,8 @@ log = logging.getLogger("mxpass.kernels")
 
 
 class Problem(NamedTuple):
-    """What a kernel must compute: a linear of K inputs and N outputs in ``fmt``."""
+    """What a kernel must compute: a linear of K inputs and N outputs in ``fmt`` (op "linear"),
+    or the experts of one MoE layer with hidden size K and expert intermediate size N (op "moe")."""
 
     op: str
     fmt: Format
@@ -93,6 +95,8 @@ def choose(problem: Problem) -> Choice:
     disabled = _split_env("MXPASS_DISABLE_KERNELS")
     rejected: list[tuple[str, str]] = []
     cands = candidates_for(problem.op, problem.fmt)
+    if forced and forced not in {k.name for k in cands} and forced in {k.name for ks in _CANDIDATES.values() for k in ks}:
+        forced = ""  # a kernel of another op (MXPASS_KERNEL=triton_moe): this op keeps its own order
     for kernel in cands:
         if forced and kernel.name != forced:
             rejected.append((kernel.name, f"MXPASS_KERNEL={forced}"))

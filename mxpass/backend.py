@@ -53,7 +53,8 @@ class MxpassBackend:
         report = Report(scheme=self.config.scheme or DEFAULT_SCHEME)
         gm = _private_copy(gm)
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
-        extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report)
+        extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
+                              functools.partial(_choose_kernel, op="moe"))
         report.warnings.extend(self.notes)
         if not self.config.explicit and report.rewritten:
             # no scheme given: loaded layers keep their checkpoint's formats
@@ -105,10 +106,10 @@ def _append_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
     return call
 
 
-def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype) -> str:
+def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype, op: str = "linear") -> str:
     from mxpass.lowering.registry import Problem, choose
 
-    return choose(Problem("linear", fmt, device, k, n, dtype)).describe()
+    return choose(Problem(op, fmt, device, k, n, dtype)).describe()
 
 
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,

@@ -11,7 +11,8 @@
 The eager body of every op is the pure-PyTorch reference. Compiled graphs never call these
 bodies: the backend lowers each ``mxpass::linear`` (``mxpass.lowering``) to activation
 quantization in ATen math, which fuses into its producer, plus one kernel chosen by the
-kernel registry, and each ``mxpass::moe`` to its reference math (no GPU MoE kernel yet).
+kernel registry, and each ``mxpass::moe`` to the MoE kernel the registry picks (the fused
+Triton MoE on CUDA, its reference math elsewhere).
 """
 
 from __future__ import annotations

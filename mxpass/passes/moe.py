@@ -311,8 +311,11 @@ def use_grouped_mm(model: torch.nn.Module) -> list[str]:
 
 
 def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
-                 report: Report) -> list[torch.Tensor]:
-    """Rewrite verified experts regions in place; returns the tensors for the new placeholders."""
+                 report: Report, choose_kernel=None) -> list[torch.Tensor]:
+    """Rewrite verified experts regions in place; returns the tensors for the new placeholders.
+
+    ``choose_kernel(fmt, device, H, I, dtype)`` describes the registry's choice for the report
+    (``None``: "reference")."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     inputs = dict(zip(placeholders, example_inputs))
     fmt = config.format
@@ -357,10 +360,13 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
         for n in reversed(region.nodes):
             gm.graph.erase_node(n)
         top_k = _value(itf.ids).shape[1]
+        chosen = "reference" if choose_kernel is None else choose_kernel(fmt, w13.device, h, two_i // 2,
+                                                                         _value(itf.x).dtype)
+        name, _, why = chosen.partition(" (")  # why: "not picked: ...)"
         report.rewritten.append(Rewritten(
             fqn, "moe", fmt.name,
-            f"reference (E={e}, top-{top_k}, {act}, gate/up layout {layout}; traced from transformers' "
-            f"{impl} experts)", (two_i, h)))
+            f"{name} (E={e}, top-{top_k}, {act}, gate/up layout {layout}; traced from transformers' "
+            f"{impl} experts" + (f"; {why}" if why else ")"), (two_i, h)))
         log.info("mxpass: experts %s -> mxpass::moe (%s, %s, %s)", fqn, fmt.name, act, layout)
 
     # the linear pass warned about ignore patterns that matched no linear; one that matched

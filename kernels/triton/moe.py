@@ -1,0 +1,741 @@
+"""Fused Mixture-of-Experts on sm_89+/sm_90: Triton kernels behind two ``torch.library.triton_op``.
+
+Shape legend: T tokens, A active experts per token (top-k), S = T * A slots (slot s = t * A + a),
+E experts, H hidden size, I expert intermediate size, P = S rows of the intermediate h.
+
+    h[p] = silu(W13[e, :I] @ x[t]) * (W13[e, I:] @ x[t])       gate rows first, then up rows
+    y[t] = sum_a topk_weights[t, a] * W2[e] @ h[p]             e = topk_ids[t, a]
+
+x [T, H] bf16/fp16 (already fake-quantized by the caller when the format quantizes activations),
+topk_ids [T, A] any integer dtype, topk_weights [T, A] any float dtype, w13 [E, 2I, H] and
+w2 [E, H, I] with per-expert scales (``granularity``):
+
+    granularity  scale tensor                       W[e, n, k]
+    "none"       (unused; bf16/fp16 weights)         w[e, n, k]
+    "tensor"     [E, 1] float32                      float(q) * s[e]
+    "channel"    [E, N, 1] float32                   float(q) * s[e, n]
+    "block"      [E, ceil(N/128), ceil(K/128)] fp32  float(q) * s[e, n // 128, k // 128]
+    "mx32"       [E, N, K / 32] E8M0 (or uint8)      fp8(q) * 2**(s[e, n, k // 32] - 127)
+
+Weights are never rounded: e4m3 and int8 values are exact in bf16/fp16, so the tensor-core
+kernels multiply float(q) by x and apply "channel"/"tensor" scales to the fp32 sums, "block"
+scales to each 128-aligned K step's product, and MX scales (powers of two, exact) to the
+tile before the product, as the linear kernels do (``mxfp8_linear.py``, ``w8_linear.py``).
+All sums are fp32; h is rounded once to x.dtype, y once to x.dtype.
+
+Two paths, chosen per call by S with no branch on it (the guard-free ``_in_range``
+arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
+
+  decode, S <= plan.decode_slots (GEMV-like, CUDA cores, no routing alignment):
+    _moe_gate_up_gemv_kernel  grid (S, cdiv(I, BN)): slot s, BN gate rows and BN up rows of its
+                              expert, SiLU*mul in the epilogue; h row p = s
+    _moe_down_gemv_kernel     grid (T, cdiv(H, BN)): token t, loops over its A slots in order,
+                              routed-weight multiply and top-k sum in registers; writes y.
+                              Deterministic.
+  grouped, S > plan.decode_slots (tensor cores):
+    _moe_count_kernel         per-expert slot counts (atomic increments of a zeroed int32 [E])
+    _moe_scatter_kernel       exclusive prefix sum of the counts -> offsets [E + 1]; each slot's
+                              position = offsets[e] + rank (rank: an atomic increment of a second
+                              zeroed counter); sorted_slots[position] = s. Positions are unpadded:
+                              expert e owns positions offsets[e] .. offsets[e + 1] - 1.
+    _moe_gate_up_kernel       grid (tile bound, cdiv(I, BN)): each program finds its expert and
+                              rows from the offsets (``_expert_tile``: segments padded to BLOCK_M
+                              tiles, computed in registers), gathers x rows, two accumulators
+                              (gate, up), SiLU*mul epilogue; h row p = sorted position
+    _moe_down_kernel          grid (tile bound, cdiv(H, BN)): reads h rows contiguously, routed
+                              weight in the epilogue, then either fp32 atomic adds into a zeroed
+                              y32 [T, H] (``plan.atomic``) + ``_moe_cast_kernel``, or fp32 rows
+                              per slot + ``_moe_sum_kernel`` (fixed order over A: deterministic)
+
+Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
+sorted_slots [S], offsets [E + 1], h [S, I], counters [2E], and, grouped only, y32 [T, H]
+or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 makes the
+tracer guard on T). Tile grids use the bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E;
+programs past the real tile count return at once. So the ops run under CUDA-graph capture,
+and one compiled graph serves every T.
+
+Routing ids outside [0, E) (the eager op raises on them): such a slot is never counted,
+sorted, loaded or stored; it contributes nothing to y (as an expert-parallel "not mine" id
+would) and its h row is zero on the decode path. Every address a kernel forms stays inside
+its tensor.
+
+The activation quantization of h is not fused: the gate/up op returns h in x.dtype and the
+caller fake-quantizes it (ATen math, ``mxpass.quant``), exactly as the reference does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from mxpass.kernels.triton.mxfp8_linear import _at_least, _dequant_tile, _e8m0_to_fp32, _in_range
+from mxpass.kernels.triton.w8_linear import _w8_to_float
+
+__all__ = [
+    "GRANULARITIES",
+    "Gemv",
+    "Grouped",
+    "Plan",
+    "Regime",
+    "default_plan",
+    "moe_down_with_plan",
+    "moe_gate_up_with_plan",
+    "moe_triton",
+]
+
+GRANULARITIES = ("none", "tensor", "channel", "block", "mx32")
+# Scale modes of the kernels (constexpr SCALE)
+_NONE, _TENSOR, _CHANNEL, _BLOCK, _MX = 0, 1, 2, 3, 4
+_MODE = {"none": _NONE, "tensor": _TENSOR, "channel": _CHANNEL, "block": _BLOCK, "mx32": _MX}
+SCALE_BLOCK = 128  # "block": 128 x 128 (mxpass/schemes/fp8.py)
+MX_BLOCK = 32  # "mx32": OCP MX v1.0, one E8M0 scale per 32 along K
+CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load of fp8/int8)
+COUNT_BLOCK = 1024  # slots per program of the count kernel
+CAST_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _expert_tile(off_ptr, j, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
+    """(e, p0, p_end) of grouped tile j: expert e's positions p0 .. min(p0 + BLOCK_M, p_end) - 1.
+
+    Each expert's segment offsets[e] .. offsets[e + 1] is cut into ceil(count / BLOCK_M)
+    tiles, numbered expert after expert; e >= E when j is past the last tile.
+    """
+    r = tl.arange(0, E_P2)
+    lo = tl.load(off_ptr + r, mask=r < E, other=0)
+    hi = tl.load(off_ptr + r + 1, mask=r < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    end = tl.cumsum(tiles, 0)  # tiles of experts 0..r
+    e = tl.sum((end <= j).to(tl.int32), 0)  # experts whose tiles all come before j
+    sel = r == e
+    first = tl.sum(tl.where(sel, end - tiles, 0), 0)
+    p0 = tl.sum(tl.where(sel, lo, 0), 0) + (j - first) * BLOCK_M
+    p_end = tl.sum(tl.where(sel, hi, 0), 0)
+    return e, p0, p_end
+
+
+@triton.jit
+def _mma(acc, q, xt, s_ptr, s_off, rows, row_mask, k0, KG, KB,
+         dtype: tl.constexpr, SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += W tile @ x^T tile, W from the raw tile q [BLOCK_N, BLOCK_K] of
+    ``rows`` at K step k0 (s_off: this expert's first scale; KG = K / 32, KB = ceil(K / 128))."""
+    if SCALE == 4:  # _MX: powers of two, exact in x.dtype
+        rg = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        eb = tl.load(s_ptr + s_off + rows[:, None] * KG + rg[None, :],
+                     mask=row_mask[:, None] & (rg < KG)[None, :], other=127)
+        acc = tl.dot(_dequant_tile(q, eb, BLOCK_N, BLOCK_K, dtype), xt, acc)
+    elif SCALE == 3:  # _BLOCK: BLOCK_K divides 128, so the step lies in one scale column
+        sb = tl.load(s_ptr + s_off + (rows // 128) * KB + k0 // 128, mask=row_mask, other=0.0)
+        acc += tl.dot(_w8_to_float(q, dtype, IS_INT8, ASM), xt) * sb[:, None]
+    elif SCALE == 0:  # _NONE: q is already in x.dtype
+        acc = tl.dot(q, xt, acc)
+    else:
+        acc = tl.dot(_w8_to_float(q, dtype, IS_INT8, ASM), xt, acc)
+    return acc
+
+
+@triton.jit
+def _out_scale(acc, s_ptr, s_off, rows, row_mask, SCALE: tl.constexpr):
+    """acc [BLOCK_N, ...] times the "tensor" / "channel" scale of ``rows`` [BLOCK_N, 1 ...]."""
+    if SCALE == 1:  # _TENSOR
+        acc = acc * tl.load(s_ptr + s_off)
+    elif SCALE == 2:  # _CHANNEL
+        acc = acc * tl.load(s_ptr + s_off + rows, mask=row_mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _id_ok(eid, like, E):
+    """0 <= eid < E for a scalar id, as a bool tensor shaped like ``like`` (the Triton
+    interpreter of triton 3.9 turns ``vector & scalar bool`` into integers, not a valid mask)."""
+    ev = eid + tl.zeros_like(like).to(eid.dtype)
+    return (ev >= 0) & (ev < E)
+
+
+@triton.jit
+def _silu_mul(g, u):
+    """silu(g) * u = g / (1 + exp(-g)) * u in fp32 (torch's silu formula)."""
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+# --------------------------------------------------------------------------- routing alignment
+
+
+@triton.jit
+def _moe_count_kernel(
+    ids_ptr, cnt_ptr,  # ids [S] integer, cnt [E] int32 (zeroed)
+    S, E,
+    BLOCK: tl.constexpr,
+):
+    """cnt[e] += number of slots routed to e; ids outside [0, E) are skipped: grid (cdiv(S, BLOCK),)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < S
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    ok = m & (e >= 0) & (e < E)
+    tl.atomic_add(cnt_ptr + tl.where(ok, e, 0).to(tl.int32), 1, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _moe_scatter_kernel(
+    ids_ptr, cnt_ptr, sorted_ptr, off_ptr,  # cnt [2E] int32: final counts, then E zeroed cursors
+    S, E,
+    BLOCK: tl.constexpr, E_P2: tl.constexpr,
+):
+    """offsets = exclusive prefix sum of cnt (program 0 writes offsets[0..E]); every valid slot s
+    goes to sorted[offsets[e] + rank], rank from an atomic increment: grid (cdiv(S, BLOCK),).
+
+    The order inside an expert's segment varies between runs; no result depends on it (each
+    position's row of h and of the down product is computed on its own)."""
+    r = tl.arange(0, E_P2)
+    cnt = tl.load(cnt_ptr + r, mask=r < E, other=0)
+    start = tl.cumsum(cnt, 0) - cnt  # [E_P2]; start[E] = number of valid slots
+    if tl.program_id(0) == 0:
+        tl.store(off_ptr + r, start, mask=r <= E)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < S
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    ok = m & (e >= 0) & (e < E)
+    e32 = tl.where(ok, e, 0).to(tl.int32)
+    rank = tl.atomic_add(cnt_ptr + E + e32, 1, mask=ok, sem="relaxed")
+    base = tl.sum(tl.where(r[None, :] == e32[:, None], start[None, :], 0), 1)  # start[e] per slot
+    tl.store(sorted_ptr + base + rank, offs, mask=ok)
+
+
+# --------------------------------------------------------------------------- grouped GEMMs
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    # pointers
+    x_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
+    # sizes (x [T, H], w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
+
+    The W tiles are the left MMA operands (dequantized in registers), the gathered x^T
+    tile the right one, as in the linear dot kernels; tiles of one expert are neighbours
+    in launch order, so a weight tile comes from DRAM about once."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    dtype = x_ptr.dtype.element_ty
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + rm
+    m_mask = pos < p_end
+    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < I
+    e64 = e.to(tl.int64)
+    w_base = w_ptr + e64 * (2 * I) * H
+    s_off = e64 * S_STRIDE
+    x_ptrs = x_ptr + tok.to(tl.int64)[None, :] * H + rk[:, None]  # [BLOCK_K, BLOCK_M]: x^T
+    g_ptrs = w_base + n[:, None] * H + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    u_ptrs = g_ptrs + I * H
+    KG = H // 32
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            qg = tl.load(g_ptrs + k0, mask=n_mask[:, None], other=0.0)
+            qu = tl.load(u_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + rk) < H
+            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            qg = tl.load(g_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            qu = tl.load(u_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc_g = _mma(acc_g, qg, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K)
+        acc_u = _mma(acc_u, qu, xt, s_ptr, s_off, n + I, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K)
+    acc_g = _out_scale(acc_g, s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    acc_u = _out_scale(acc_u, s_ptr, s_off, (n + I)[:, None], n_mask[:, None], SCALE)
+    h = _silu_mul(acc_g, acc_u)
+    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    # pointers
+    h_ptr, tw_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, y_ptr,
+    # sizes (h [S, I], tw [S], w [E, H, I]; y: fp32 [T, H] (ATOMIC) or [S, H])
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """topk_weight * (W2 @ h^T) tile [BLOCK_N, BLOCK_M] for one expert's positions: grid (tiles, cdiv(H, BLOCK_N)).
+
+    ATOMIC: added (fp32, relaxed) into y32[token]; else stored as the slot's fp32 row."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    dtype = h_ptr.dtype.element_ty
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + rm
+    m_mask = pos < p_end
+    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H
+    e64 = e.to(tl.int64)
+    s_off = e64 * S_STRIDE
+    x_ptrs = h_ptr + pos.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
+    w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    KG = I // 32
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + rk) < I
+            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K)
+    acc = _out_scale(acc, s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    acc = acc * tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[None, :]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptr + (slot // A).to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptr + slot.to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask)
+
+
+@triton.jit
+def _moe_cast_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr):
+    """dst = src (fp32) in dst's dtype: grid (cdiv(numel, BLOCK),)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m).to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _moe_sum_kernel(src_ptr, ids_ptr, dst_ptr, A, E, H, BLOCK: tl.constexpr):
+    """y[t] = sum over a = 0..A-1 of the valid slots' fp32 rows src[t * A + a], in that order: grid (T, cdiv(H, BLOCK))."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_mask = n < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for a in range(0, A):
+        s = t * A + a
+        e = tl.load(ids_ptr + s)
+        acc += tl.load(src_ptr + s * H + n, mask=n_mask & _id_ok(e, n, E), other=0.0)
+    tl.store(dst_ptr + t * H + n, acc.to(dst_ptr.dtype.element_ty), mask=n_mask)
+
+
+# --------------------------------------------------------------------------- decode (GEMV) kernels
+
+
+@triton.jit
+def _gemv_rows(acc, x_ptr, w_ptr, s_ptr, s_off, rows, row_mask, K, KB,
+               SCALE: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """acc [BLOCK_N, C] += per-chunk sums of W[rows, k] * x[k] over all of K (C = BLOCK_K / CHUNK).
+
+    The tile is read as [BLOCK_N, C, CHUNK], CHUNK elements per thread, so each chunk's sum
+    stays inside a thread; "mx32" / "block" scales multiply each chunk's sum (a chunk lies in
+    one 32- or 128-wide scale block), "channel" / "tensor" are applied by the caller."""
+    C: tl.constexpr = BLOCK_K // CHUNK
+    rc = tl.arange(0, C)
+    k3 = rc[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]  # [1, C, CHUNK]
+    w_ptrs = w_ptr + rows[:, None, None] * K + k3  # [BLOCK_N, C, CHUNK]
+    KG = K // 32
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + k3) < K
+        xv = tl.load(x_ptr + k0 + k3, mask=k_mask, other=0.0).to(tl.float32)
+        q = tl.load(w_ptrs + k0, mask=row_mask[:, None, None] & k_mask, other=0.0)
+        part = tl.sum(_w8_to_float(q, tl.float32, IS_INT8) * xv, axis=2)  # [BLOCK_N, C]
+        kc = k0 + rc * CHUNK
+        if SCALE == 4:  # _MX
+            eb = tl.load(s_ptr + s_off + rows[:, None] * KG + (kc // 32)[None, :],
+                         mask=row_mask[:, None] & (kc < K)[None, :], other=127)
+            part = part * _e8m0_to_fp32(eb)
+        elif SCALE == 3:  # _BLOCK
+            sb = tl.load(s_ptr + s_off + (rows // 128)[:, None] * KB + (kc // 128)[None, :],
+                         mask=row_mask[:, None] & (kc < K)[None, :], other=0.0)
+            part = part * sb
+        acc += part
+    return acc
+
+
+@triton.jit
+def _moe_gate_up_gemv_kernel(
+    # pointers
+    x_ptr, ids_ptr, w_ptr, s_ptr, h_ptr,
+    # sizes (x [T, H], ids [S], w [E, 2I, H], h [S, I])
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """h[s, n] = silu(Wg[e] x[t]) * (Wu[e] x[t]) for BLOCK_N rows n of slot s: grid (S, cdiv(I, BLOCK_N)).
+
+    A slot whose id is outside [0, E) reads no weight and gets a zero row."""
+    s = tl.program_id(0)
+    eid = tl.load(ids_ptr + s)
+    e64 = tl.where((eid >= 0) & (eid < E), eid, 0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < I
+    w_mask = n_mask & _id_ok(eid, n, E)
+    w_base = w_ptr + e64 * (2 * I) * H
+    x_row = x_ptr + (s // A).to(tl.int64) * H
+    s_off = e64 * S_STRIDE
+    C: tl.constexpr = BLOCK_K // CHUNK
+    g = _gemv_rows(tl.zeros((BLOCK_N, C), dtype=tl.float32), x_row, w_base, s_ptr, s_off, n, w_mask, H, KB,
+                   SCALE, IS_INT8, BLOCK_N, BLOCK_K, CHUNK)
+    u = _gemv_rows(tl.zeros((BLOCK_N, C), dtype=tl.float32), x_row, w_base, s_ptr, s_off, n + I, w_mask, H, KB,
+                   SCALE, IS_INT8, BLOCK_N, BLOCK_K, CHUNK)
+    g = _out_scale(tl.sum(g, 1), s_ptr, s_off, n, w_mask, SCALE)
+    u = _out_scale(tl.sum(u, 1), s_ptr, s_off, n + I, w_mask, SCALE)
+    h = _silu_mul(g, u)
+    tl.store(h_ptr + s.to(tl.int64) * I + n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(
+    # pointers
+    h_ptr, ids_ptr, tw_ptr, w_ptr, s_ptr, y_ptr,
+    # sizes (h [S, I], ids / tw [S], w [E, H, I], y [T, H])
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """y[t, n] = sum over a = 0..A-1 of tw[s] * (W2[e] h[s])[n], s = t * A + a, in that order: grid (T, cdiv(H, BLOCK_N)).
+
+    Slots with ids outside [0, E) are skipped."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H
+    C: tl.constexpr = BLOCK_K // CHUNK
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for a in range(0, A):
+        s = t * A + a
+        eid = tl.load(ids_ptr + s)
+        e64 = tl.where((eid >= 0) & (eid < E), eid, 0).to(tl.int64)
+        w_mask = n_mask & _id_ok(eid, n, E)
+        s_off = e64 * S_STRIDE
+        acc = _gemv_rows(tl.zeros((BLOCK_N, C), dtype=tl.float32), h_ptr + s * I, w_ptr + e64 * H * I,
+                         s_ptr, s_off, n, w_mask, I, KB, SCALE, IS_INT8, BLOCK_N, BLOCK_K, CHUNK)
+        r = _out_scale(tl.sum(acc, 1), s_ptr, s_off, n, w_mask, SCALE)
+        tw = tl.load(tw_ptr + s).to(tl.float32)
+        out += tl.where(w_mask, r * tw, 0.0)
+    tl.store(y_ptr + t * H + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class Gemv(NamedTuple):
+    """Decode kernel tiles: BLOCK_N weight rows x BLOCK_K columns per step (BLOCK_K % 32 == 0)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+class Grouped(NamedTuple):
+    """Grouped tensor-core tiles: BLOCK_M positions (tokens) x BLOCK_N weight rows x BLOCK_K."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+class Regime(NamedTuple):
+    """Slots S in [s_lo, s_hi) take these grouped tiles; s_hi None means no upper end."""
+
+    s_lo: int
+    s_hi: int | None
+    gate_up: Grouped
+    down: Grouped
+
+
+class Plan(NamedTuple):
+    """S <= decode_slots: the decode kernels; above, the regimes (consecutive, covering
+    decode_slots + 1 .. inf). ``atomic``: the grouped down kernel adds into fp32 y with
+    atomics (else per-slot fp32 rows and an ordered sum)."""
+
+    decode_slots: int
+    gate_up_gemv: Gemv
+    down_gemv: Gemv
+    regimes: tuple[Regime, ...]
+    atomic: bool = True
+
+
+def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the intermediate size)
+    """The plan for one MoE layer's static shapes (first guesses; measured figures in
+    notes/moe-kernel-notes.md)."""
+    decode_slots = max(A, 16) if E >= 32 else A  # few slots on many experts: mostly distinct experts
+    gemv = Gemv(block_n=4, block_k=512, num_warps=4)
+    small = Grouped(16, 64, 128, num_warps=4, num_stages=3)
+    mid = Grouped(32, 64, 128, num_warps=4, num_stages=3)
+    large_gu = Grouped(64, 64, 64, num_warps=4, num_stages=3)
+    large_dn = Grouped(64, 128, 64, num_warps=8, num_stages=3)
+    s1, s2 = max(decode_slots + 1, 8 * E), max(decode_slots + 1, 32 * E)
+    regimes = (Regime(decode_slots + 1, s1, small, small),
+               Regime(s1, s2, mid, mid),
+               Regime(s2, None, large_gu, large_dn))
+    regimes = tuple(r for r in regimes if r.s_hi is None or r.s_hi > r.s_lo)
+    return Plan(decode_slots, gemv, gemv, regimes, atomic=True)
+
+
+def _check_plan(plan: Plan, mode: int) -> None:
+    prev = plan.decode_slots + 1
+    for r in plan.regimes:
+        if r.s_lo != prev:
+            raise ValueError(f"moe: plan regimes must be consecutive from {plan.decode_slots + 1}, got {plan.regimes}")
+        prev = r.s_hi
+        for g in (r.gate_up, r.down):
+            if mode == _BLOCK and SCALE_BLOCK % g.block_k:
+                raise ValueError(f"moe: BLOCK_K {g.block_k} must divide 128 for 'block' scales")
+            if mode == _MX and g.block_k % MX_BLOCK:
+                raise ValueError(f"moe: BLOCK_K {g.block_k} must be a multiple of 32 for 'mx32' scales")
+            if min(g.block_m, g.block_n, g.block_k) < 16:
+                raise ValueError(f"moe: grouped tiles must be at least 16 wide (tl.dot), got {g}")
+    if prev is not None:
+        raise ValueError("moe: the last regime must have no upper end")
+    for g in (plan.gate_up_gemv, plan.down_gemv):
+        if g.block_k % MX_BLOCK:
+            raise ValueError(f"moe: gemv BLOCK_K {g.block_k} must be a multiple of 32")
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def _scale_args(w: torch.Tensor, scale: torch.Tensor, granularity: str, what: str):
+    """(scale tensor as the kernels read it, elements per expert, KB) after checking its shape."""
+    E, N, K = w.shape
+    if granularity not in _MODE:
+        raise ValueError(f"moe: granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if granularity == "none":
+        if w.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"moe: {what} is {w.dtype}; unquantized weights must be bf16/fp16")
+        return w, 0, 1  # never read
+    if granularity == "mx32":
+        if w.dtype != torch.float8_e4m3fn or scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+            raise TypeError(f"moe: mx32 {what} must be float8_e4m3fn with E8M0/uint8 scales, "
+                            f"got {w.dtype} / {scale.dtype}")
+        expected = (E, N, K // MX_BLOCK)
+        if K % MX_BLOCK:
+            raise ValueError(f"moe: mx32 {what} {tuple(w.shape)}: K = {K} is not a multiple of 32")
+        s = scale.contiguous()
+        s = s if s.dtype == torch.uint8 else s.view(torch.uint8)
+    else:
+        if w.dtype not in (torch.float8_e4m3fn, torch.int8) or scale.dtype != torch.float32:
+            raise TypeError(f"moe: {granularity} {what} must be float8_e4m3fn/int8 with float32 scales, "
+                            f"got {w.dtype} / {scale.dtype}")
+        expected = {"tensor": (E, 1), "channel": (E, N, 1),
+                    "block": (E, triton.cdiv(N, SCALE_BLOCK), triton.cdiv(K, SCALE_BLOCK))}[granularity]
+        s = scale.contiguous()
+        if granularity == "tensor" and s.numel() == E:
+            s = s.reshape(E, 1)
+    if tuple(s.shape) != expected:
+        raise ValueError(f"moe: {granularity} scale of {what} {tuple(w.shape)} has shape {tuple(scale.shape)}; "
+                         f"expected {expected}")
+    return s, s.numel() // E, triton.cdiv(K, SCALE_BLOCK)
+
+
+def _check_routing(x, topk_ids, what: str) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"moe: {what} has dtype {x.dtype}; expected bfloat16 or float16")
+    if topk_ids.is_floating_point() or topk_ids.is_complex():
+        raise TypeError(f"moe: topk_ids must be integer, got {topk_ids.dtype}")
+
+
+def _regime_sizes(S, plan: Plan):
+    """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of any grouped)."""
+    on_decode = _in_range(S, 0, plan.decode_slots + 1)
+    grouped = [(_in_range(S, r.s_lo, r.s_hi), r) for r in plan.regimes]
+    return on_decode, grouped, _at_least(S, plan.decode_slots + 1)
+
+
+def _tile_bound(S_r, ind, block_m: int, E: int):
+    """Most tiles of block_m positions the E segments of S_r slots make (0 when the regime is off)."""
+    return triton.cdiv(S_r, block_m) + E * ind
+
+
+def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: Plan, *, asm: bool = True):
+    """(h [S, I] in x.dtype, sorted_slots [S] int32, offsets [E + 1] int32) for an explicit plan.
+
+    h row p is slot p on the decode path and sorted position p on the grouped path (where
+    sorted_slots / offsets say which slot and expert; on the decode path they are unused)."""
+    _check_routing(x, topk_ids, "x")
+    if w13.dim() != 3 or x.dim() != 2 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
+        raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} must be [T, A] with T = {x.shape[0]}")
+    mode = _MODE.get(granularity, -1)
+    s13, s_stride, kb = _scale_args(w13, w13_scale, granularity, "w13")
+    _check_plan(plan, mode)
+    if mode == _NONE and w13.dtype != x.dtype:
+        raise TypeError(f"moe: unquantized w13 is {w13.dtype}, x is {x.dtype}")
+    x = x.contiguous()
+    w13 = w13.contiguous()
+    ids = topk_ids.contiguous().view(-1)
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2  # noqa: E741
+    A = topk_ids.shape[1]
+    S = T * A
+    is_int8 = w13.dtype == torch.int8
+    asm = asm and x.device.type == "cuda"
+    e_p2 = triton.next_power_of_2(E + 1)
+
+    h = torch.empty((S, I), dtype=x.dtype, device=x.device)
+    sorted_slots = torch.empty((S,), dtype=torch.int32, device=x.device)
+    offsets = torch.empty((E + 1,), dtype=torch.int32, device=x.device)
+    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
+
+    g = plan.gate_up_gemv
+    wrap_triton(_moe_gate_up_gemv_kernel)[(S * on_decode, triton.cdiv(I, g.block_n))](
+        x, ids, w13, s13, h, A, E, H, I, s_stride, kb,
+        SCALE=mode, IS_INT8=is_int8, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK, num_warps=g.num_warps,
+    )
+
+    # routing alignment (grouped path only; its grids are empty otherwise)
+    counters = torch.zeros((2 * E,), dtype=torch.int32, device=x.device)
+    S_g = S * on_grouped
+    wrap_triton(_moe_count_kernel)[(triton.cdiv(S_g, COUNT_BLOCK),)](ids, counters, S, E, BLOCK=COUNT_BLOCK, num_warps=4)
+    scatter_block = max(16, min(1024, 8192 // e_p2))
+    wrap_triton(_moe_scatter_kernel)[(triton.cdiv(S_g, scatter_block),)](
+        ids, counters, sorted_slots, offsets, S, E, BLOCK=scatter_block, E_P2=e_p2, num_warps=4,
+    )
+    for ind, r in grouped:
+        c = r.gate_up
+        wrap_triton(_moe_gate_up_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
+            x, sorted_slots, offsets, w13, s13, h, A, E, H, I, s_stride, kb,
+            SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+    return h, sorted_slots, offsets
+
+
+def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity: str,
+                       plan: Plan, *, asm: bool = True):
+    """y [T, H] in h.dtype from the gate/up op's outputs (h possibly fake-quantized since) for an explicit plan."""
+    _check_routing(h, topk_ids, "h")
+    if w2.dim() != 3 or h.dim() != 2 or w2.shape[2] != h.shape[1]:
+        raise ValueError(f"moe: h {tuple(h.shape)} and w2 {tuple(w2.shape)} must be [S, I] and [E, H, I]")
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or h.shape[0] != topk_ids.shape[0] * topk_ids.shape[1]:
+        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
+                         f"must be [T, A] with T * A = {h.shape[0]} rows of h")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"moe: topk_weights must be floating point, got {topk_weights.dtype}")
+    mode = _MODE.get(granularity, -1)
+    s2, s_stride, kb = _scale_args(w2, w2_scale, granularity, "w2")
+    _check_plan(plan, mode)
+    if mode == _NONE and w2.dtype != h.dtype:
+        raise TypeError(f"moe: unquantized w2 is {w2.dtype}, h is {h.dtype}")
+    h = h.contiguous()
+    w2 = w2.contiguous()
+    ids = topk_ids.contiguous().view(-1)
+    tw = topk_weights.contiguous().view(-1)
+    E, H, I = w2.shape  # noqa: E741
+    T, A = topk_ids.shape
+    S = T * A
+    is_int8 = w2.dtype == torch.int8
+    asm = asm and h.device.type == "cuda"
+    e_p2 = triton.next_power_of_2(E + 1)
+
+    y = torch.empty((T, H), dtype=h.dtype, device=h.device)
+    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
+    g = plan.down_gemv
+    wrap_triton(_moe_down_gemv_kernel)[(T * on_decode, triton.cdiv(H, g.block_n))](
+        h, ids, tw, w2, s2, y, A, E, H, I, s_stride, kb,
+        SCALE=mode, IS_INT8=is_int8, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK, num_warps=g.num_warps,
+    )
+    rows = T if plan.atomic else S
+    # fp32 accumulator of the grouped path; never 0 or 1 elements (see the module docstring)
+    acc = torch.zeros if plan.atomic else torch.empty
+    y32 = acc((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
+    for ind, r in grouped:
+        c = r.down
+        wrap_triton(_moe_down_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
+            h, tw, sorted_slots, offsets, w2, s2, y32, A, E, H, I, s_stride, kb,
+            SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, ATOMIC=plan.atomic,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+    if plan.atomic:
+        wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_grouped, CAST_BLOCK),)](
+            y32, y, T * H * on_grouped, BLOCK=CAST_BLOCK, num_warps=4)
+    else:
+        wrap_triton(_moe_sum_kernel)[(T * on_grouped, triton.cdiv(H, CAST_BLOCK))](
+            y32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
+    return y
+
+
+def _plan_for(topk_ids, w13_or_w2, gate_up: bool) -> Plan:
+    A = topk_ids.shape[1]
+    if gate_up:
+        E, two_i, H = w13_or_w2.shape
+        return default_plan(int(E), int(A), int(H), int(two_i) // 2)
+    E, H, I = w13_or_w2.shape  # noqa: E741
+    return default_plan(int(E), int(A), int(H), int(I))
+
+
+@triton_op("mxpass::moe_gate_up_triton", mutates_args=())
+def moe_gate_up_triton(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    granularity: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h [T*A, I], sorted_slots [T*A], offsets [E+1]): the gate/up half of the MoE (module docstring).
+
+    Under torch.compile Inductor traces into this body and launches the kernels from its
+    generated code; T may be symbolic (no branch on it)."""
+    return moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity, _plan_for(topk_ids, w13, True))
+
+
+@triton_op("mxpass::moe_down_triton", mutates_args=())
+def moe_down_triton(
+    h: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    offsets: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    granularity: str,
+) -> torch.Tensor:
+    """y [T, H] in h.dtype: the down half, routed-weight multiply and top-k sum (module docstring)."""
+    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity,
+                              _plan_for(topk_ids, w2, False))
+
+
+def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, plan: Plan | None = None):
+    """The whole MoE for a Format ``fmt`` (or ``None``: unquantized bf16/fp16 weights): the
+    format's activation quantization of x and h as ATen math (``mxpass.quant``, what the
+    reference does), and the two ops (or, with ``plan``, their bodies under that plan)."""
+    from mxpass import quant
+
+    gran = "none" if fmt is None else fmt.weight_granularity
+    if fmt is not None:
+        x = quant.fake_quantize_activation(fmt, x, None)
+    if plan is None:
+        h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran)
+    else:
+        h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan)
+    if fmt is not None:
+        h = quant.fake_quantize_activation(fmt, h, None)
+    if plan is None:
+        return torch.ops.mxpass.moe_down_triton(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
+    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran, plan)
