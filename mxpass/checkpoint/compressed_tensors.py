@@ -191,3 +191,36 @@ class CompressedTensorsReader:
                 input_scale=f"{fqn}.input_scale" if fmt.static_activation else None,
                 skip=zero_points, origin=f"config group {group!r}")
         return plan
+
+
+# --- format -> config (for writing) ---
+
+# mxpass format -> (compressed-tensors preset, keep its input activations); int8-static has
+# no preset (static per-tensor INT8 weights and activations)
+_PRESETS = {"mxfp8": ("MXFP8", True), "mxfp8-w": ("MXFP8A16", True), "fp8-dynamic": ("FP8_DYNAMIC", True),
+            "fp8": ("FP8", True), "fp8-block": ("FP8_BLOCK", True), "fp8-w": ("FP8_DYNAMIC", False),
+            "fp8-w-tensor": ("FP8", False), "fp8-w-block": ("FP8_BLOCK", False), "int8": ("W8A8", True)}
+
+
+def scheme_args(fmt: Format) -> dict:
+    """``QuantizationScheme`` keyword arguments (weights, input_activations) of an mxpass
+    format: the compressed-tensors preset of the same meaning; checked to map back to ``fmt``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    if fmt.name == "int8-static":
+        args = dict(num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False)
+        kwargs = dict(weights=QuantizationArgs(**args), input_activations=QuantizationArgs(**args))
+    else:
+        preset, keep = _PRESETS[fmt.name]
+        act = PRESET_SCHEMES[preset].get("input_activations") if keep else None
+        kwargs = dict(weights=PRESET_SCHEMES[preset]["weights"].model_copy(deep=True),
+                      input_activations=act.model_copy(deep=True) if act is not None else None)
+    if format_for_scheme(QuantizationScheme(targets=["Linear"], **kwargs)) != fmt:
+        raise RuntimeError(f"mxpass.checkpoint: the compressed-tensors scheme of {fmt.name} does not map back")
+    return kwargs
+
+
+def stored_format(fmt: Format) -> str:
+    """The compressed-tensors format name a checkpoint of ``fmt`` is stored as."""
+    return {"mxfp8": "mxfp8-quantized", "fp8": "float-quantized", "int8": "int-quantized"}[fmt.family]
