@@ -279,3 +279,17 @@ def test_standins_are_never_used_silently(checkpoints):
                                         r"'fp8-dynamic'.*compile with scheme='fp8-dynamic' or with no "
                                         r"scheme \(asked for 'mxfp8'\)"):
         _logits(model, mxpass.backend(scheme="mxfp8", ignore=list(info.ignore), compiler="eager"), ids)
+
+
+def test_block_scale_may_be_named_weight_scale_inv(checkpoints, tmp_path):
+    """DeepSeek-style block checkpoints call the same multiplier ``weight_scale_inv``."""
+    path = _copy(checkpoints["FP8_BLOCK"][0], tmp_path / "inv")
+    _rewrite_tensors(path, lambda t: t.update(
+        {k + "_inv": t.pop(k) for k in [k for k in t if k.endswith(".weight_scale")]}))
+    model, ref = mxpass.load(path), mxpass.load(checkpoints["FP8_BLOCK"][0])
+    fmt = get_format("fp8-block")
+    assert checkpoint.info(model).formats == checkpoint.info(ref).formats
+    for fqn in checkpoint.info(model).formats:
+        got = quantized_weight(model.get_submodule(fqn).weight, fmt, False, fqn)
+        want = quantized_weight(ref.get_submodule(fqn).weight, fmt, False, fqn)
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)), fqn
