@@ -9,13 +9,13 @@
 from mxpass import ops  # noqa: F401  (defines the mxpass:: ops)
 from mxpass.backend import MxpassBackend, backend, compile
 from mxpass.calibrate import calibrate
-from mxpass.checkpoint import load
+from mxpass.checkpoint import load, save
 from mxpass.config import QuantConfig
 from mxpass.formats import Format, format_names, get_format
 from mxpass.report import Report, last_report, reports
 
 __all__ = [
     "MxpassBackend", "backend", "calibrate", "compile", "QuantConfig", "Format", "format_names",
-    "get_format", "load", "Report", "last_report", "reports",
+    "get_format", "load", "Report", "last_report", "reports", "save",
 ]
 __version__ = "0.1.0"

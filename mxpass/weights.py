@@ -139,6 +139,11 @@ def quantized_experts(param: torch.Tensor, fmt: Format, name: str,
     return _cached(param, (fmt.name, "experts", rows), name, compute)
 
 
+def cache_keys(param: torch.Tensor) -> list[tuple]:
+    """The keys of ``param``'s entries: (format, transposed) or (format, "experts", rows)."""
+    return list((_CACHE.get(param) or {}).keys())
+
+
 def cache_size() -> int:
     """Number of (Parameter, format) entries alive (for tests)."""
     return sum(len(v) for v in _CACHE.values())

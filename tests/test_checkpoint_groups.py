@@ -127,3 +127,29 @@ def test_a_group_mxpass_cannot_run_is_a_clear_error(mixed, tmp_path, change, err
     path = _edit_config(mixed[0], tmp_path / "bad", change)
     with pytest.raises(error, match=match):
         mxpass.load(path)
+
+
+def test_saving_the_loaded_model_round_trips_every_group(mixed, tmp_path):
+    """A loaded model saves without compiling (the cache holds its stored tensors): one config
+    group per format, exact-name targets; compressed-tensors decompresses it."""
+    import json
+    import os
+
+    from tests.test_checkpoint_save import _check_decompressed
+
+    path, original, model = mixed
+    out = str(tmp_path / "resaved")
+    assert mxpass.save(model, out) == EXPECTED
+    with open(os.path.join(out, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["format"] == "mixed-precision" and len(qc["config_groups"]) == 4
+    assert sorted(qc["ignore"]) == sorted(checkpoint.info(model).kept)
+    again = mxpass.load(out)
+    for what in ("formats", "activation_scales", "kept"):
+        assert getattr(checkpoint.info(again), what) == getattr(checkpoint.info(model), what), what
+    for fqn, name in EXPECTED.items():
+        fmt = get_format(name)
+        got = quantized_weight(again.get_submodule(fqn).weight, fmt, False, fqn)
+        want = quantized_weight(model.get_submodule(fqn).weight, fmt, False, fqn)
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)), fqn
+    _check_decompressed(out, model, EXPECTED)

@@ -1,0 +1,198 @@
+"""``mxpass.save``: write a model quantized by mxpass as a compressed-tensors checkpoint.
+
+    fast = torch.compile(model, backend=mxpass.backend)
+    fast(example)                      # compiling quantizes (and caches) the weights
+    mxpass.save(fast, "out/")          # or mxpass.save(model, "out/", scheme="mxfp8") without compiling
+
+Which Linears are written quantized, and in which format:
+  - ``scheme`` given: every Linear that the linear pass would quantize with that scheme (the
+    same rules: lm_head, router gates, ``ignore``, K not a multiple of the block; a layer
+    loaded quantized keeps its data and must be in that scheme), quantized now where mxpass's
+    weight cache has no entry yet;
+  - no scheme: the Linears mxpass's weight cache holds quantized (a compile, or a load),
+    each in its format; a weight quantized in several formats is an error (pass ``scheme``).
+Everything else is written as it is in the model. The files: ``config.json`` (the model's
+config plus a ``quantization_config`` that compressed-tensors validates: one config group
+per format), safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n`` with an
+index past ``max_shard_bytes``). Stored layouts are the ones the compressed-tensors reader
+reads (compressed_tensors.py); MXFP8 E8M0 scales as uint8, other scales and static input
+scales in the model dtype when that holds them exactly (it does for scales mxpass computes
+from weights in that dtype), else float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import torch
+from safetensors.torch import save_file
+
+from mxpass.checkpoint.compressed_tensors import (CompressedTensorsReader, read_quantization_config,
+                                                  scheme_args, stored_format)
+from mxpass.checkpoint.loader import _tied_weights
+from mxpass.checkpoint.tensors import INDEX, SINGLE, SafetensorsIndex
+from mxpass.config import QuantConfig
+from mxpass.formats import Format, get_format
+from mxpass.passes.linear import layer_format
+from mxpass.weights import cache_keys, cached_weights, input_scale, prequantized_scheme, quantized_weight
+
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` if that represents every value exactly, else in float32."""
+    low = t.to(dtype)
+    return low if torch.equal(low.float(), t.float()) else t.float()
+
+
+def _stored_scale(fmt: Format, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if fmt.family == "mxfp8":
+        return scale.view(torch.uint8)  # E8M0 bytes, as compressed-tensors stores them
+    return _exact_in(scale, dtype)
+
+
+def _choose(model, config: QuantConfig, explicit: bool) -> tuple[dict, list[str]]:
+    """({fqn: (fmt, data, scale, input scale)}, [Linears written unquantized])."""
+    tied = _tied_weights(model)
+    layers, kept = {}, []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        param = module.weight
+        n, k = param.shape
+        if explicit:
+            fmt, reason = layer_format(param, fqn, n, k, config, tied=f"{fqn}.weight" in tied)
+            if fmt is None:
+                kept.append(fqn)
+                continue
+        else:
+            stored = prequantized_scheme(param)
+            cached = cached_weights(param)
+            if stored is None and len(cached) > 1:
+                raise ValueError(f"mxpass.save: {fqn} is quantized in several formats ({', '.join(cached)}); "
+                                 "pass scheme= to choose one")
+            if stored is None and not cached:
+                kept.append(fqn)
+                continue
+            fmt = get_format(stored or next(iter(cached)))
+        if f"{fqn}.weight" in tied:
+            raise NotImplementedError(f"mxpass.save: {fqn} shares its weight with another module (tied "
+                                      "embeddings); a quantized tied weight cannot be written")
+        data, scale = quantized_weight(param, fmt, False, fqn)
+        act = None
+        if fmt.static_activation:
+            act = config.activation_scale(fqn)
+            act = act if act is not None else input_scale(param, fmt)
+            if act is None:
+                raise ValueError(f"mxpass.save: {fqn} ({fmt.name}) needs a static input scale and none is "
+                                 "known (pass activation_scales=, or compile with them first)")
+        layers[fqn] = (fmt, data, scale, act)
+    return layers, kept
+
+
+def _quantization_config(layers: dict, kept: list[str]) -> dict:
+    from compressed_tensors import __version__
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    by_format: dict[str, list[str]] = {}
+    for fqn, (fmt, *_rest) in layers.items():
+        by_format.setdefault(fmt.name, []).append(fqn)
+    groups = {}
+    for i, (name, fqns) in enumerate(by_format.items()):
+        fmt = get_format(name)
+        targets = ["Linear"] if len(by_format) == 1 else fqns  # exact names beat the class
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, format=stored_format(fmt), **scheme_args(fmt))
+    formats = {s.format for s in groups.values()}
+    qconfig = QuantizationConfig(config_groups=groups, ignore=list(kept), quantization_status="compressed",
+                                 format=formats.pop() if len(formats) == 1 else "mixed-precision")
+    # the fields compressed-tensors' ModelCompressor.update_config writes
+    return {"version": __version__, "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **qconfig.model_dump(mode="json", exclude=["quant_method"])}
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save(model: torch.nn.Module, out_dir: str, scheme: str | None = None, *, ignore=(),
+         quantize_lm_head: bool = False, activation_scales: dict[str, float] | None = None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
+    """Write ``model`` (or its ``torch.compile`` wrapper) to ``out_dir`` as a compressed-tensors
+    checkpoint (module docstring). Returns {module path: mxpass format} of the layers written
+    quantized."""
+    model = getattr(model, "_orig_mod", model)
+    config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head,
+                         activation_scales=activation_scales or {})
+    layers, kept = _choose(model, config, explicit=scheme is not None)
+    if not layers:
+        raise ValueError("mxpass.save: no layer of the model is quantized (compile it with the mxpass "
+                         "backend first, or pass scheme=)")
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in model.named_parameters():
+        if id(p) not in linear_weights and prequantized_scheme(p) is not None:
+            raise NotImplementedError(f"mxpass.save: {name} was loaded quantized and is not a Linear weight; "
+                                      "mxpass.save writes quantized Linears only")
+        if p.dim() == 3 and any(len(k) == 3 for k in cache_keys(p)):
+            warnings.warn(f"mxpass.save: {name} (experts) is written in the model dtype; saving "
+                          "quantized experts is not supported", stacklevel=2)
+
+    tensors: dict[str, torch.Tensor] = {}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # the copies, not the source
+    quantized_weights = {f"{fqn}.weight" for fqn in layers}
+    for key, value in model.state_dict().items():
+        if key in quantized_weights or key in tied:
+            continue
+        if prequantized_scheme(value) is not None:
+            raise ValueError(f"mxpass.save: {key} is a loaded stand-in without data that is not written quantized")
+        tensors[key] = value
+    for fqn, (fmt, data, scale, act) in layers.items():
+        dtype = model.get_submodule(fqn).weight.dtype
+        tensors[f"{fqn}.weight"] = data
+        tensors[f"{fqn}.weight_scale"] = _stored_scale(fmt, scale, dtype)
+        if act is not None:
+            tensors[f"{fqn}.input_scale"] = _exact_in(torch.tensor([act], dtype=torch.float32), dtype)
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    file = os.path.join(out_dir, "config.json")
+    with open(file) as f:
+        hf_config = json.load(f)
+    hf_config["quantization_config"] = _quantization_config(layers, kept)
+    read_quantization_config(hf_config)  # compressed-tensors validates it
+    with open(file, "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+
+    shards = _shards(tensors, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for stale in os.listdir(out_dir):  # a previous save's weights
+        if stale in (INDEX, SINGLE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
+            os.remove(os.path.join(out_dir, stale))
+    for name, keys in zip(names, shards):
+        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys},
+                  os.path.join(out_dir, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        with open(os.path.join(out_dir, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+
+    # what was written reads back as planned
+    plan = CompressedTensorsReader().plan(hf_config["quantization_config"], model, SafetensorsIndex(out_dir))
+    written = {fqn: lp.fmt.name for fqn, lp in plan.layers.items()}
+    expected = {fqn: fmt.name for fqn, (fmt, *_rest) in layers.items()}
+    if written != expected:
+        raise RuntimeError(f"mxpass.save: the written config plans {written}, not {expected}")
+    return expected
+
