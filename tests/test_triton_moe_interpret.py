@@ -1,0 +1,120 @@
+"""Fused MoE Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
+
+Shape legend: T tokens, A active experts per token, E experts, H hidden, I expert intermediate.
+
+The interpreter is chosen when the kernels are defined, so the checks run in a child
+process. fp16 inputs: with triton 3.9 the interpreter's ``tl.dot`` on bf16 operands is
+wrong, fp16 is right. Tiny shapes; every path (decode GEMV, grouped with atomic or ordered
+top-k sum, the ops' default plan) is compared with ``mxpass.ops.moe_reference`` for every
+weight granularity, and the unquantized path with ``experts_reference``, on fresh random
+routing: T = 0, T = 1, experts that receive no token, every token on one expert,
+duplicate ids, and ids outside [0, E) (which must contribute nothing).
+
+Tolerance 2**-10 (relative Frobenius): y is rounded to fp16 once in both (2**-11), and h
+is rounded to fp16 in both before the down projection; the fp32 sums differ only in
+order, which can move h by one fp16 ulp and then, for the W8A8 formats, one element of
+the quantized h by one e4m3 step. Measured: 0 to 1.4e-5. A wrong expert, row or scale
+gives errors of order 1.
+"""
+
+import textwrap
+
+from tests.conftest import run_under_triton_interpreter
+
+_CHILD = textwrap.dedent(
+    """
+    import torch
+    import mxpass.kernels.triton.moe as mk
+    from mxpass import quant
+    from mxpass.formats import get_format
+    from mxpass.ops import experts_reference, moe_reference
+
+    torch.manual_seed(0)
+    E, A = 5, 2
+    # H: 5 MX blocks, 2 partial 128-wide scale columns, tails in the 64/128-wide K steps;
+    # I: 2I = 192 rows, so the up rows start inside a 128-row scale block
+    H, I = 160, 96
+
+    def experts(fmt, w):
+        parts = [quant.quantize_weight(fmt, w[e].contiguous(), f"w[{e}]") for e in range(w.shape[0])]
+        return torch.stack([d for d, _ in parts]), torch.stack([s for _, s in parts])
+
+    def rel(y, ref):
+        return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+    g16 = mk.Grouped(16, 32, 32)
+    gemv = mk.Gemv(64, 64, 2)  # N and K tails at H = 160, I = 96
+    plans = {
+        "decode": mk.Plan(10**6, gemv, gemv, (mk.Regime(10**6 + 1, None, g16, g16),)),
+        "grouped": mk.Plan(0, gemv, gemv, (mk.Regime(1, 9, g16, mk.Grouped(16, 64, 32)),
+                                           mk.Regime(9, None, mk.Grouped(32, 64, 64, num_warps=2), g16))),
+        "grouped-sum": mk.Plan(0, gemv, gemv, (mk.Regime(1, None, g16, g16),), atomic=False),
+    }
+
+    def routings():
+        yield "T=0", torch.zeros(0, A, dtype=torch.long)
+        yield "T=1", torch.randint(0, E, (1, A))
+        yield "empty experts", torch.tensor([0, 2, 3])[torch.randint(0, 3, (6, A))]  # 1 and 4 get none
+        one = torch.randint(0, E, (7, A)); one[:, 0] = 3
+        yield "all on expert 3", one
+        yield "duplicates", torch.full((3, A), 4)
+
+    w13f = (torch.randn(E, 2 * I, H) * 0.1).half()
+    w2f = (torch.randn(E, H, I) * 0.1).half()
+    # every routing and path for one format per scale kind (mx32, block, channel + int8,
+    # unquantized); the others on two routings (the interpreter is slow)
+    full = {"mxfp8", "fp8-w-block", "int8", None}
+    cases = [None, "mxfp8", "fp8-w-block", "int8", "mxfp8-w", "fp8-dynamic", "fp8-w", "fp8-w-tensor"]
+    for name in cases:
+        fmt = None if name is None else get_format(name)
+        if fmt is None:
+            q13, s13, q2, s2 = w13f, torch.empty(0), w2f, torch.empty(0)
+            ref_fn = lambda x, ids, tw: experts_reference(x, ids, tw, w13f, w2f, "silu")
+        else:
+            (q13, s13), (q2, s2) = experts(fmt, w13f), experts(fmt, w2f)
+            ref_fn = lambda x, ids, tw: moe_reference(x, ids, tw, q13, s13, q2, s2, fmt, "silu")
+        for what, ids in routings():
+            if name not in full and what not in ("T=1", "all on expert 3"):
+                continue
+            T = ids.shape[0]
+            x = torch.randn(T, H).half()
+            tw = torch.rand(T, A)
+            ref = ref_fn(x, ids, tw)
+            outs = {p: mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan) for p, plan in plans.items()
+                    if (p != "decode" or T <= 3) and (name in full or p != "grouped-sum")}
+            # the two triton_ops with their default plan; int32 ids, fp16 routing weights
+            outs["op"] = mk.moe_triton(x, ids.int(), tw.half(), q13, s13, q2, s2, fmt)
+            for p, y in outs.items():
+                assert y.shape == (T, H) and y.dtype == torch.float16, (name, what, p, y.shape, y.dtype)
+                if T:
+                    err = rel(y, ref if p != "op" else ref_fn(x, ids, tw.half()))
+                    assert err <= 2.0**-10, (name, what, p, err)
+        if name not in full:
+            continue
+        # ids outside [0, E): those slots contribute nothing (reference: weight 0 on a valid id)
+        ids = torch.tensor([[1, -1], [E, 2], [0, 3], [2**40, 1]])
+        x, tw = torch.randn(4, H).half(), torch.rand(4, A)
+        bad = (ids < 0) | (ids >= E)
+        ref = ref_fn(x, ids.masked_fill(bad, 0), tw.masked_fill(bad, 0.0))
+        for p, plan in plans.items():
+            err = rel(mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan), ref)
+            assert err <= 2.0**-10, (name, "out of range", p, err)
+
+    # the alignment: offsets = exclusive prefix sum of the valid ids' counts; each expert's
+    # segment of sorted_slots holds exactly its slots
+    ids = torch.tensor([0, 2, 3, 3, 7, 2, -2, 3, 0, 3]).view(5, 2)
+    _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids, w13f[:, :64, :64].contiguous(),
+                                                        torch.empty(0), "none", plans["grouped"])
+    flat = ids.view(-1)
+    counts = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
+    assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()], offsets
+    for e in range(E):
+        seg = sorted_slots[offsets[e]:offsets[e + 1]].tolist()
+        assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (e, seg)
+    print("ok")
+    """
+)
+
+
+def test_moe_kernels_under_triton_interpreter():
+    run_under_triton_interpreter(_CHILD, timeout=300)
