@@ -293,3 +293,16 @@ def test_block_scale_may_be_named_weight_scale_inv(checkpoints, tmp_path):
         got = quantized_weight(model.get_submodule(fqn).weight, fmt, False, fqn)
         want = quantized_weight(ref.get_submodule(fqn).weight, fmt, False, fqn)
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)), fqn
+
+
+def test_scheme_at_load_quantizes_what_the_checkpoint_left(checkpoints):
+    """load(quantized, scheme=) keeps the stored layers and quantizes the rest while reading
+    (mxpass's rules: lm_head stays)."""
+    path, original = checkpoints["MXFP8"]
+    model = mxpass.load(path, scheme="mxfp8")
+    info = checkpoint.info(model)
+    assert info.online == ("model.layers.1.mlp.down_proj",) and len(info.formats) == 14
+    assert info.kept == {"lm_head": "output embedding (lm_head) stays in the model dtype"}
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    got = _logits(model, mxpass.backend(compiler="eager"), ids)
+    assert torch.equal(got, _logits(original, mxpass.backend(scheme="mxfp8", compiler="eager"), ids))
