@@ -93,3 +93,12 @@ def test_plain_load_without_scheme_is_the_bf16_model(plain):
 def test_static_scheme_cannot_be_loaded_online(plain):
     with pytest.raises(ValueError, match="scheme 'fp8' needs static activation scales"):
         mxpass.load(plain[0], scheme="fp8")
+
+
+def test_progress_bar_on_request_or_on_a_terminal(plain, capsys):
+    mxpass.load(plain[0], scheme="mxfp8", progress=True)
+    err = capsys.readouterr().err
+    assert "mxpass.load" in err and "100%" in err
+    for progress in (False, None):  # None: only on a terminal, and pytest's stderr is not one
+        mxpass.load(plain[0], progress=progress)
+        assert capsys.readouterr().err == ""

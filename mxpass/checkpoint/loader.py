@@ -222,7 +222,7 @@ def _progress_bar(total: int, progress: bool | None):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="mxpass.load", leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="mxpass.load")
 
 
 def _online_plan(plan: Plan, linears: dict, fmt: Format, config: QuantConfig, tied: set[str],
