@@ -165,6 +165,52 @@ class IntMMLinear:
         return y.to(x.dtype)
 
 
+class CudaW8A8Gemv:
+    """Small-M W8A8 linear on FP8 / INT8 tensor cores (kernels/cuda/w8a8_gemv.cu): the weight
+    streams straight into ``mma.sync`` operands, the activation is really quantized (fused
+    into its producer). Taken only when the graph's M is static and at most 16 (decode
+    graphs: Dynamo specializes M = 1); a dynamic-M graph keeps the kernel that serves every M.
+    Built on first use with the CUDA toolkit's nvcc."""
+
+    name = "cuda_w8a8_gemv"
+    _GROUP = {"channel": 0, "tensor": 0, "block": 128}
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        ok, reason = _cuda_capability(device, (8, 9), "its FP8/INT8 mma.sync build")
+        if not ok:
+            return ok, reason
+        from mxpass.kernels.cuda import w8a8_gemv
+
+        try:
+            w8a8_gemv.library(device)
+        except w8a8_gemv.BuildError as e:
+            return False, str(e).splitlines()[0]
+        return True, ""
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.cuda.w8a8_gemv import MAX_M, shape_problem
+
+        if problem.m is None:
+            return False, "M is dynamic in this graph (this kernel is picked for a static M <= 16)"
+        if problem.m > MAX_M:
+            return False, f"M={problem.m} > {MAX_M}"
+        ok, reason = _half_precision(problem)
+        if not ok:
+            return ok, reason
+        group = self._GROUP.get(problem.fmt.weight_granularity)
+        if group is None or problem.fmt.activation is None:
+            return False, f"{problem.fmt.name} is not a W8A8 FP8/INT8 scheme"
+        why = shape_problem(problem.k, group)
+        return (False, why) if why else (True, "")
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        from mxpass.kernels.cuda import w8a8_gemv  # noqa: F401  (registers the op)
+
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        b = None if bias is None else bias.to(x.dtype)
+        return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, self._GROUP[fmt.weight_granularity], x.dtype)
+
+
 class ReferenceMoE:
     """Every expert on every token with dequantized weights, fp32 matmuls, a gather (any device)."""
 
@@ -206,13 +252,13 @@ class TritonMoE:
 
 
 def candidates() -> dict[RegistryKey, list[Kernel]]:
-    ref, dequant = ReferenceLinear(), DequantMMLinear()
+    ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
     first = {
         "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
-        "fp8-dynamic": [ScaledMMLinear("rowwise")], "fp8": [ScaledMMLinear("tensorwise")],
-        "int8": [IntMMLinear()], "int8-static": [IntMMLinear()],
+        "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
+        "int8": [gemv, IntMMLinear()], "int8-static": [gemv, IntMMLinear()],
         "fp8-w": [TritonW8Linear()], "fp8-w-tensor": [TritonW8Linear()], "fp8-w-block": [TritonW8Linear()],
-        "fp8-block": [TritonW8Linear()],
+        "fp8-block": [gemv, TritonW8Linear()],
     }
     table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
     table.update({RegistryKey("moe", name): [TritonMoE(), ReferenceMoE()] for name in format_names()})

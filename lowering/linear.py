@@ -24,9 +24,16 @@ def linear_lowered(x, qweight, wscale, bias, act_scale, fmt: str):
     ``wscale`` of an MX format is the E8M0 scale or its uint8 storage (both decode the same way)."""
     f = get_format(fmt)
     n, k = qweight.shape
-    choice = choose(Problem("linear", f, x.device, k, n, x.dtype))
-    y = choice.kernel.run(x.reshape(-1, k), qweight, wscale, bias, act_scale, f)
+    x2 = x.reshape(-1, k)
+    choice = choose(Problem("linear", f, x.device, k, n, x.dtype, static_rows(x2)))
+    y = choice.kernel.run(x2, qweight, wscale, bias, act_scale, f)
     return y.reshape(*x.shape[:-1], n)
+
+
+def static_rows(x2) -> int | None:
+    """M of an [M, K] activation when the graph fixed it (an int), None when it is symbolic."""
+    m = x2.shape[0]
+    return m if isinstance(m, int) else None
 
 
 def _quantize_decomposition(x, fmt: str):

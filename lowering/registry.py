@@ -35,6 +35,7 @@ class Problem(NamedTuple):
     k: int
     n: int
     dtype: torch.dtype
+    m: int | None = None  # rows (tokens) when the graph's M is static, None when it is dynamic
 
 
 class Kernel(Protocol):
@@ -111,11 +112,13 @@ def choose(problem: Problem) -> Choice:
             rejected.append((kernel.name, reason))
             continue
         choice = Choice(kernel, tuple(rejected))
-        key = (problem.op, problem.fmt.name, str(problem.device), problem.k, problem.n, problem.dtype)
+        key = (problem.op, problem.fmt.name, str(problem.device), problem.k, problem.n, problem.dtype,
+               problem.m)
         if key not in _LOGGED:
             _LOGGED.add(key)
-            log.info("mxpass %s %s K=%d N=%d on %s: %s", problem.op, problem.fmt.name,
-                     problem.k, problem.n, problem.device, choice.describe())
+            log.info("mxpass %s %s M=%s K=%d N=%d on %s: %s", problem.op, problem.fmt.name,
+                     "dynamic" if problem.m is None else problem.m, problem.k, problem.n,
+                     problem.device, choice.describe())
         return choice
     reasons = "; ".join(f"{n}: {r}" for n, r in rejected) or "no candidates registered"
     raise NoKernelError(

@@ -106,10 +106,11 @@ def _append_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
     return call
 
 
-def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype, op: str = "linear") -> str:
+def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype, op: str = "linear",
+                   m: int | None = None) -> str:
     from mxpass.lowering.registry import Problem, choose
 
-    return choose(Problem(op, fmt, device, k, n, dtype)).describe()
+    return choose(Problem(op, fmt, device, k, n, dtype, m)).describe()
 
 
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,

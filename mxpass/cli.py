@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--scheme", default="mxfp8", choices=format_names())
     demo.add_argument("--iters", type=int, default=10)
     bench = sub.add_parser("bench", help="benchmarks (GPU): linear op and model forward")
-    bench.add_argument("what", nargs="*", help="linear and/or model (default: both)")
+    bench.add_argument("what", nargs="*", help="linear, model, gemv (default: linear and model)")
     bench.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         from mxpass.benchmarks.suite import run_all
 
-        unknown = set(args.what) - {"linear", "model"}
+        known = ("linear", "model", "gemv")
+        unknown = set(args.what) - set(known)
         if unknown:
-            parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from linear, model")
+            parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(known)}")
         rows = run_all(args.what or ["linear", "model"])
         if args.json:
             with open(args.json, "w") as f:

@@ -79,5 +79,6 @@ def test_registry_lists_cublas_and_falls_back_visibly_on_cpu():
     with torch.no_grad():
         torch.compile(lin, backend=mxpass.backend(scheme="fp8-dynamic", compiler="eager"))(torch.randn(2, 64))
     (entry,) = mxpass.last_report().rewritten
-    assert entry.kernel == ("reference (not picked: cublas_scaled_mm_rowwise: needs a CUDA device, got cpu; "
+    assert entry.kernel == ("reference (not picked: cuda_w8a8_gemv: needs a CUDA device, got cpu; "
+                            "cublas_scaled_mm_rowwise: needs a CUDA device, got cpu; "
                             "dequant_cublas_mm: needs a CUDA device, got cpu)")

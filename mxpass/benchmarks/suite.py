@@ -35,6 +35,12 @@ def run_all(what=("linear", "model")) -> list[dict]:
         lin = linear.run()
         print(linear.format_table(lin))
         rows += [{**r, "bench": r.get("bench", "linear")} for r in lin]
+    if "gemv" in what:
+        from mxpass.benchmarks import gemv
+
+        gem = gemv.run()
+        print(gemv.format_table(gem))
+        rows += gem
     if "model" in what:
         from mxpass.benchmarks import model
 

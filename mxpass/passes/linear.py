@@ -34,7 +34,7 @@ _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
 _MATMUL = {torch.matmul, operator.matmul}
 _ROUTER_NAMES = {"gate", "router"}
 
-# chooser(fmt, device, k, n, activation dtype) -> description of the kernel picked
+# chooser(fmt, device, k, n, activation dtype, m=static rows or None) -> description of the kernel picked
 KernelChooser = Callable[..., str]
 
 
@@ -199,6 +199,15 @@ def _check_dtypes(fqn: str, m: LinearMatch) -> torch.dtype:
     return x_dtype
 
 
+def _static_rows(x: fx.Node, k: int) -> int | None:
+    """Rows of the layer's activation seen as [M, K] when the graph fixed them, else None."""
+    val = x.meta.get("example_value")
+    if val is None:
+        return None
+    numel = val.numel()
+    return numel // k if isinstance(numel, int) and k else None
+
+
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase these (pure view) nodes if nothing uses them any more.
 
@@ -238,7 +247,7 @@ def rewrite_linears(
             report.kept.append(Kept(fqn, reason))
             continue
         x_dtype = _check_dtypes(fqn, m)
-        kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype)
+        kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype, m=_static_rows(m.x, k))
         key = (id(m.param), m.transposed, fmt.name)
         if key not in new_nodes:
             data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)

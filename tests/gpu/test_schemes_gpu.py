@@ -37,5 +37,7 @@ def test_kernel_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
         monkeypatch.delenv("MXPASS_KERNEL")
         torch._dynamo.reset()
         out = torch.compile(model, backend=mxpass.backend(scheme=scheme, **kw))(x)
+    if tokens <= 16 and scheme in ("fp8-dynamic", "fp8", "int8", "int8-static", "fp8-block"):
+        kernel = "cuda_w8a8_gemv"  # a static M <= 16 (each compile here sees one M)
     assert mxpass.last_report().rewritten[0].kernel.startswith(kernel)
     assert rel_err(out, ref) < 2**-7

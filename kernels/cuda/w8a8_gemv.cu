@@ -1,0 +1,303 @@
+// Small-M W8A8 linear on FP8 / INT8 tensor cores (sm_89+): y[M, N] = x[M, K] . w[N, K]^T, M <= 16.
+//
+// Decode-sized batches are bound by the weight bytes. One warp streams a 16-row tile of w
+// straight from memory into the A operand of mma.sync.m16n8k32 (e4m3 x e4m3 or s8 x s8, fp32 /
+// s32 accumulation): no conversion instruction touches a weight byte. x (already quantized by
+// the producer kernel) is the B operand, one n8 tile per 8 rows of x.
+//
+// Operand order inside a k32 step. The dot product does not care which physical k a logical
+// k of the mma stands for, as long as A and B agree. Thread (g = lane / 4, q = lane % 4) holds
+// A elements (rows g and g + 8) at logical columns q*4 .. q*4+3 (registers a0 / a1) and
+// 16 + q*4 .. 16 + q*4 + 3 (a2 / a3), and B elements (column g) at logical rows q*4 .. +3 (b0)
+// and 16 + q*4 .. +3 (b1) (PTX ISA, "Matrix fragments for mma.m16n8k32"). Giving logical
+// columns q*4 + i -> physical q*8 + i and 16 + q*4 + i -> physical q*8 + 4 + i, every thread
+// reads 8 contiguous bytes of its rows of w and x per step. Two steps share one 16-byte load
+// (physical q*16 .. q*16+15: 64 k per pair, inside one 128 block). For MX (GROUP 32) such a
+// pair spans two 32-k blocks (q = 0, 1: the first; q = 2, 3: the second), so each block
+// runs the pair with the other block's threads contributing zeros.
+//
+// Scales: GROUP 0: per-row (or per-tensor, stride 0) x scale times per-row (or per-tensor)
+// w scale, applied once at the end. GROUP 128 (fp8-block): x scale per (row, k/128), w scale
+// per (n/128, k/128), applied per 128 k. GROUP 32 (MXFP8): E8M0 bytes per (row, k/32) for
+// both, applied per step. Partial sums of a 128 / 32 group come from a zeroed accumulator.
+//
+// Split-K: the warps of a block share one 16-row tile and split K; partial tiles are summed
+// through shared memory in a fixed order (deterministic), then scaled, biased and stored.
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kMaxWarps = 8;
+
+template <bool INT8>
+__device__ __forceinline__ void mma_k32(float (&d)[4], int (&di)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (INT8) {
+    asm(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(di[0]), "+r"(di[1]), "+r"(di[2]), "+r"(di[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+}
+
+// Streaming loads: the weight is read once; do not let it evict x or the scales from L1.
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float e8m0_to_float(uint32_t e) {
+  // OCP MX v1.0 E8M0: 2^(e - 127); 255 is NaN; e = 0 is 2^-127 (an fp32 subnormal).
+  const float f = __int_as_float(static_cast<int>(e << 23));
+  return e == 255 ? __int_as_float(0x7fc00000) : (e == 0 ? __int_as_float(0x00400000) : f);
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+struct Args {
+  const uint8_t* x;      // [M, K] e4m3 / int8 bytes
+  const void* xs;        // x scales: GROUP 0 float [M] (stride xs_stride_m, 0 = per tensor);
+                         // GROUP 128 float [M, K/128]; GROUP 32 uint8 [M, K/32]
+  const uint8_t* w;      // [N, K]
+  const void* ws;        // w scales: GROUP 0 float [N] (stride ws_stride_n, 0 = per tensor);
+                         // GROUP 128 float [ceil(N/128), ws_stride_n]; GROUP 32 uint8 [N, K/32]
+  const void* bias;      // [N] in the output dtype, or null
+  void* y;               // [M, N]
+  int M, N, K;
+  int xs_stride_m, ws_stride_n;
+  int k_per_warp;        // multiple of the step (64, or 32 for GROUP 32)
+};
+
+// NT: number of n8 tiles of x (M <= 8 * NT). STEP: physical k per outer iteration.
+template <int NT, int GROUP, bool INT8, typename OutT>
+__global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int K = a.K;
+  const int k_begin = warp * a.k_per_warp;
+  const int k_end = min(K, k_begin + a.k_per_warp);
+
+  // Rows of w this thread reads: n0 + g and n0 + g + 8 (clamped in range; masked at the store).
+  const int r0 = min(n0 + g, a.N - 1), r1 = min(n0 + g + 8, a.N - 1);
+  const uint8_t* w0 = a.w + static_cast<size_t>(r0) * K;
+  const uint8_t* w1 = a.w + static_cast<size_t>(r1) * K;
+  const uint8_t* xr[NT];
+  bool xin[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int m = t * 8 + g;
+    xin[t] = m < a.M;
+    xr[t] = a.x + static_cast<size_t>(xin[t] ? m : 0) * K;
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+
+  // 256 k per iteration: four 16-byte loads per row of w and of x in flight per thread.
+  constexpr int U = 4;
+  const float* xsf = static_cast<const float*>(a.xs);
+  const float* wsf = static_cast<const float*>(a.ws);
+  const uint8_t* xs8 = static_cast<const uint8_t*>(a.xs);
+  const uint8_t* ws8 = static_cast<const uint8_t*>(a.ws);
+  const int kb = K / 32;
+  for (int k0 = k_begin; k0 < k_end; k0 += U * 64) {
+    uint4 wa[U], wb[U], xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 64 + q * 16;
+      const bool in = k0 + u * 64 < k_end;
+      wa[u] = in ? ld_stream16(w0 + k) : make_uint4(0, 0, 0, 0);
+      wb[u] = in ? ld_stream16(w1 + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : make_uint4(0, 0, 0, 0);
+    }
+    if constexpr (GROUP == 32) {
+      // A 64-k load spans two MX blocks: quad threads q = 0, 1 hold block 2u, q = 2, 3 block
+      // 2u + 1. Each block gets two mma steps in which the other block's threads give zeros
+      // (w and x both, so a NaN block cannot leak into its neighbour).
+      const int blk0 = k0 / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
+      const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
+      const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
+      uint2 sx0[NT], sx1[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
+        sx0[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m0) * kb + blk0);
+        sx1[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m1) * kb + blk0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k0 + u * 64 >= k_end) break;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool mine = (q >> 1) == h;
+          const uint4 A = mine ? wa[u] : make_uint4(0, 0, 0, 0), B = mine ? wb[u] : make_uint4(0, 0, 0, 0);
+          const int b = 2 * u + h, sh = (b & 3) * 8;
+          const float fw0 = e8m0_to_float(((b < 4 ? sw0.x : sw0.y) >> sh) & 0xff);
+          const float fw1 = e8m0_to_float(((b < 4 ? sw1.x : sw1.y) >> sh) & 0xff);
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            const uint4 X = mine ? xv[u][t] : make_uint4(0, 0, 0, 0);
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            int di[4];
+            mma_k32<false>(d, di, A.x, B.x, A.y, B.y, X.x, X.y);
+            mma_k32<false>(d, di, A.z, B.z, A.w, B.w, X.z, X.w);
+            // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
+            const float fx0 = e8m0_to_float(((b < 4 ? sx0[t].x : sx0[t].y) >> sh) & 0xff);
+            const float fx1 = e8m0_to_float(((b < 4 ? sx1[t].x : sx1[t].y) >> sh) & 0xff);
+            acc[t][0] = fmaf(d[0], fw0 * fx0, acc[t][0]);
+            acc[t][1] = fmaf(d[1], fw0 * fx1, acc[t][1]);
+            acc[t][2] = fmaf(d[2], fw1 * fx0, acc[t][2]);
+            acc[t][3] = fmaf(d[3], fw1 * fx1, acc[t][3]);
+          }
+        }
+      }
+    } else {
+      // Two 64-k steps (128 k, one fp8-block group) into a fresh accumulator, then added:
+      // chaining every mma.sync into one accumulator serializes on its latency (measured
+      // 25 vs 18 us at M = 1, K x N = 4096 x 12288).
+#pragma unroll
+      for (int u = 0; u < U; u += 2) {
+        if (k0 + u * 64 >= k_end) break;
+        const int blk = (k0 + u * 64) / 128;
+        const float sw = GROUP == 128 ? wsf[static_cast<size_t>(n0 / 128) * a.ws_stride_n + blk] : 1.f;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          int di[4] = {0, 0, 0, 0};
+#pragma unroll
+          for (int v = u; v < u + 2; ++v) {
+            mma_k32<INT8>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][t].x, xv[v][t].y);
+            mma_k32<INT8>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][t].z, xv[v][t].w);
+          }
+          if constexpr (INT8) {
+            // |sum| <= 127 * 127 * 128 < 2^24: exact in fp32
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[t][i] += static_cast<float>(di[i]);
+          } else if constexpr (GROUP == 0) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[t][i] += d[i];
+          } else {
+            const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
+            const float sx0 = xsf[static_cast<size_t>(m0) * a.xs_stride_m + blk];
+            const float sx1 = xsf[static_cast<size_t>(m1) * a.xs_stride_m + blk];
+            acc[t][0] = fmaf(d[0], sw * sx0, acc[t][0]);
+            acc[t][1] = fmaf(d[1], sw * sx1, acc[t][1]);
+            acc[t][2] = fmaf(d[2], sw * sx0, acc[t][2]);
+            acc[t][3] = fmaf(d[3], sw * sx1, acc[t][3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Split-K reduction in a fixed order: warp w writes its tile, warp 0 sums w = 0, 1, ...
+  __shared__ float part[kMaxWarps - 1][NT][4][32];
+  if (nwarps > 1) {
+    if (warp > 0) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[warp - 1][t][i][lane] = acc[t][i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 1; w < nwarps; ++w)
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] += part[w - 1][t][i][lane];
+  }
+
+  const OutT* bias = static_cast<const OutT*>(a.bias);
+  OutT* y = static_cast<OutT*>(a.y);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = n0 + g + (i >= 2 ? 8 : 0);
+      const int m = t * 8 + q * 2 + (i & 1);
+      if (n >= a.N || m >= a.M) continue;
+      float v = acc[t][i];
+      if constexpr (GROUP == 0) {
+        v *= static_cast<const float*>(a.xs)[static_cast<size_t>(m) * a.xs_stride_m] *
+             static_cast<const float*>(a.ws)[static_cast<size_t>(n) * a.ws_stride_n];
+      }
+      if (bias != nullptr) v += to_float(bias[n]);
+      y[static_cast<size_t>(m) * a.N + n] = from_float<OutT>(v);
+    }
+}
+
+template <int NT, int GROUP, bool INT8, typename OutT>
+cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
+  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT>;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<dim3((a.N + 15) / 16), dim3(warps * 32), smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// smem: dynamic shared memory per block that the kernel does not use; it caps the blocks per
+// SM (fewer, longer weight streams per SM read DRAM faster here; see the notes).
+template <int GROUP, bool INT8, typename OutT>
+cudaError_t launch_typed(const Args& a, int warps, int smem, cudaStream_t stream) {
+  return a.M <= 8 ? launch_nt<1, GROUP, INT8, OutT>(a, warps, smem, stream)
+                  : launch_nt<2, GROUP, INT8, OutT>(a, warps, smem, stream);
+}
+
+}  // namespace
+
+// group: 0 (per-row / per-tensor scales), 32 (MXFP8, E8M0 byte scales), 128 (fp8-block).
+// int8: operands are int8 (group must be 0). out_bf16: output (and bias) bf16, else fp16.
+// warps: 1..8, splitting K; k_per_warp: a multiple of 128 (256 for group 32); smem: see launch_typed.
+extern "C" int mxpass_w8a8_gemv(const void* x, const void* xs, int xs_stride_m, const void* w,
+                                const void* ws, int ws_stride_n, const void* bias, void* y, int M,
+                                int N, int K, int group, int int8, int out_bf16, int warps,
+                                int k_per_warp, int smem, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return 0;
+  Args a{static_cast<const uint8_t*>(x), xs, static_cast<const uint8_t*>(w), ws, bias, y,
+         M, N, K, xs_stride_m, ws_stride_n, k_per_warp};
+  cudaError_t err;
+  if (int8) {
+    err = out_bf16 ? launch_typed<0, true, __nv_bfloat16>(a, warps, smem, stream)
+                   : launch_typed<0, true, __half>(a, warps, smem, stream);
+  } else if (group == 32) {
+    err = out_bf16 ? launch_typed<32, false, __nv_bfloat16>(a, warps, smem, stream)
+                   : launch_typed<32, false, __half>(a, warps, smem, stream);
+  } else if (group == 128) {
+    err = out_bf16 ? launch_typed<128, false, __nv_bfloat16>(a, warps, smem, stream)
+                   : launch_typed<128, false, __half>(a, warps, smem, stream);
+  } else {
+    err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, smem, stream)
+                   : launch_typed<0, false, __half>(a, warps, smem, stream);
+  }
+  return static_cast<int>(err);
+}

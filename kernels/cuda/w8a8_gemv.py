@@ -1,0 +1,191 @@
+"""Small-M W8A8 linear on FP8 / INT8 tensor cores: the CUDA kernel of ``w8a8_gemv.cu`` as
+the custom op ``mxpass::w8a8_gemv``.
+
+    y = mxpass.ops w8a8_gemv(xq [M, K], xs, qweight [N, K], wscale, bias, group, out_dtype)
+
+M <= 16 (decode batches). ``xq`` is the activation already quantized (e4m3 or int8) with
+its scale ``xs``; the weight is mxpass's stored layout. ``group``: 0 (per-token or
+per-tensor activation scale x per-channel or per-tensor weight scale), 128 (fp8-block:
+1x128 activation groups, 128x128 weight blocks), 32 (MXFP8: E8M0 scales per 32 along K).
+
+The kernel is compiled on first use with the nvcc of the CUDA toolkit that torch finds
+(``torch.utils.cpp_extension.CUDA_HOME``) for this GPU's architecture, into a small shared
+library with a C entry point (no torch headers: ~5 s instead of a minute), cached under
+``$MXPASS_CACHE`` (default ``~/.cache/mxpass``) by source hash, and loaded with ctypes.
+It launches on the current CUDA stream, so it is captured by CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+MAX_M = 16
+_SOURCE = os.path.join(os.path.dirname(__file__), "w8a8_gemv.cu")
+_LOCK = threading.Lock()
+_LIBS: dict[tuple[int, int], ctypes.CDLL] = {}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def nvcc_path() -> str | None:
+    """The nvcc that builds the kernel, or None when there is no CUDA toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME:
+        path = os.path.join(CUDA_HOME, "bin", "nvcc")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _build(capability: tuple[int, int]) -> str:
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise BuildError("mxpass: the CUDA W8A8 GEMV needs nvcc (a CUDA toolkit; set CUDA_HOME)")
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    arch = f"sm_{capability[0]}{capability[1]}"
+    key = hashlib.sha256(source + arch.encode() + nvcc.encode()).hexdigest()[:16]
+    root = os.environ.get("MXPASS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mxpass"))
+    out_dir = os.path.join(root, "cuda", key)
+    lib = os.path.join(out_dir, "libmxpass_w8a8_gemv.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", "-o", tmp, _SOURCE]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise BuildError(f"mxpass: building the CUDA W8A8 GEMV failed ({' '.join(cmd)}):\n{proc.stderr}")
+    os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+    return lib
+
+
+def library(device: torch.device) -> ctypes.CDLL:
+    cap = torch.cuda.get_device_capability(device)
+    with _LOCK:
+        if cap not in _LIBS:
+            lib = ctypes.CDLL(_build(cap))
+            fn = lib.mxpass_w8a8_gemv
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_void_p]
+            _LIBS[cap] = lib
+        return _LIBS[cap]
+
+
+def _step(group: int) -> int:
+    return {0: 128, 128: 128, 32: 256}[group]
+
+
+def shape_problem(k: int, group: int) -> str | None:
+    """Why the kernel cannot take in-features ``k`` with scale groups ``group`` (None: it can)."""
+    if k % _step(group):
+        return f"K={k} must be a multiple of {_step(group)}"
+    return None
+
+
+def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int]:
+    """(warps per block, K per warp): enough warps in flight to cover memory latency.
+
+    A block owns 16 output rows; its warps split K. Aim for ~32 warps per SM over the grid
+    (8 warps per block at most), each warp with at least 256 k."""
+    step = _step(group)
+    tiles = -(-n // 16)
+    warps = 1
+    while warps < 8 and tiles * warps < num_sms * 32 and k // (warps * 2) >= 256:
+        warps *= 2
+    per = -(-k // warps)
+    per = -(-per // step) * step
+    return -(-k // per), per
+
+
+def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
+    m, k = xq.shape
+    n = w.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"mxpass::w8a8_gemv: M={m} rows; the kernel takes at most {MAX_M}")
+    if w.shape[1] != k:
+        raise ValueError(f"mxpass::w8a8_gemv: x has K={k}, weight {tuple(w.shape)}")
+    why = shape_problem(k, group)
+    if why:
+        raise ValueError(f"mxpass::w8a8_gemv: {why}")
+    int8 = xq.dtype == torch.int8
+    if xq.dtype not in (torch.float8_e4m3fn, torch.int8) or w.dtype != xq.dtype:
+        raise TypeError(f"mxpass::w8a8_gemv: x and weight must both be float8_e4m3fn or int8, got "
+                        f"{xq.dtype} and {w.dtype}")
+    if int8 and group != 0:
+        raise ValueError("mxpass::w8a8_gemv: int8 takes per-token/per-tensor scales only (group 0)")
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"mxpass::w8a8_gemv: output must be bf16 or fp16, got {out_dtype}")
+    if bias is not None and (bias.dtype != out_dtype or bias.numel() != n):
+        raise ValueError(f"mxpass::w8a8_gemv: bias must be [{n}] {out_dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
+    """(xs, xs row stride, ws, ws row stride) as the kernel reads them."""
+    if group == 32:
+        xs8, ws8 = xs.reshape(m, k // 32), ws.reshape(n, k // 32)
+        return xs8.view(torch.uint8).contiguous(), 0, ws8.view(torch.uint8).contiguous(), 0
+    if group == 128:
+        kb = -(-k // 128)
+        return xs.reshape(m, kb).float().contiguous(), kb, ws.float().contiguous(), ws.shape[-1]
+    xsf, wsf = xs.reshape(-1).float().contiguous(), ws.reshape(-1).float().contiguous()
+    if xsf.numel() not in (1, m) or wsf.numel() not in (1, n):
+        raise ValueError(f"mxpass::w8a8_gemv: scales {tuple(xs.shape)} / {tuple(ws.shape)} are neither "
+                         f"per-token / per-channel nor per-tensor for M={m}, N={n}")
+    return xsf, int(xsf.numel() != 1), wsf, int(wsf.numel() != 1)
+
+
+def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
+                   smem: int = 0) -> None:
+    """Launch the kernel into ``y`` [M, N] (benchmarks pass their own ``warps`` / ``k_per_warp`` / ``smem``)."""
+    m, k = xq.shape
+    n = w.shape[0]
+    if m == 0:
+        return
+    xq, w = xq.contiguous(), w.contiguous()
+    for t, what in ((xq, "x"), (w, "weight")):
+        if t.data_ptr() % 16:
+            raise ValueError(f"mxpass::w8a8_gemv: {what} must be 16-byte aligned")
+    xs_, xs_stride, ws_, ws_stride = _scale_args(xs, ws, m, n, k, group)
+    if warps is None:
+        warps, k_per_warp = plan(n, k, group, torch.cuda.get_device_properties(xq.device).multi_processor_count)
+    stream = torch.cuda.current_stream(xq.device).cuda_stream
+    err = library(xq.device).mxpass_w8a8_gemv(
+        xq.data_ptr(), xs_.data_ptr(), xs_stride, w.data_ptr(), ws_.data_ptr(), ws_stride,
+        None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), m, n, k, group,
+        int(xq.dtype == torch.int8), int(y.dtype == torch.bfloat16), warps, k_per_warp, smem, stream)
+    if err:
+        raise RuntimeError(f"mxpass::w8a8_gemv: CUDA launch failed (cudaError {err})")
+
+
+@torch.library.custom_op("mxpass::w8a8_gemv", mutates_args=())
+def w8a8_gemv(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+              bias: torch.Tensor | None, group: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """y [M, N] in ``out_dtype`` = (xq * xs) @ (w * ws)^T + bias, fp32 accumulation (module docstring)."""
+    _check(xq, xs, w, ws, bias, group, out_dtype)
+    if xq.device.type != "cuda":
+        raise ValueError(f"mxpass::w8a8_gemv: needs CUDA tensors, got {xq.device}")
+    y = torch.empty(xq.shape[0], w.shape[0], device=xq.device, dtype=out_dtype)
+    w8a8_gemv_into(y, xq, xs, w, ws, bias, group)
+    return y
+
+
+@w8a8_gemv.register_fake
+def _w8a8_gemv_fake(xq, xs, w, ws, bias, group, out_dtype):
+    _check(xq, xs, w, ws, bias, group, out_dtype)
+    return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)

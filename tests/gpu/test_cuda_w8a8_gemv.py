@@ -1,0 +1,100 @@
+"""The CUDA W8A8 GEMV against fp32 math on the same quantized operands, and through the backend."""
+
+import pytest
+import torch
+
+import mxpass
+from mxpass import quant
+from mxpass.formats import get_format
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GROUP = {"channel": 0, "tensor": 0, "block": 128}
+# The kernel's products are exact and it sums in fp32 (another order than the reference):
+# what is left is the output rounding, 2**-9 (bf16) / 2**-11 (fp16) relative per element.
+TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _exact(f, xq, xs, wq, ws, bias):
+    if f.activation == "group":
+        xd = (xq.float().unflatten(-1, (-1, 128)) * xs.float().unsqueeze(-1)).flatten(-2)
+    else:
+        xd = xq.float() * xs.float().reshape(-1, 1)
+    y = xd.double() @ quant.dequantize_weight(f, wq, ws).double().t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8", "fp8-block", "int8", "int8-static"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_fp32_math(scheme, m, dtype):
+    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+
+    f = get_format(scheme)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    k, n = 1280, 200  # N not a multiple of the 16-row tile; several warps split K
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    bias = (torch.randn(n, device="cuda", generator=g) * 0.1).to(dtype) if m % 2 else None
+    act = torch.tensor([0.03], device="cuda") if f.static_activation else None
+    xq, xs = quant.quantize_activation(f, x, act)
+    wq, ws = quant.quantize_weight(f, w, "w")
+    y = w8a8_gemv(xq, xs, wq, ws, bias, GROUP[f.weight_granularity], dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, _exact(f, xq, xs, wq, ws, bias)) < TOL[dtype]
+
+
+def test_large_shape_and_blocks_of_nan():
+    """Llama-8B-sized layer; a NaN activation group makes only its own rows NaN."""
+    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+
+    f = get_format("fp8-block")
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    x[2, 300] = float("nan")
+    w = torch.randn(12288, 4096, device="cuda") * 0.02
+    xq, xs = quant.quantize_activation(f, x, None)
+    wq, ws = quant.quantize_weight(f, w, "w")
+    y = w8a8_gemv(xq, xs, wq, ws, None, 128, torch.bfloat16)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
+    keep = [0, 1, 3]
+    assert rel_err(y[keep], _exact(f, xq[keep], xs[keep], wq, ws, None)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "int8"])
+def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LlamaRMSNorm(1024), torch.nn.Linear(1024, 2048, bias=False)).cuda().bfloat16()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        monkeypatch.setenv("MXPASS_KERNEL", "reference")
+        ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
+        monkeypatch.delenv("MXPASS_KERNEL")
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        fn = torch.compile(model, backend=mxpass.backend(scheme=scheme, cudagraphs=True))
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(x).clone()
+        assert counters["inductor"]["cudagraph_skips"] == 0
+        kernel = mxpass.last_report().rewritten[0].kernel
+        assert kernel.startswith("cuda_w8a8_gemv"), kernel
+        # the reference rounds the fake-quantized activation to bf16 (2**-9) before its matmul
+        assert rel_err(out, ref) < 2.0**-7
+        # a dynamic-M graph keeps the kernel that serves every M, and says why
+        torch._dynamo.reset()
+        dyn = torch.compile(model, backend=mxpass.backend(scheme=scheme), dynamic=True)
+        xs = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+        dyn(xs)
+        kernel = mxpass.last_report().rewritten[0].kernel
+        assert kernel.startswith("cublas_"), kernel
+        assert "cuda_w8a8_gemv: M is dynamic" in kernel

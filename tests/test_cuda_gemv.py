@@ -1,0 +1,106 @@
+"""The CUDA W8A8 GEMV on the CPU machine: registry decision by static M, the op's fake,
+its argument checks and scale layouts, and (where nvcc exists) that the kernel compiles.
+Its numerics are checked on the GPU (tests/gpu/test_cuda_w8a8_gemv.py)."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mxpass.formats import get_format
+from mxpass.kernels.cuda import w8a8_gemv as G
+from mxpass.lowering.kernels import CudaW8A8Gemv
+from mxpass.lowering.registry import Problem, choose
+
+
+def _problem(scheme="fp8-dynamic", m=1, k=4096, n=4096, dtype=torch.bfloat16, device="cuda"):
+    return Problem("linear", get_format(scheme), torch.device(device), k, n, dtype, m)
+
+
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8", "fp8-block", "int8", "int8-static"])
+def test_taken_for_static_small_m(scheme):
+    assert CudaW8A8Gemv().can_implement(_problem(scheme, m=1)) == (True, "")
+    assert CudaW8A8Gemv().can_implement(_problem(scheme, m=16)) == (True, "")
+
+
+@pytest.mark.parametrize("problem, why", [
+    (_problem(m=None), "M is dynamic"),
+    (_problem(m=17), "M=17 > 16"),
+    (_problem(k=4160), "K=4160 must be a multiple of 128"),
+    (_problem(dtype=torch.float32), "bf16 or fp16"),
+    (_problem("fp8-w"), "not a W8A8"),
+    (_problem("mxfp8"), "not a W8A8"),
+])
+def test_declined_with_reason(problem, why):
+    ok, reason = CudaW8A8Gemv().can_implement(problem)
+    assert not ok and why in reason
+
+
+def test_not_offered_without_cuda_and_reason_in_choice():
+    ok, reason = CudaW8A8Gemv().is_supported(torch.device("cpu"))
+    assert not ok and "CUDA" in reason
+    choice = choose(_problem(m=1, device="cpu"))
+    assert choice.kernel.name == "reference"
+    assert "cuda_w8a8_gemv: needs a CUDA device" in choice.describe()
+
+
+def _quantized(scheme, m, k, n):
+    from mxpass import quant
+
+    f = get_format(scheme)
+    act = torch.tensor([0.05]) if f.static_activation else None
+    xq, xs = quant.quantize_activation(f, torch.randn(m, k), act)
+    wq, ws = quant.quantize_weight(f, torch.randn(n, k) * 0.02, "w")
+    return xq, xs, wq, ws
+
+
+@pytest.mark.parametrize("scheme, group", [("fp8-dynamic", 0), ("fp8", 0), ("fp8-block", 128), ("int8", 0)])
+def test_fake_shapes(scheme, group):
+    xq, xs, wq, ws = _quantized(scheme, 3, 256, 40)
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) for t in (xq, xs, wq, ws)]
+        y = G.w8a8_gemv(*args, None, group, torch.float16)
+    assert y.shape == (3, 40) and y.dtype == torch.float16
+
+
+def test_bad_arguments_are_errors():
+    xq, xs, wq, ws = _quantized("fp8-dynamic", 17, 256, 40)
+    with pytest.raises(ValueError, match="at most 16"):
+        G._check(xq, xs, wq, ws, None, 0, torch.bfloat16)
+    xq, xs, wq, ws = _quantized("fp8-dynamic", 2, 256, 40)
+    with pytest.raises(TypeError, match="float8_e4m3fn or int8"):
+        G._check(xq.view(torch.uint8), xs, wq, ws, None, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="bias must be"):
+        G._check(xq, xs, wq, ws, torch.zeros(3, dtype=torch.bfloat16), 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        G.w8a8_gemv(xq, xs, wq, ws, None, 0, torch.bfloat16)
+
+
+def test_scale_layouts():
+    xq, xs, wq, ws = _quantized("fp8-dynamic", 3, 256, 40)
+    _, xstride, _, wstride = G._scale_args(xs, ws, 3, 40, 256, 0)
+    assert (xstride, wstride) == (1, 1)  # per token x per channel
+    xq, xs, wq, ws = _quantized("fp8", 3, 256, 40)
+    _, xstride, _, wstride = G._scale_args(xs, ws, 3, 40, 256, 0)
+    assert (xstride, wstride) == (0, 0)  # per tensor x per tensor
+    xq, xs, wq, ws = _quantized("fp8-block", 3, 256, 200)
+    xs_, xstride, ws_, wstride = G._scale_args(xs, ws, 3, 200, 256, 128)
+    assert (xstride, wstride, tuple(ws_.shape)) == (2, 2, (2, 2))
+    with pytest.raises(ValueError, match="neither"):
+        G._scale_args(torch.ones(2), torch.ones(40), 3, 40, 256, 0)
+
+
+@pytest.mark.parametrize("n, k, group", [(12288, 4096, 0), (4096, 14336, 128), (48, 256, 0), (1, 128, 128)])
+def test_plan_covers_k(n, k, group):
+    warps, per = G.plan(n, k, group)
+    assert 1 <= warps <= 8 and per % G._step(group) == 0 and warps * per >= k > (warps - 1) * per
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and G.nvcc_path() is None, reason="no CUDA toolkit")
+def test_kernel_source_compiles(tmp_path):
+    nvcc = G.nvcc_path() or shutil.which("nvcc")
+    proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                           G._SOURCE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
