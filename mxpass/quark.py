@@ -1,5 +1,6 @@
 """AMD Quark checkpoints (``quantization_config.quant_method == "quark"``) for mxpass.
 
+    model = mxpass.load("path/to/quark-checkpoint")     # QuarkReader, registered in checkpoint/plan.py
     plan = quark.read_plan(config["quantization_config"], model)   # model: built on meta
     plan.layers["model.layers.0.mlp.down_proj"]  # -> QuarkLayer(format int8, tensor names, ...)
 
@@ -438,15 +439,6 @@ def convert_weight_scale(key: str, scale: torch.Tensor, weight_qscheme: str, fmt
     return s.contiguous()
 
 
-def check_weight(key: str, t: torch.Tensor, fmt: Format, n: int, k: int) -> torch.Tensor:
-    """The stored weight, checked: [N, K] in ``fmt``'s element dtype."""
-    if t.dtype != fmt.weight:
-        raise _err(f"tensor {key!r} has dtype {t.dtype}; expected {fmt.weight} ({fmt.name})")
-    if tuple(t.shape) != (n, k):
-        raise _err(f"tensor {key!r} has shape {tuple(t.shape)}; expected ({n}, {k})")
-    return t
-
-
 def check_zero_point(key: str, t: torch.Tensor) -> None:
     """A symmetric scheme's zero point: an integer tensor of zeros (dropped after this)."""
     if t.dtype not in _ZERO_POINT_DTYPES:
@@ -520,3 +512,106 @@ def fuse_gate_up(fmt: Format, gate: tuple[torch.Tensor, torch.Tensor, str],
             raise _err(f"{name}: {fmt.name} needs per_tensor gate and up scales; got {gq}, {uq}")
         return requantize_to_max_scale([(gd, gs), (ud, us)], name)
     raise _err(f"{name}: format {fmt.name} is not one a Quark checkpoint maps to")
+
+
+# --- the checkpoint reader (mxpass/checkpoint/plan.py) ---
+
+
+def _experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """transformers v5 experts modules: 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
+    found = {}
+    for fqn, m in model.named_modules():
+        gu, dn = m._parameters.get("gate_up_proj"), m._parameters.get("down_proj")
+        if gu is not None and dn is not None and gu.dim() == 3 and dn.dim() == 3:
+            found[fqn] = m
+    return found
+
+
+# names Quark gives one expert's projections: QuarkExperts (transformers v5, split from the
+# fused 3-D parameters; quark/torch/utils/llm/module_replacement/quark_experts.py), and
+# Mixtral's w1 / w3 / w2 (transformers v4 MixtralBlockSparseTop2MLP)
+_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+class QuarkReader:
+    """:class:`~mxpass.checkpoint.plan.Reader` for ``quant_method: "quark"``.
+
+    Plans every ``nn.Linear`` with :func:`read_plan`, and every transformers v5 experts
+    module whose experts are stored per expert as 2-D Linears (``<experts>.<e>.gate_proj``,
+    ...): per-channel formats take per-tensor scales repeated per row (every byte kept), a
+    per-tensor format merges gate and up with :func:`requantize_to_max_scale`. Zero points are checked (headers, then their values: they are small) while
+    planning, so a nonzero one fails before any weight is read, and are then skipped.
+    """
+
+    name = "quark"
+
+    def accepts(self, quantization_config: dict) -> bool:
+        return quantization_config.get("quant_method") == QUANT_METHOD
+
+    def plan(self, quantization_config: dict, model: torch.nn.Module, tensors):
+        from mxpass.checkpoint.plan import Plan
+
+        qp = read_plan(quantization_config, model)
+        plan = Plan(reader=self.name, kept_reason="unquantized in the checkpoint (Quark exclude)")
+        for fqn, layer in qp.layers.items():
+            n, k = model.get_submodule(fqn).weight.shape
+            plan.layers[fqn] = self._layer_plan(layer, n, k, tensors)
+        for fqn, experts in _experts_modules(model).items():
+            ep = self._experts_plan(qp.config, fqn, experts, tensors)
+            if ep is not None:
+                plan.experts[fqn] = ep
+        return plan
+
+    @staticmethod
+    def _layer_plan(layer: QuarkLayer, n: int, k: int, tensors):
+        from mxpass.checkpoint.plan import LayerPlan, ScaleLayout
+
+        if layer.weight_qscheme == "per_tensor":
+            shapes = ((), (1,))
+        else:
+            shapes = ((n,), (n, 1))
+        layout = ScaleLayout(shapes, _FLOATS, lambda s: layer.weight_scale_to_mxpass(s, n))
+        zero_points = tuple(z for z in layer.zero_points if z in tensors)
+        for z in zero_points:
+            shape = tuple(tensors.shape(z))
+            if shape not in ((), (1,)) + (shapes if z.endswith("weight_zero_point") else ()):
+                raise _err(f"tensor {z!r} has shape {shape}; expected the shape of its scale")
+            if tensors.dtype(z) not in _ZERO_POINT_DTYPES:
+                raise _err(f"tensor {z!r} has dtype {tensors.dtype(z)}; expected an integer zero point")
+            check_zero_point(z, tensors.get(z))
+        return LayerPlan(layer.format, layer.weight, layer.weight_scale, layout,
+                         input_scale=layer.input_scale, skip=zero_points,
+                         origin=f"Quark {layer.source}")
+
+    def _experts_plan(self, config: QuarkConfig, fqn: str, experts: torch.nn.Module, tensors):
+        from mxpass.checkpoint.plan import ExpertsPlan
+
+        e, two_i, h = experts.gate_up_proj.shape
+        inter = two_i // 2
+        names = next((ns for ns in _EXPERT_NAMES if f"{fqn}.0.{ns[0]}.weight" in tensors), None)
+        if names is None:
+            return None  # not stored per expert: the experts' tensors load as they are
+        shapes = ((inter, h), (inter, h), (h, inter))
+        plans = [[layer_plan(config, f"{fqn}.{x}.{proj}") for proj in names] for x in range(e)]
+        flat = [(f"{fqn}.{x}.{proj}", p) for x, trio in enumerate(plans) for proj, p in zip(names, trio)]
+        if all(isinstance(p, str) for _, p in flat):
+            return None  # excluded: stored in the model dtype
+        formats = {p.format.name: (name, p.source) for name, p in flat if not isinstance(p, str)}
+        excluded = [(name, p) for name, p in flat if isinstance(p, str)]
+        if excluded or len(formats) > 1:
+            found = [f"{name}: {why}" for name, why in excluded[:1]]
+            found += [f"{name}: {f} ({src})" for f, (name, src) in formats.items()]
+            raise _err(f"experts of {fqn} resolve differently ({'; '.join(found)}); mxpass runs "
+                       "a MoE layer's experts in one format, all quantized or all excluded")
+        fmt = flat[0][1].format
+        sources = sorted({p.source for _, p in flat})
+        per_expert = tuple(tuple(self._layer_plan(p, n, k, tensors) for p, (n, k) in zip(trio, shapes))
+                           for trio in plans)
+        if fmt.static_activation:
+            raise _err(f"experts of {fqn}: {fmt.name} ({', '.join(sources)}) has static activation "
+                       "scales, which mxpass::moe does not take")
+        merge = None
+        if fmt.weight_granularity == "tensor":  # one scale for [gate; up]: vLLM's max rule
+            def merge(gd, gs, ud, us, name=f"experts of {fqn}"):
+                return requantize_to_max_scale([(gd, gs), (ud, us)], name)
+        return ExpertsPlan(fmt, "gate_up_proj", "down_proj", per_expert, merge_gate_up=merge)

@@ -373,7 +373,8 @@ def test_plan_reads_the_bytes_mxpass_computes(checkpoints, recipe):
     for fqn, p in plan.layers.items():
         assert p.format == fmt and p.source == "global_quant_config"
         n, k = original.get_submodule(fqn).weight.shape
-        data = quark.check_weight(p.weight, stored[p.weight], fmt, n, k)
+        data = stored[p.weight]
+        assert data.dtype == fmt.weight and data.shape == (n, k), fqn
         scale = p.weight_scale_to_mxpass(stored[p.weight_scale], n)
         for z in p.zero_points:
             quark.check_zero_point(z, stored[z])
@@ -390,3 +391,247 @@ def test_plan_reads_the_bytes_mxpass_computes(checkpoints, recipe):
         read.update(p.tensors)
     unquantized = {k for k in meta.state_dict() if k.rsplit(".", 1)[0] not in plan.layers}
     assert read | unquantized == set(stored)
+
+
+# --- mxpass.load ---
+
+# recipes stored in a format mxpass computes online (same bytes) / with per-tensor weight
+# scales that the load repeats per row (same values, different layout than online)
+EXACT = ["ptpc_int8", "int8_static", "fp8", "ptpc_fp8"]
+BROADCAST = ["int8_wtensor_atoken", "fp8_wtensor_atoken"]
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def _logits(model, backend):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=backend)(IDS).logits
+
+
+class _PerTensorReference(torch.nn.Module):
+    """A Linear as mxpass's reference computes it (quant.linear_reference), with the weight
+    dequantized from its per-tensor scale: y = fq(x) @ (data * s)^T in fp32."""
+
+    def __init__(self, fmt, data, scale):
+        super().__init__()
+        self.fmt, self.data, self.scale = fmt, data, scale
+
+    def forward(self, x):
+        xq = quant.fake_quantize_activation(self.fmt, x, None)
+        return torch.matmul(xq.float(), (self.data.float() * self.scale.reshape(())).t()).to(x.dtype)
+
+
+def _reference_with_per_tensor_weights(original, recipe, path):
+    import copy
+
+    ref = copy.deepcopy(original)
+    stored = load_file(os.path.join(path, "model.safetensors"))
+    fmt = get_format(RECIPES[recipe][1])
+    for fqn, m in list(ref.named_modules()):
+        if isinstance(m, torch.nn.Linear) and fqn not in KEPT:
+            owner, _, leaf = fqn.rpartition(".")
+            setattr(ref.get_submodule(owner), leaf,
+                    _PerTensorReference(fmt, stored[f"{fqn}.weight"], stored[f"{fqn}.weight_scale"]))
+    return ref
+
+
+@pytest.mark.parametrize("recipe", EXACT + BROADCAST)
+def test_load_then_compile_equals_the_mapped_scheme(checkpoints, recipe):
+    """mxpass.load + torch.compile(backend=mxpass.backend) gives exactly the logits of the
+    original model compiled with the mapped scheme (EXACT: same bytes, quantized online;
+    BROADCAST: the per-tensor weights through mxpass's reference math)."""
+    import mxpass
+    from mxpass.checkpoint import info
+
+    path, original, input_scales = checkpoints[recipe]
+    fmt = RECIPES[recipe][1]
+    model = mxpass.load(path)
+    i = info(model)
+    assert i.reader == "quark" and set(i.formats.values()) == {fmt} and len(i.formats) == QUANTIZED
+    assert set(i.kept) == KEPT and i.unused_tensors == ()
+    assert i.activation_scales == input_scales
+    loaded = _logits(model, mxpass.backend(compiler="eager"))
+    report = mxpass.last_report()
+    assert len(report.rewritten) == QUANTIZED and {k.fqn for k in report.kept} == KEPT
+    assert {r.scheme for r in report.rewritten} == {fmt}
+    if recipe in EXACT:
+        ref = _logits(original, mxpass.backend(scheme=fmt, ignore=sorted(KEPT), compiler="eager",
+                                               activation_scales=input_scales))
+    else:
+        ref = _logits(_reference_with_per_tensor_weights(original, recipe, path), "eager")
+    assert torch.isfinite(loaded).all()
+    assert torch.equal(loaded, ref)
+
+
+def test_inductor_runs_a_loaded_quark_model(checkpoints):
+    import mxpass
+
+    path, original, _ = checkpoints["ptpc_int8"]
+    loaded = _logits(mxpass.load(path), mxpass.backend)
+    online = _logits(original, mxpass.backend(scheme="int8", ignore=sorted(KEPT)))
+    assert torch.equal(loaded, online)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _edit(path, tensors=None, config=None):
+    if tensors is not None:
+        file = os.path.join(path, "model.safetensors")
+        t = load_file(file)
+        tensors(t)
+        save_file(t, file, metadata={"format": "pt"})
+    if config is not None:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        config(c["quantization_config"])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(c, f)
+
+
+def test_load_bad_checkpoints_are_clear_errors(checkpoints, tmp_path):
+    import mxpass
+
+    src = checkpoints["int8_static"][0]
+    key = "model.layers.0.mlp.up_proj.input_zero_point"
+    path = _copy(src, tmp_path / "zp")
+    _edit(path, tensors=lambda t: t.update({key: torch.tensor(3, dtype=torch.int8)}))
+    with pytest.raises(QuarkConfigError, match=rf"'{key}' has 1 nonzero values"):
+        mxpass.load(path)
+
+    key = "model.layers.1.self_attn.o_proj.weight_scale"
+    path = _copy(src, tmp_path / "missing")
+    _edit(path, tensors=lambda t: t.pop(key))
+    with pytest.raises(KeyError, match=rf"'{key}'.*missing"):
+        mxpass.load(path)
+
+    path = _copy(src, tmp_path / "asym")
+    _edit(path, config=lambda qc: qc["layer_quant_config"].update(
+        {"*.o_proj": layer(w_tensor("int8"), spec("int8", "per_tensor", symmetric=False))}))
+    with pytest.raises(QuarkConfigError, match=r"layer model\.layers\.0\.self_attn\.o_proj "
+                                               r"\(layer_quant_config\['\*\.o_proj'\]\): asymmetric int8"):
+        mxpass.load(path)
+
+    path = _copy(src, tmp_path / "dtype")
+    _edit(path, config=lambda qc: qc["global_quant_config"]["weight"].update(dtype="uint4"))
+    with pytest.raises(QuarkConfigError, match=r"global_quant_config\): weight dtype 'uint4'"):
+        mxpass.load(path)
+
+    # the config says per_channel, the checkpoint holds per-tensor scales
+    path = _copy(src, tmp_path / "disagree")
+    _edit(path, config=lambda qc: qc["global_quant_config"].update(
+        weight=w_channel("int8"), input_tensors=a_token("int8")))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight_scale.*shape \(\); "
+                                         r"expected \(64,\) or \(64, 1\)"):
+        mxpass.load(path)
+
+
+# --- MoE: experts stored per expert (QuarkExperts names), planned for the loader ---
+
+
+class _DictIndex:
+    """A TensorIndex (mxpass/checkpoint/plan.py) over a dict of tensors."""
+
+    def __init__(self, tensors):
+        self.t = tensors
+
+    def __contains__(self, name):
+        return name in self.t
+
+    def names(self):
+        return list(self.t)
+
+    def shape(self, name):
+        return tuple(self.t[name].shape)
+
+    def dtype(self, name):
+        return self.t[name].dtype
+
+    def get(self, name):
+        return self.t[name]
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=3,
+                         num_experts_per_tok=2, moe_intermediate_size=16)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+
+
+def _expert_tensors(fmt_name, experts="model.layers.0.mlp.experts", e=3, inter=16, h=32):
+    """Per-expert gate / up / down weights quantized per tensor (gate and up at different scales)."""
+    fmt = get_format(fmt_name)
+    g = torch.Generator().manual_seed(3)
+    out, ref = {}, {}
+    for x in range(e):
+        for proj, (n, k), amp in (("gate_proj", (inter, h), 1.0), ("up_proj", (inter, h), 2.5),
+                                  ("down_proj", (h, inter), 1.0)):
+            w = (amp * torch.randn(n, k, generator=g)).bfloat16()
+            data, s = quant.quantize_weight(fmt, w, proj)
+            name = f"{experts}.{x}.{proj}"
+            out[f"{name}.weight"], out[f"{name}.weight_scale"] = data, s.reshape(())
+            if data.dtype == torch.int8:
+                out[f"{name}.weight_zero_point"] = torch.zeros((), dtype=torch.int8)
+            ref[name] = (data, s)
+    return out, ref
+
+
+def test_experts_plan_keeps_per_tensor_scales_per_row():
+    model = _qwen3_moe()
+    qc = quark_config(RECIPES["int8_wtensor_atoken"][0], exclude=["lm_head"])
+    stored, ref = _expert_tensors("int8-static")
+    plan = quark.QuarkReader().plan(qc, model, _DictIndex(stored))
+    assert set(plan.layers) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
+    ep = plan.experts["model.layers.0.mlp.experts"]
+    assert ep.fmt.name == "int8" and ep.merge_gate_up is None and len(ep.experts) == 3
+    for x, (gate, up, down) in enumerate(ep.experts):
+        assert gate.weight == f"model.layers.0.mlp.experts.{x}.gate_proj.weight"
+        assert gate.skip == (f"model.layers.0.mlp.experts.{x}.gate_proj.weight_zero_point",)
+        # the loader concatenates [gate; up] rows and their converted scales
+        scales = [lp.scale.convert(stored[lp.weight_scale]) for lp in (gate, up)]
+        assert scales[0].shape == (16, 1) and scales[1].shape == (16, 1)
+        data = torch.cat([stored[gate.weight], stored[up.weight]])
+        got = quant.dequantize_weight(ep.fmt, data, torch.cat(scales))
+        want = torch.cat([quant.dequantize_weight(get_format("int8-static"), *ref[f"model.layers.0.mlp.experts.{x}.{p}"])
+                          for p in ("gate_proj", "up_proj")])
+        assert torch.equal(got, want)
+        assert down.scale.convert(stored[down.weight_scale]).shape == (32, 1)
+
+
+def test_experts_plan_per_tensor_format_merges_with_the_max_scale():
+    model = _qwen3_moe()
+    stored, ref = _expert_tensors("fp8-w-tensor")
+    qc = quark_config(layer(w_tensor("fp8_e4m3")))
+    ep = quark.QuarkReader().plan(qc, model, _DictIndex(stored)).experts["model.layers.0.mlp.experts"]
+    assert ep.fmt.name == "fp8-w-tensor"
+    gate, up, _ = ep.experts[1]
+    gs, us = (lp.scale.convert(stored[lp.weight_scale]) for lp in (gate, up))
+    assert gs.shape == (1,) and us > gs
+    data, scale = ep.merge_gate_up(stored[gate.weight], gs, stored[up.weight], us)
+    assert torch.equal(scale, us)
+    want = quark.requantize_to_max_scale([(stored[gate.weight], gs), (stored[up.weight], us)], "e1")[0]
+    assert torch.equal(data.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_experts_plan_errors_name_the_experts():
+    model = _qwen3_moe()
+    stored, _ = _expert_tensors("int8-static")
+    index = _DictIndex(stored)
+    static = quark_config(RECIPES["int8_static"][0])
+    with pytest.raises(QuarkConfigError, match=r"experts of model\.layers\.0\.mlp\.experts: int8-static "
+                                               r"\(global_quant_config\) has static activation scales"):
+        quark.QuarkReader().plan(static, model, index)
+    partly = quark_config(RECIPES["int8_wtensor_atoken"][0], exclude=["lm_head", "*.experts.2.down_proj"])
+    with pytest.raises(QuarkConfigError, match=r"experts of model\.layers\.0\.mlp\.experts resolve differently "
+                                               r"\(model\.layers\.0\.mlp\.experts\.2\.down_proj: excluded"):
+        quark.QuarkReader().plan(partly, model, index)
+    # all experts excluded: nothing planned for them (stored in the model dtype)
+    none = quark_config(RECIPES["int8_wtensor_atoken"][0], exclude=["lm_head", "re:.*experts"])
+    assert quark.QuarkReader().plan(none, model, index).experts == {}

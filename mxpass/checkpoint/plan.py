@@ -126,12 +126,20 @@ class Plan:
 
 
 class TensorIndex(Protocol):
-    """The stored tensors, as the safetensors headers describe them (no data read)."""
+    """The stored tensors, as the safetensors headers describe them (no data read).
+
+    Names are the checkpoint's keys after transformers' renamings for the model (Mixtral's
+    ``block_sparse_moe`` -> ``mlp``); ``source_name`` gives the key as stored, which is what
+    a config's module names (``ignore``, targets) refer to. ``experts`` lists the experts
+    modules stored per expert (``experts.py``)."""
 
     def __contains__(self, name: str) -> bool: ...
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> torch.dtype: ...
+    def source_name(self, name: str) -> str: ...
+
+    experts: dict  # experts module path -> experts.StoredExperts
 
 
 class Reader(Protocol):
@@ -143,8 +151,9 @@ class Reader(Protocol):
 
 def _builtin_readers() -> list[Reader]:
     from mxpass.checkpoint.compressed_tensors import CompressedTensorsReader
+    from mxpass.quark import QuarkReader
 
-    return [CompressedTensorsReader()]
+    return [CompressedTensorsReader(), QuarkReader()]
 
 
 def readers() -> list[Reader]:
