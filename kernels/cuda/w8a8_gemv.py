@@ -99,14 +99,18 @@ def shape_problem(k: int, group: int) -> str | None:
 
 
 def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int]:
-    """(warps per block, K per warp): enough warps in flight to cover memory latency.
+    """(warps per block, K per warp). A block owns 16 output rows; its warps split K.
 
-    A block owns 16 output rows; its warps split K. Aim for ~32 warps per SM over the grid
-    (8 warps per block at most), each warp with at least 256 k."""
+    Measured on H200 (docs/performance.md): 4 warps per block when the grid then holds at
+    least ~20 warps per SM (N = 12288: 18.0 us with 4, 20.8 with 8; N = 28672: 36.7 / 35.9),
+    8 when N is small (N = 4096, K = 14336: 21.3 us with 8, 28.5 with 4); each warp keeps
+    at least 256 k."""
     step = _step(group)
     tiles = -(-n // 16)
     warps = 1
-    while warps < 8 and tiles * warps < num_sms * 32 and k // (warps * 2) >= 256:
+    while warps < 4 and k // (warps * 2) >= 256:
+        warps *= 2
+    while warps < 8 and tiles * warps < num_sms * 20 and k // (warps * 2) >= 256:
         warps *= 2
     per = -(-k // warps)
     per = -(-per // step) * step
