@@ -369,12 +369,17 @@ class QuarkPlan:
     kept: dict[str, str]  # fqn -> reason ("excluded by exclude['lm_head']")
 
 
-def layer_plan(config: QuarkConfig, fqn: str, module_type: str = "Linear") -> QuarkLayer | str:
-    """The :class:`QuarkLayer` of Linear ``fqn``, or why it stays unquantized (a str)."""
-    r = config.resolve(fqn, module_type)
+def layer_plan(config: QuarkConfig, fqn: str, module_type: str = "Linear",
+               stored_name: str | None = None) -> QuarkLayer | str:
+    """The :class:`QuarkLayer` of Linear ``fqn``, or why it stays unquantized (a str).
+
+    ``stored_name``: the module's name in the checkpoint, when the loader renamed it (the
+    config's patterns refer to it); tensor names stay under ``fqn``."""
+    where = stored_name or fqn
+    r = config.resolve(where, module_type)
     if r.spec is None:
         return f"excluded by {r.source} in the Quark config"
-    scheme = format_for(r.spec, f"layer {fqn} ({r.source})")
+    scheme = format_for(r.spec, f"layer {where} ({r.source})")
     zps = ((f"{fqn}.weight_zero_point",) if scheme.dtype == "int8" else ())
     if scheme.dtype == "int8" and scheme.format.static_activation:
         zps += (f"{fqn}.input_zero_point",)
@@ -517,28 +522,36 @@ def fuse_gate_up(fmt: Format, gate: tuple[torch.Tensor, torch.Tensor, str],
 # --- the checkpoint reader (mxpass/checkpoint/plan.py) ---
 
 
-def _experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """transformers v5 experts modules: 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
-    found = {}
+def _stored_experts(model: torch.nn.Module, tensors) -> list[tuple[str, str, str, tuple, tuple]]:
+    """(fqn, gate_up, down, (E, I, H), per expert (gate, up, down) module names) of every
+    experts module stored per expert: the loader's index when it lists them
+    (``tensors.experts``, from transformers' conversion mapping), else found here: a
+    transformers v5 experts module (3-D ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+    with ``<experts>.<e>.gate_proj.weight`` (QuarkExperts, which splits the fused parameters:
+    quark/torch/utils/llm/module_replacement/quark_experts.py) or ``w1`` / ``w3`` / ``w2``."""
+    listed = getattr(tensors, "experts", None)
+    if listed is not None:
+        return [(f, st.gate_up, st.down, st.shape, st.modules) for f, st in listed.items()]
+    found = []
     for fqn, m in model.named_modules():
         gu, dn = m._parameters.get("gate_up_proj"), m._parameters.get("down_proj")
-        if gu is not None and dn is not None and gu.dim() == 3 and dn.dim() == 3:
-            found[fqn] = m
+        if gu is None or dn is None or gu.dim() != 3 or dn.dim() != 3:
+            continue
+        for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+            if f"{fqn}.0.{names[0]}.weight" in tensors:
+                e, two_i, h = gu.shape
+                found.append((fqn, "gate_up_proj", "down_proj", (e, two_i // 2, h),
+                              tuple(tuple(f"{fqn}.{x}.{p}" for p in names) for x in range(e))))
+                break
     return found
-
-
-# names Quark gives one expert's projections: QuarkExperts (transformers v5, split from the
-# fused 3-D parameters; quark/torch/utils/llm/module_replacement/quark_experts.py), and
-# Mixtral's w1 / w3 / w2 (transformers v4 MixtralBlockSparseTop2MLP)
-_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 class QuarkReader:
     """:class:`~mxpass.checkpoint.plan.Reader` for ``quant_method: "quark"``.
 
-    Plans every ``nn.Linear`` with :func:`read_plan`, and every transformers v5 experts
-    module whose experts are stored per expert as 2-D Linears (``<experts>.<e>.gate_proj``,
-    ...): per-channel formats take per-tensor scales repeated per row (every byte kept), a
+    Plans every ``nn.Linear`` as :func:`read_plan` does (matching the config against the
+    names as stored), and every experts module stored per expert as 2-D Linears
+    (``<experts>.<e>.gate_proj``, ...): per-channel formats take per-tensor scales repeated per row (every byte kept), a
     per-tensor format merges gate and up with :func:`requantize_to_max_scale`. Zero points are checked (headers, then their values: they are small) while
     planning, so a nonzero one fails before any weight is read, and are then skipped.
     """
@@ -551,13 +564,15 @@ class QuarkReader:
     def plan(self, quantization_config: dict, model: torch.nn.Module, tensors):
         from mxpass.checkpoint.plan import Plan
 
-        qp = read_plan(quantization_config, model)
+        config = QuarkConfig.from_dict(quantization_config)
         plan = Plan(reader=self.name, kept_reason="unquantized in the checkpoint (Quark exclude)")
-        for fqn, layer in qp.layers.items():
-            n, k = model.get_submodule(fqn).weight.shape
-            plan.layers[fqn] = self._layer_plan(layer, n, k, tensors)
-        for fqn, experts in _experts_modules(model).items():
-            ep = self._experts_plan(qp.config, fqn, experts, tensors)
+        for fqn, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                p = layer_plan(config, fqn, type(module).__name__, _stored_name(tensors, fqn))
+                if not isinstance(p, str):
+                    plan.layers[fqn] = self._layer_plan(p, *module.weight.shape, tensors)
+        for fqn, gate_up, down, shape, modules in _stored_experts(model, tensors):
+            ep = self._experts_plan(config, fqn, gate_up, down, shape, modules, tensors)
             if ep is not None:
                 plan.experts[fqn] = ep
         return plan
@@ -583,17 +598,14 @@ class QuarkReader:
                          input_scale=layer.input_scale, skip=zero_points,
                          origin=f"Quark {layer.source}")
 
-    def _experts_plan(self, config: QuarkConfig, fqn: str, experts: torch.nn.Module, tensors):
+    def _experts_plan(self, config: QuarkConfig, fqn: str, gate_up: str, down: str, shape, modules,
+                      tensors):
         from mxpass.checkpoint.plan import ExpertsPlan
 
-        e, two_i, h = experts.gate_up_proj.shape
-        inter = two_i // 2
-        names = next((ns for ns in _EXPERT_NAMES if f"{fqn}.0.{ns[0]}.weight" in tensors), None)
-        if names is None:
-            return None  # not stored per expert: the experts' tensors load as they are
+        _, inter, h = shape
         shapes = ((inter, h), (inter, h), (h, inter))
-        plans = [[layer_plan(config, f"{fqn}.{x}.{proj}") for proj in names] for x in range(e)]
-        flat = [(f"{fqn}.{x}.{proj}", p) for x, trio in enumerate(plans) for proj, p in zip(names, trio)]
+        plans = [[layer_plan(config, m, "Linear", _stored_name(tensors, m)) for m in trio] for trio in modules]
+        flat = [(m, p) for trio, ps in zip(modules, plans) for m, p in zip(trio, ps)]
         if all(isinstance(p, str) for _, p in flat):
             return None  # excluded: stored in the model dtype
         formats = {p.format.name: (name, p.source) for name, p in flat if not isinstance(p, str)}
@@ -614,4 +626,12 @@ class QuarkReader:
         if fmt.weight_granularity == "tensor":  # one scale for [gate; up]: vLLM's max rule
             def merge(gd, gs, ud, us, name=f"experts of {fqn}"):
                 return requantize_to_max_scale([(gd, gs), (ud, us)], name)
-        return ExpertsPlan(fmt, "gate_up_proj", "down_proj", per_expert, merge_gate_up=merge)
+        return ExpertsPlan(fmt, gate_up, down, per_expert, merge_gate_up=merge)
+
+
+def _stored_name(tensors, fqn: str) -> str | None:
+    """The module's name as stored, where the loader's index renamed it (``source_name``)."""
+    weight = f"{fqn}.weight"
+    if hasattr(tensors, "source_name") and weight in tensors:
+        return tensors.source_name(weight)[: -len(".weight")]
+    return None
