@@ -29,7 +29,8 @@ from collections import OrderedDict
 
 import torch
 
-from mxpass.checkpoint.plan import FLOATS, MX_SCALE_DTYPES, LayerPlan, Plan, TensorIndex, mxpass_scale
+from mxpass.checkpoint.plan import (FLOATS, MX_SCALE_DTYPES, ExpertsPlan, LayerPlan, Plan, TensorIndex,
+                                    mxpass_scale)
 from mxpass.formats import Format, format_names, get_format
 
 STORED_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "mxfp8-quantized")
@@ -159,7 +160,7 @@ class CompressedTensorsReader:
         return quantization_config.get("quant_method", "compressed-tensors") == "compressed-tensors"
 
     def plan(self, quantization_config: dict, model: torch.nn.Module, tensors: TensorIndex) -> Plan:
-        from compressed_tensors.utils import match_named_modules, match_targets
+        from compressed_tensors.utils import is_match, match_targets
 
         qconfig = read_quantization_config(quantization_config)
         formats: dict[str, Format] = {}
@@ -174,22 +175,50 @@ class CompressedTensorsReader:
             for target in scheme.targets:
                 target_group[target] = group
 
+        def group_of(fqn: str, module: torch.nn.Module) -> str | None:
+            """The config group of a Linear, matched by its name in the checkpoint."""
+            weight = f"{fqn}.weight"
+            name = tensors.source_name(weight)[: -len(".weight")] if weight in tensors else fqn
+            if is_match(name, module, qconfig.ignore or []):
+                return None
+            matched = match_targets(name, module, list(target_group))
+            return target_group[matched[0]] if matched else None
+
+        def layer(fqn: str, group: str, n: int, k: int) -> LayerPlan:
+            fmt = formats[group]
+            zero_points = tuple(f"{fqn}.{z}" for z in ("weight_zero_point", "input_zero_point")
+                                if f"{fqn}.{z}" in tensors)  # symmetric: zero by definition
+            return LayerPlan(fmt, f"{fqn}.weight", _scale_name(fqn, fmt, tensors), mxpass_scale(fmt, n, k),
+                             input_scale=f"{fqn}.input_scale" if fmt.static_activation else None,
+                             skip=zero_points, origin=f"config group {group!r}")
+
         plan = Plan(reader=self.name)
-        for fqn, module in match_named_modules(model, list(target_group), qconfig.ignore):
-            group = target_group[match_targets(fqn, module, list(target_group))[0]]
+        for fqn, module in model.named_modules():
+            group = group_of(fqn, module)
+            if group is None:
+                continue
             if not isinstance(module, torch.nn.Linear):
                 raise NotImplementedError(
                     f"mxpass.checkpoint: {fqn} ({type(module).__name__}) matches config group "
                     f"{group!r} (targets {qconfig.config_groups[group].targets}); only Linear "
                     "layers are supported")
-            fmt = formats[group]
-            n, k = module.weight.shape
-            zero_points = tuple(f"{fqn}.{z}" for z in ("weight_zero_point", "input_zero_point")
-                                if f"{fqn}.{z}" in tensors)  # symmetric: zero by definition
-            plan.layers[fqn] = LayerPlan(
-                fmt, f"{fqn}.weight", _scale_name(fqn, fmt, tensors), mxpass_scale(fmt, n, k),
-                input_scale=f"{fqn}.input_scale" if fmt.static_activation else None,
-                skip=zero_points, origin=f"config group {group!r}")
+            plan.layers[fqn] = layer(fqn, group, *module.weight.shape)
+
+        # experts stored per expert were Linears when quantized: match them as such
+        linear = torch.nn.Linear(1, 1, device="meta")
+        for fqn, stored in getattr(tensors, "experts", {}).items():
+            groups = [[group_of(m, linear) for m in expert] for expert in stored.modules]
+            found = {g for expert in groups for g in expert}
+            if found == {None}:
+                continue
+            if len(found) != 1:
+                raise NotImplementedError(
+                    f"mxpass.checkpoint: the experts of {fqn} fall in several config groups or are partly "
+                    f"ignored ({sorted(str(g) for g in found)}); mxpass runs one format per experts module")
+            group = found.pop()
+            plan.experts[fqn] = ExpertsPlan(formats[group], stored.gate_up, stored.down, tuple(
+                tuple(layer(m, group, *stored.expected(role)) for role, m in enumerate(expert))
+                for expert in stored.modules))
         return plan
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mxpass.checkpoint.experts import (conversions, plan_online_experts, read_quantized_experts,
+                                       read_unquantized_experts, rename, stored_experts)
 from mxpass.checkpoint.plan import FLOATS, UNQUANTIZED, LayerPlan, Plan, mxpass_scale, reader_for
 from mxpass.checkpoint.tensors import SafetensorsIndex
 from mxpass.config import QuantConfig
@@ -50,9 +52,11 @@ class LoadInfo:
     path, reader      -- the checkpoint and the reader of its quantization_config
                          ("none" for a plain checkpoint)
     formats           -- mxpass format of every Linear loaded quantized, by module path
-    online            -- those quantized while loading (``scheme=``), not stored quantized
+    experts           -- mxpass format of every experts module loaded quantized
+    online            -- those (Linears, experts) quantized while loading (``scheme=``)
     activation_scales -- static per-tensor input scales stored in the checkpoint
-    kept              -- every Linear left in the model dtype, with the reason
+    kept              -- every Linear (and experts module stored per expert) left in the model
+                         dtype, with the reason
     unused_tensors    -- stored tensors no module took
     seconds           -- wall time of the load
     quantized_bytes, unquantized_bytes -- bytes placed on the device
@@ -61,6 +65,7 @@ class LoadInfo:
     path: str
     reader: str
     formats: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, str] = field(default_factory=dict)
     online: tuple[str, ...] = ()
     activation_scales: dict[str, float] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
@@ -240,6 +245,23 @@ def _online_plan(plan: Plan, linears: dict, fmt: Format, config: QuantConfig, ti
             kept[fqn] = reason
 
 
+def _read_layer(tensors: SafetensorsIndex, fqn: str, lp: LayerPlan, n: int, k: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) in mxpass's layout of one planned 2-D weight, on ``device``."""
+    if lp.weight_scale is None:  # online: quantize the model-dtype weight on the device
+        w = tensors.get(lp.weight).to(dtype).to(device)
+        return _quantize(lp.fmt, w, fqn)
+    data = tensors.get(lp.weight).to(device)
+    stored = tensors.get(lp.weight_scale).to(device)
+    scale = (lp.scale or mxpass_scale(lp.fmt, n, k)).convert(stored).contiguous()
+    _check_converted(lp.weight_scale, lp.fmt, n, k, scale)
+    return data.contiguous(), scale
+
+
+def _plan_names(lp: LayerPlan) -> list[str]:
+    return [t for t in (lp.weight, lp.weight_scale, lp.input_scale, *lp.skip) if t is not None]
+
+
 def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
          scheme: str | None = None, progress: bool | None = None,
          ignore=()) -> torch.nn.Module:
@@ -247,9 +269,10 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
     A quantized checkpoint (``quantization_config`` in ``config.json``) keeps its quantized
     layers as stored. ``scheme="mxfp8"`` (any dynamic mxpass scheme) quantizes, while reading,
-    every other Linear that mxpass's rules would (not lm_head, router gates, ``ignore``, K not
-    a multiple of the format's block): a plain bf16 checkpoint is never held in the model
-    dtype. ``progress``: a progress bar (None: on a terminal). Details: ``info(model)``.
+    every other Linear (and experts module) that mxpass's rules would (not lm_head, router
+    gates, ``ignore``, K not a multiple of the format's block): a plain bf16 checkpoint is
+    never held in the model dtype. ``progress``: a progress bar (None: on a terminal).
+    Details: ``info(model)``.
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -266,29 +289,51 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
                 "measure; load without a scheme, then mxpass.calibrate and compile with the scales")
     tensors = SafetensorsIndex(path)
     model = _build_meta_model(path, dtype)
+    renamings, _ = conversions(model)
+    if renamings:
+        tensors.rename(lambda key: rename(key, renamings))
+    tensors.experts = stored_experts(model, tensors.names())
     linears = {fqn: m for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
     qconfig = config.get("quantization_config")
     plan = reader_for(qconfig).plan(qconfig, model, tensors) if qconfig else Plan(reader="none")
-    if plan.experts:
-        raise NotImplementedError("mxpass.checkpoint: loading quantized experts is not supported yet")
     for fqn in plan.layers:
         if fqn not in linears:
             raise ValueError(f"mxpass.checkpoint: the {plan.reader} reader planned {fqn}, which is not "
                              "a Linear of the model")
-    kept = {fqn: plan.kept_reason for fqn in linears if fqn not in plan.layers} if qconfig else {}
+    for fqn in plan.experts:
+        if fqn not in tensors.experts:
+            raise ValueError(f"mxpass.checkpoint: the {plan.reader} reader planned experts {fqn}, which "
+                             "the checkpoint does not store per expert")
+    unplanned = [f for f in tensors.experts if f not in plan.experts]
+    kept = {fqn: plan.kept_reason for fqn in [*linears, *unplanned]
+            if fqn not in plan.layers} if qconfig else {}
     tied = _tied_weights(model)
     if fmt is not None:
-        _online_plan(plan, linears, fmt, QuantConfig(scheme=scheme, ignore=ignore), tied, kept)
+        online_config = QuantConfig(scheme=scheme, ignore=ignore)
+        _online_plan(plan, linears, fmt, online_config, tied, kept)
+        plan_online_experts(plan, tensors.experts, fmt, online_config, kept)
 
     # every check before any data is read
     planned: dict[str, str] = {}
     for fqn, lp in plan.layers.items():
         n, k = linears[fqn].weight.shape
         _check_layer(tensors, fqn, lp, n, k)
-        for name in (lp.weight, lp.weight_scale, lp.input_scale, *lp.skip):
-            if name is not None:
-                planned[name] = fqn
+        planned.update(dict.fromkeys(_plan_names(lp), fqn))
+    for fqn, stored in tensors.experts.items():
+        ep = plan.experts.get(fqn)
+        for expert, modules in zip(ep.experts if ep else [None] * len(stored.modules), stored.modules):
+            for role, module in enumerate(modules):
+                n, k = stored.expected(role)
+                if ep is not None:
+                    _check_layer(tensors, module, expert[role], n, k)
+                    planned.update(dict.fromkeys(_plan_names(expert[role]), module))
+                else:
+                    name = f"{module}.weight"
+                    _check(name, f"unquantized expert weight of {fqn}", tensors.shape(name), tensors.dtype(name),
+                           ((n, k),), FLOATS)
+                    planned[name] = module
+        planned[f"{fqn}.{stored.gate_up}"] = planned[f"{fqn}.{stored.down}"] = fqn  # built from the above
     unquantized = {}
     for key, meta in model.state_dict().items():
         if key in planned:
@@ -303,40 +348,44 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     for name in unused:
         owner, _, leaf = name.rpartition(".")
         if leaf in QUANT_SUFFIXES:
-            state = (f"loaded as {plan.layers[owner].fmt.name} ({plan.layers[owner].origin})"
-                     if owner in plan.layers else "left unquantized by the config")
+            lp = plan.layers.get(owner)
+            state = f"loaded as {lp.fmt.name} ({lp.origin})" if lp else "left unquantized by the config"
             raise ValueError(f"mxpass.checkpoint: tensor {name!r} is a quantization parameter of "
                              f"{owner}, which is {state}: the config and the tensors disagree")
 
     # read
-    total = sum(tensors.nbytes(t) for t in [*planned, *unquantized])
+    total = sum(tensors.nbytes(t) for t in [*planned, *unquantized] if t in tensors)
     bar = _progress_bar(total, progress)
-    formats, activation_scales, online = {}, {}, []
+    step = (lambda names: bar.update(sum(tensors.nbytes(t) for t in names))) if bar else (lambda names: None)
+    formats, activation_scales, online, experts, bases = {}, {}, [], {}, {}
     quantized_bytes = unquantized_bytes = 0
     try:
         for fqn, lp in plan.layers.items():
             module = linears[fqn]
             n, k = module.weight.shape
-            if lp.weight_scale is None:  # online: quantize the model-dtype weight on the device
-                w = tensors.get(lp.weight).to(dtype).to(device)
-                data, scale = _quantize(lp.fmt, w, fqn)
-                del w
+            data, scale = _read_layer(tensors, fqn, lp, n, k, dtype, device)
+            if lp.weight_scale is None:
                 online.append(fqn)
-            else:
-                data = tensors.get(lp.weight).to(device)
-                stored = tensors.get(lp.weight_scale).to(device)
-                scale = (lp.scale or mxpass_scale(lp.fmt, n, k)).convert(stored).contiguous()
-                _check_converted(lp.weight_scale, lp.fmt, n, k, scale)
             input_scale = None
             if lp.fmt.static_activation:
                 input_scale = float(tensors.get(lp.input_scale).float().reshape(()))
                 activation_scales[fqn] = input_scale
             module.weight = stand_in(n, k, dtype, device)
-            seed_quantized_weight(module.weight, lp.fmt, False, data.contiguous(), scale, input_scale)
+            seed_quantized_weight(module.weight, lp.fmt, False, data, scale, input_scale)
             formats[fqn] = lp.fmt.name
             quantized_bytes += data.nbytes + scale.nbytes
-            if bar is not None:
-                bar.update(sum(tensors.nbytes(t) for t in (lp.weight, lp.weight_scale, lp.input_scale) if t))
+            step(_plan_names(lp))
+        for fqn, stored in tensors.experts.items():
+            owner = model.get_submodule(fqn)
+            ep = plan.experts.get(fqn)
+            if ep is None:
+                unquantized_bytes += read_unquantized_experts(tensors, stored, owner, dtype, device, step)
+                continue
+            read = lambda name, lp, n, k: _read_layer(tensors, name, lp, n, k, dtype, device)  # noqa: E731
+            quantized_bytes += read_quantized_experts(tensors, read, ep, stored, owner, dtype, device, step, bases)
+            experts[fqn] = ep.fmt.name
+            if ep.experts[0][0].weight_scale is None:
+                online.append(fqn)
         for key, meta in unquantized.items():
             t = tensors.get(key)
             if meta.is_floating_point():
@@ -344,8 +393,7 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             t = t.to(device)
             _set(model, key, t)
             unquantized_bytes += t.nbytes
-            if bar is not None:
-                bar.update(tensors.nbytes(key))
+            step([key])
     finally:
         if bar is not None:
             bar.close()
@@ -355,12 +403,17 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if left:
         raise ValueError(f"mxpass.checkpoint: no data for {', '.join(left)} after loading")
     for fqn, reason in kept.items():
-        mark_kept(linears[fqn].weight, reason)
+        if fqn in linears:
+            mark_kept(linears[fqn].weight, reason)
+        else:  # experts
+            stored = tensors.experts[fqn]
+            for leaf in (stored.gate_up, stored.down):
+                mark_kept(getattr(model.get_submodule(fqn), leaf), reason)
     model.eval()
     _INFOS[model] = LoadInfo(
         path=path, reader=plan.reader if plan.reader != "none" or not online else "online",
-        formats=formats, online=tuple(online), activation_scales=activation_scales, kept=kept,
-        unused_tensors=tuple(sorted(unused)), seconds=time.perf_counter() - start,
+        formats=formats, experts=experts, online=tuple(online), activation_scales=activation_scales,
+        kept=kept, unused_tensors=tuple(sorted(unused)), seconds=time.perf_counter() - start,
         quantized_bytes=quantized_bytes, unquantized_bytes=unquantized_bytes)
     return model
 

@@ -59,7 +59,23 @@ class SafetensorsIndex:
                     raise ValueError(f"mxpass.checkpoint: {INDEX} places tensor {key!r} in {name}, "
                                      "which does not hold it")
         self.where = {k: stored[k] for k in (weight_map or stored)}
+        self.stored = {k: k for k in self.where}  # name -> the key in its file
         self.read: set[str] = set()
+
+    def rename(self, fn) -> None:
+        """Use ``fn(stored key)`` as every tensor's name (transformers' renamings)."""
+        where, stored = {}, {}
+        for name, file in self.where.items():
+            new = fn(name)
+            if new in where:
+                raise ValueError(f"mxpass.checkpoint: tensors {stored[new]!r} and {name!r} both become "
+                                 f"{new!r} under transformers' renaming for this model")
+            where[new], stored[new] = file, self.stored[name]
+        self.where, self.stored = where, stored
+
+    def source_name(self, name: str) -> str:
+        """The key a (renamed) tensor has in its file."""
+        return self.stored.get(name, name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -68,7 +84,7 @@ class SafetensorsIndex:
         return list(self.where)
 
     def _slice(self, name: str):
-        return self._files[self.where[name]].get_slice(name)
+        return self._files[self.where[name]].get_slice(self.stored[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -90,7 +106,7 @@ class SafetensorsIndex:
         """The tensor, on the CPU. Every name was checked against the headers before."""
         self.read.add(name)
         try:
-            return self._files[self.where[name]].get_tensor(name)
+            return self._files[self.where[name]].get_tensor(self.stored[name])
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"mxpass.checkpoint: cannot read tensor {name!r} from "
+            raise ValueError(f"mxpass.checkpoint: cannot read tensor {self.stored[name]!r} from "
                              f"{self.where[name]} (truncated file?): {e}") from None

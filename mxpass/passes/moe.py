@@ -30,6 +30,7 @@ A module that fails a step is left as it is and reported as kept, with what fail
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass
@@ -38,12 +39,12 @@ import torch
 import torch.fx as fx
 
 from mxpass.config import QuantConfig
-from mxpass.formats import ACTIVATION_DTYPES, Format
+from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
 from mxpass.ops import MOE_ACTIVATIONS, experts_reference
 from mxpass.passes.inputs import StaticInputs
 from mxpass.passes.linear import _dotted, source_fqn
 from mxpass.report import Kept, Report, Rewritten
-from mxpass.weights import quantized_experts
+from mxpass.weights import kept_reason, prequantized_scheme, quantized_experts
 
 log = logging.getLogger("mxpass.passes.moe")
 
@@ -234,8 +235,22 @@ def _probe_inputs(region: ExpertsRegion, itf: Interface) -> tuple[list, tuple[to
     return args, (x.to(w13.device), ids.to(w13.device), weights.to(w13.device)), used
 
 
+def _with_random_weights(region: ExpertsRegion) -> ExpertsRegion:
+    """The region with each loaded stand-in (no data: ``mxpass.load``) replaced by random
+    weights of its shape, dtype and device: the region's meaning does not depend on them."""
+    gen = torch.Generator().manual_seed(0)
+
+    def fill(p):
+        if prequantized_scheme(p) is None:
+            return p
+        return (torch.randn(p.shape, generator=gen) * 0.02).to(dtype=p.dtype, device=p.device)
+
+    return dataclasses.replace(region, params={k: fill(v) for k, v in region.params.items()})
+
+
 def verify(gm: fx.GraphModule, region: ExpertsRegion, itf: Interface) -> tuple[tuple[str, str] | None, str]:
     """Run the region against the reference MoE; the matching (activation, layout), or why none."""
+    region = _with_random_weights(region)
     w13, w2 = region.params[itf.w13], region.params[itf.w2]
     if w13.device.type == "meta" or w2.device.type == "meta":
         return None, "expert weights are on the meta device (nothing to verify against)"
@@ -293,6 +308,23 @@ def _keep_reason(fqn: str, fmt: Format, config: QuantConfig, hidden: int, inter:
     return None
 
 
+def _experts_format(fqn: str, w13: torch.Tensor, config: QuantConfig, hidden: int,
+                    inter: int) -> tuple[Format | None, str | None]:
+    """(format, None) to rewrite the experts, or (None, why they are kept); as the linear
+    pass's ``layer_format``: experts loaded quantized keep their stored format."""
+    stored = prequantized_scheme(w13)
+    if stored is None:
+        if not config.explicit and kept_reason(w13) is not None:
+            return None, kept_reason(w13)
+        return config.format, _keep_reason(fqn, config.format, config, hidden, inter)
+    if config.explicit and config.scheme != stored:
+        raise ValueError(f"mxpass: experts {fqn} were loaded quantized from a checkpoint as {stored!r} and "
+                         f"have no data of their own; compile with scheme={stored!r} or with no scheme "
+                         f"(asked for {config.scheme!r})")
+    reason = _keep_reason(fqn, get_format(stored), config, hidden, inter)
+    return (get_format(stored), None) if reason is None else (None, reason)
+
+
 def use_grouped_mm(model: torch.nn.Module) -> list[str]:
     """Select transformers' grouped_mm experts implementation where ``model`` runs the eager loop.
 
@@ -318,7 +350,6 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     (``None``: "reference")."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     inputs = dict(zip(placeholders, example_inputs))
-    fmt = config.format
     used_patterns: set[str] = set()
     static = StaticInputs(gm, example_inputs)
 
@@ -330,13 +361,16 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
         if itf is not None:
             w13, w2 = region.params[itf.w13], region.params[itf.w2]
             e, two_i, h = w13.shape
-            reason = _keep_reason(fqn, fmt, config, h, two_i // 2)
+            fmt, reason = _experts_format(fqn, w13, config, h, two_i // 2)
         if itf is not None and reason is None:
             for what, dtype in (("weight", w13.dtype), ("activation", _value(itf.x).dtype)):
                 if dtype not in ACTIVATION_DTYPES:
                     raise TypeError(f"mxpass: experts {fqn}: {what} dtype {dtype} is not supported (expected "
                                     f"one of {', '.join(str(d) for d in ACTIVATION_DTYPES)})")
             variant, reason = verify(gm, region, itf)
+        if reason and any(prequantized_scheme(p) is not None for p in region.params.values()):
+            raise ValueError(f"mxpass: experts {fqn} were loaded quantized from a checkpoint but cannot be "
+                             f"rewritten ({reason}); their weights are stand-ins with no data")
         if reason:
             report.kept.append(Kept(fqn, reason))
             continue
