@@ -41,6 +41,13 @@ def run_all(what=("linear", "model")) -> list[dict]:
         gem = gemv.run()
         print(gemv.format_table(gem))
         rows += gem
+    if "load" in what:
+        from mxpass.benchmarks import load
+
+        for scheme in ("fp8-dynamic", "mxfp8"):
+            rows_load = load.run(scheme)
+            print(load.format_table(rows_load))
+            rows += rows_load
     if "model" in what:
         from mxpass.benchmarks import model
 
