@@ -99,7 +99,7 @@ def moe(tmp_path_factory):
         plain = str(root / arch)
         model.save_pretrained(plain)
         out[arch] = (model, plain, {})
-        for preset in ("MXFP8", "FP8_DYNAMIC"):
+        for preset in ("MXFP8", "FP8_DYNAMIC") if arch == "qwen3_moe" else ("FP8_DYNAMIC",):
             out[arch][2][preset] = str(root / f"{arch}-{preset}")
             _write_compressed_tensors(plain, out[arch][2][preset], arch, preset)
     return out
@@ -115,8 +115,7 @@ def test_plain_experts_are_merged_like_transformers(moe, arch):
     assert set(_experts(model)) == set(_experts(original))
 
 
-@pytest.mark.parametrize("arch, preset", [("qwen3_moe", "MXFP8"), ("mixtral", "FP8_DYNAMIC"),
-                                          ("mixtral", "MXFP8")])
+@pytest.mark.parametrize("arch, preset", [("qwen3_moe", "MXFP8"), ("mixtral", "FP8_DYNAMIC")])
 def test_quantized_experts_load_as_stored_and_compile(moe, arch, preset):
     original, _, stored = moe[arch]
     model = mxpass.load(stored[preset])
