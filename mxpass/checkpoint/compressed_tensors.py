@@ -1,10 +1,11 @@
 """compressed-tensors checkpoints: config -> :class:`~mxpass.checkpoint.plan.Plan`, and back.
 
 The ``quantization_config`` is read with compressed-tensors' own classes
-(``QuantizationConfig``), modules are matched to config groups with its own matcher
-(``match_named_modules``, ``match_targets``: an exact name beats a ``re:`` pattern beats a
-class name, as ``apply_quantization_config`` resolves a module that several groups
-target), and ``ignore`` takes exact names and ``re:`` patterns. Each group's scheme maps to
+(``QuantizationConfig``), modules are matched to config groups with its own matcher, by
+their names as stored in the checkpoint (``is_match`` for ``ignore``, ``match_targets``: an
+exact name beats a ``re:`` pattern beats a class name, as ``apply_quantization_config``
+resolves a module that several groups target); MoE experts stored per expert are matched
+as the Linears they were when quantized. Each group's scheme maps to
 one mxpass format (:func:`format_for_scheme`); a group with no mxpass equivalent is an
 error naming the group and its args.
 
