@@ -251,6 +251,29 @@ class TritonMoE:
         return moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt)
 
 
+class TritonMoEW8A8(TritonMoE):
+    """``triton_moe`` with the activations really quantized (fp8-dynamic, int8): e4m3 / int8
+    MMAs in the grouped GEMMs. Its sums use q * s unrounded where the reference rounds q * s
+    to the model dtype, 1-2e-2 relative after h's requantization (bf16): never picked before
+    ``triton_moe``; ``MXPASS_KERNEL=triton_moe_w8a8`` selects it."""
+
+    name = "triton_moe_w8a8"
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.triton.moe import takes_quantized_activations
+
+        if not takes_quantized_activations(problem.fmt):
+            return False, "needs per-token activations and channel/tensor weight scales"
+        return _half_precision(problem)
+
+    def run(self, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: Format, activation: str):
+        from mxpass.kernels.triton.moe import moe_triton
+
+        if activation != "silu":
+            raise ValueError(f"triton_moe_w8a8: activation {activation!r} is not implemented (silu only)")
+        return moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, quantized_activations=True)
+
+
 def candidates() -> dict[RegistryKey, list[Kernel]]:
     ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
     first = {
@@ -261,5 +284,5 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
         "fp8-block": [gemv, TritonW8Linear()],
     }
     table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
-    table.update({RegistryKey("moe", name): [TritonMoE(), ReferenceMoE()] for name in format_names()})
+    table.update({RegistryKey("moe", name): [TritonMoE(), TritonMoEW8A8(), ReferenceMoE()] for name in format_names()})
     return table

@@ -48,6 +48,12 @@ def run_all(what=("linear", "model")) -> list[dict]:
             rows_load = load.run(scheme)
             print(load.format_table(rows_load))
             rows += rows_load
+    if "moe" in what:
+        from mxpass.benchmarks import moe
+
+        rows_moe = moe.run()
+        print(moe.format_table(rows_moe))
+        rows += [{**r, "bench": "moe"} for r in rows_moe]
     if "model" in what:
         from mxpass.benchmarks import model
 
