@@ -635,3 +635,105 @@ def test_experts_plan_errors_name_the_experts():
     # all experts excluded: nothing planned for them (stored in the model dtype)
     none = quark_config(RECIPES["int8_wtensor_atoken"][0], exclude=["lm_head", "re:.*experts"])
     assert quark.QuarkReader().plan(none, model, index).experts == {}
+
+
+
+def _moe_model(kind: str):
+    import transformers
+
+    torch.manual_seed(0)
+    tiny = dict(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**tiny, num_experts=4, moe_intermediate_size=32)
+    else:
+        cfg = transformers.MixtralConfig(**tiny, num_local_experts=4, sliding_window=None)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def write_quark_moe_checkpoint(path: str, model, layer_cfg: dict, mixtral_v4_names=False) -> None:
+    """A MoE model as Quark exports it: experts split into per-expert Linears (QuarkExperts:
+    ``experts.<e>.gate_proj`` = rows [:I] of ``gate_up_proj[e]``, ``up_proj`` = rows [I:],
+    ``down_proj``; or a transformers v4 Mixtral's ``block_sparse_moe.experts.<e>.w1/w3/w2``),
+    every Linear in ``layer_cfg`` through ``layer_quant_config`` patterns on the stored names,
+    router gates and lm_head excluded."""
+    os.makedirs(path, exist_ok=True)
+    w_spec = layer_cfg["weight"]
+    wfmt = get_format(_WEIGHT_FORMAT[(w_spec["dtype"], w_spec["qscheme"])])
+    names = ("w1", "w3", "w2") if mixtral_v4_names else ("gate_proj", "up_proj", "down_proj")
+    stored = (lambda k: k.replace(".mlp.", ".block_sparse_moe.")) if mixtral_v4_names else (lambda k: k)
+    weights, tensors = {}, {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and fqn != "lm_head":
+            weights[fqn] = m.weight.detach()
+        if getattr(m, "gate_up_proj", None) is not None and m.gate_up_proj.dim() == 3:
+            inter = m.gate_up_proj.shape[1] // 2
+            for e in range(m.gate_up_proj.shape[0]):
+                for proj, w in zip(names, (m.gate_up_proj[e, :inter], m.gate_up_proj[e, inter:], m.down_proj[e])):
+                    weights[f"{fqn}.{e}.{proj}"] = w.detach()
+    for k, v in model.state_dict().items():
+        if not k.endswith((".gate_up_proj", ".down_proj")) and k[: -len(".weight")] not in weights:
+            tensors[stored(k)] = v.detach().clone()
+    for fqn, w in weights.items():
+        data, s = quant.quantize_weight(wfmt, w.contiguous(), fqn)
+        s = s.reshape(-1) if w_spec["qscheme"] == "per_channel" else s.reshape(())
+        fqn = stored(fqn)
+        tensors[f"{fqn}.weight"], tensors[f"{fqn}.weight_scale"] = data, s
+        if w_spec["dtype"] == "int8":
+            tensors[f"{fqn}.weight_zero_point"] = torch.zeros(s.shape, dtype=torch.int8)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    moe = "*block_sparse_moe" if mixtral_v4_names else "*mlp"
+    # every layer by name (stored names); the global config, which mxpass refuses, matches none
+    int4 = layer(spec("int4", "per_group", ch_axis=1, group_size=32))
+    config["quantization_config"] = quark_config(
+        int4, layers={"*self_attn.*": layer_cfg, f"{moe}.experts.*": layer_cfg},
+        exclude=["lm_head", f"{moe}.gate"])
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral_v4_names"])
+def test_load_quark_moe_checkpoint_equals_online(tmp_path, kind):
+    """Per-expert ptpc INT8 experts are merged into transformers' 3-D layout with every byte
+    kept: the loaded MoE model compiles to exactly the online-quantized original's logits.
+    Mixtral with transformers v4 names: the config's patterns name the stored modules."""
+    import mxpass
+    from mxpass.checkpoint import info
+
+    model = _moe_model("mixtral" if kind.startswith("mixtral") else kind)
+    path = str(tmp_path / kind)
+    write_quark_moe_checkpoint(path, model, RECIPES["ptpc_int8"][0], mixtral_v4_names=kind != "qwen3_moe")
+    loaded = mxpass.load(path)
+    i = info(loaded)
+    assert i.experts == {"model.layers.0.mlp.experts": "int8"}
+    assert set(i.formats.values()) == {"int8"} and len(i.formats) == 4  # q, k, v, o
+    assert i.unused_tensors == ()
+    got = _logits(loaded, mxpass.backend(compiler="eager"))
+    assert "model.layers.0.mlp.experts" in {r.fqn for r in mxpass.last_report().rewritten}
+    want = _logits(model, mxpass.backend(scheme="int8", compiler="eager"))
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_load_quark_moe_per_tensor_weights_keeps_every_byte(tmp_path):
+    """Per-tensor expert weights on the per-channel int8 format: each projection's scale
+    fills its rows of [gate; up] (no requantization), as seeded in the experts cache."""
+    import mxpass
+    from mxpass import weights
+
+    model = _moe_model("qwen3_moe")
+    path = str(tmp_path / "wtensor")
+    write_quark_moe_checkpoint(path, model, RECIPES["int8_wtensor_atoken"][0])
+    loaded = mxpass.load(path)
+    stored = load_file(os.path.join(path, "model.safetensors"))
+    experts = loaded.get_submodule("model.layers.0.mlp.experts")
+    fmt = get_format("int8")
+    data, scale = weights.quantized_experts(experts.gate_up_proj, fmt, "gate_up_proj")
+    assert data.shape == (4, 64, 64) and scale.shape == (4, 64, 1)
+    for e in range(4):
+        pre = f"model.layers.0.mlp.experts.{e}"
+        assert torch.equal(data[e], torch.cat([stored[f"{pre}.gate_proj.weight"], stored[f"{pre}.up_proj.weight"]]))
+        assert torch.equal(scale[e, :32], stored[f"{pre}.gate_proj.weight_scale"].expand(32, 1))
+        assert torch.equal(scale[e, 32:], stored[f"{pre}.up_proj.weight_scale"].expand(32, 1))
+    assert torch.isfinite(_logits(loaded, mxpass.backend(compiler="eager"))).all()
