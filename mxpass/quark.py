@@ -30,8 +30,8 @@ INT8 zero points (``weight_zero_point``, ``input_zero_point``) of these symmetri
 must be zero and are dropped (vLLM's QuarkW8A8Int8.process_weights_after_loading deletes
 them); a nonzero one is an error naming the tensor.
 
-MoE experts stored per expert as 2-D Linears: :func:`fuse_gate_up` builds each expert's
-[gate; up] weight with its scale in mxpass's layout (docs/checkpoints-quark.md, "MoE").
+MoE experts stored per expert as 2-D Linears: :class:`QuarkReader` plans them for the
+loader's merge into [gate; up] (docs/checkpoints-quark.md, "MoE experts").
 """
 
 from __future__ import annotations
@@ -391,8 +391,10 @@ def layer_plan(config: QuarkConfig, fqn: str, module_type: str = "Linear",
 
 
 def read_plan(quantization_config: dict | QuarkConfig,
-              modules: torch.nn.Module | Iterable[tuple[str, torch.nn.Module]]) -> QuarkPlan:
-    """Plan for every ``torch.nn.Linear`` of ``modules`` (a model, or (fqn, module) pairs)."""
+              modules: torch.nn.Module | Iterable[tuple[str, torch.nn.Module]],
+              stored_name=lambda fqn: None) -> QuarkPlan:
+    """Plan for every ``torch.nn.Linear`` of ``modules`` (a model, or (fqn, module) pairs);
+    ``stored_name(fqn)``: its name in the checkpoint where that differs (:func:`layer_plan`)."""
     config = (quantization_config if isinstance(quantization_config, QuarkConfig)
               else QuarkConfig.from_dict(quantization_config))
     named = modules.named_modules() if isinstance(modules, torch.nn.Module) else modules
@@ -400,7 +402,7 @@ def read_plan(quantization_config: dict | QuarkConfig,
     for fqn, module in named:
         if not isinstance(module, torch.nn.Linear):
             continue
-        p = layer_plan(config, fqn, type(module).__name__)
+        p = layer_plan(config, fqn, type(module).__name__, stored_name(fqn))
         if isinstance(p, str):
             kept[fqn] = p
         else:
@@ -494,31 +496,6 @@ def requantize_to_max_scale(shards: list[tuple[torch.Tensor, torch.Tensor]], nam
     return torch.cat(parts), s_max.reshape(1)
 
 
-def fuse_gate_up(fmt: Format, gate: tuple[torch.Tensor, torch.Tensor, str],
-                 up: tuple[torch.Tensor, torch.Tensor, str], name: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's gate [I, K] and up [I, K] projections -> [gate; up] [2I, K] in ``fmt``.
-
-    ``gate`` / ``up``: (data, stored weight_scale, its qscheme "per_tensor" / "per_channel").
-    Per-channel formats keep every stored byte: each projection's scale fills its own rows
-    (a per-tensor scale repeated, exact). A per-tensor format holds one scale for both:
-    :func:`requantize_to_max_scale` (vLLM's rule).
-    """
-    (gd, gs, gq), (ud, us, uq) = gate, up
-    if gd.shape != ud.shape:
-        raise _err(f"{name}: gate {tuple(gd.shape)} and up {tuple(ud.shape)} differ in shape")
-    i = gd.shape[0]
-    if fmt.weight_granularity == "channel":
-        scale = torch.cat([convert_weight_scale(f"{name} gate scale", gs, gq, fmt, i),
-                           convert_weight_scale(f"{name} up scale", us, uq, fmt, i)])
-        return torch.cat([gd, ud]), scale
-    if fmt.weight_granularity == "tensor":
-        if gq != "per_tensor" or uq != "per_tensor":
-            raise _err(f"{name}: {fmt.name} needs per_tensor gate and up scales; got {gq}, {uq}")
-        return requantize_to_max_scale([(gd, gs), (ud, us)], name)
-    raise _err(f"{name}: format {fmt.name} is not one a Quark checkpoint maps to")
-
-
 # --- the checkpoint reader (mxpass/checkpoint/plan.py) ---
 
 
@@ -564,15 +541,12 @@ class QuarkReader:
     def plan(self, quantization_config: dict, model: torch.nn.Module, tensors):
         from mxpass.checkpoint.plan import Plan
 
-        config = QuarkConfig.from_dict(quantization_config)
+        qp = read_plan(quantization_config, model, lambda fqn: _stored_name(tensors, fqn))
         plan = Plan(reader=self.name, kept_reason="unquantized in the checkpoint (Quark exclude)")
-        for fqn, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                p = layer_plan(config, fqn, type(module).__name__, _stored_name(tensors, fqn))
-                if not isinstance(p, str):
-                    plan.layers[fqn] = self._layer_plan(p, *module.weight.shape, tensors)
+        for fqn, layer in qp.layers.items():
+            plan.layers[fqn] = self._layer_plan(layer, *model.get_submodule(fqn).weight.shape, tensors)
         for fqn, gate_up, down, shape, modules in _stored_experts(model, tensors):
-            ep = self._experts_plan(config, fqn, gate_up, down, shape, modules, tensors)
+            ep = self._experts_plan(qp.config, fqn, gate_up, down, shape, modules, tensors)
             if ep is not None:
                 plan.experts[fqn] = ep
         return plan

@@ -259,28 +259,6 @@ def test_requantize_to_max_scale_follows_vllm(family):
         assert diff.max() <= 1
 
 
-@pytest.mark.parametrize("family", ["int8", "fp8"])
-def test_fuse_gate_up_per_channel_keeps_every_byte(family):
-    _, ((gd, gs), (ud, us)) = _shards(family, 2)
-    fmt = get_format("int8" if family == "int8" else "fp8-dynamic")
-    data, scale = quark.fuse_gate_up(fmt, (gd, gs.reshape(()), "per_tensor"),
-                                     (ud, us.reshape(()), "per_tensor"), "experts.0")
-    assert data.shape == (32, 32) and scale.shape == (32, 1)
-    assert torch.equal(data.view(torch.uint8), torch.cat([gd, ud]).view(torch.uint8))
-    assert torch.equal(scale[:16], gs.expand(16, 1)) and torch.equal(scale[16:], us.expand(16, 1))
-    ref_fmt = get_format("int8-static" if family == "int8" else "fp8")
-    assert torch.equal(quant.dequantize_weight(fmt, data, scale),
-                       torch.cat([quant.dequantize_weight(ref_fmt, gd, gs),
-                                  quant.dequantize_weight(ref_fmt, ud, us)]))
-    # per-tensor formats take one scale: vLLM's max rule
-    fmt_t = get_format("int8-static" if family == "int8" else "fp8")
-    data_t, scale_t = quark.fuse_gate_up(fmt_t, (gd, gs.reshape(()), "per_tensor"),
-                                         (ud, us.reshape(()), "per_tensor"), "experts.0")
-    assert torch.equal(scale_t, torch.maximum(gs, us))
-    assert torch.equal(data_t.view(torch.uint8), quark.requantize_to_max_scale(
-        [(gd, gs), (ud, us)], "experts.0")[0].view(torch.uint8))
-
-
 # --- checkpoints written from a tiny Llama ---
 
 # per recipe: how the fixture quantizes a weight (mxpass format with the stored granularity)
