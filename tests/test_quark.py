@@ -694,24 +694,33 @@ def test_load_quark_moe_checkpoint_equals_online(tmp_path, kind):
     assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
-def test_load_quark_moe_per_tensor_weights_keeps_every_byte(tmp_path):
-    """Per-tensor expert weights on the per-channel int8 format: each projection's scale
-    fills its rows of [gate; up] (no requantization), as seeded in the experts cache."""
+@pytest.mark.parametrize("recipe", ["int8_wtensor_atoken", "fp8_weight_only_tensor"])
+def test_load_quark_moe_per_tensor_expert_scales(tmp_path, recipe):
+    """Per-tensor expert weights. On the per-channel int8 format each projection's scale
+    fills its rows of [gate; up] (no requantization); on fp8-w-tensor (one scale) gate and
+    up are requantized to the larger scale (vLLM's rule). As seeded in the experts cache."""
     import mxpass
     from mxpass import weights
 
+    cfg = RECIPES[recipe][0] if recipe in RECIPES else layer(w_tensor("fp8_e4m3"))
+    fmt = get_format("int8" if recipe in RECIPES else "fp8-w-tensor")
     model = _moe_model("qwen3_moe")
-    path = str(tmp_path / "wtensor")
-    write_quark_moe_checkpoint(path, model, RECIPES["int8_wtensor_atoken"][0])
+    path = str(tmp_path / recipe)
+    write_quark_moe_checkpoint(path, model, cfg)
     loaded = mxpass.load(path)
     stored = load_file(os.path.join(path, "model.safetensors"))
     experts = loaded.get_submodule("model.layers.0.mlp.experts")
-    fmt = get_format("int8")
     data, scale = weights.quantized_experts(experts.gate_up_proj, fmt, "gate_up_proj")
-    assert data.shape == (4, 64, 64) and scale.shape == (4, 64, 1)
+    assert data.shape == (4, 64, 64)
     for e in range(4):
-        pre = f"model.layers.0.mlp.experts.{e}"
-        assert torch.equal(data[e], torch.cat([stored[f"{pre}.gate_proj.weight"], stored[f"{pre}.up_proj.weight"]]))
-        assert torch.equal(scale[e, :32], stored[f"{pre}.gate_proj.weight_scale"].expand(32, 1))
-        assert torch.equal(scale[e, 32:], stored[f"{pre}.up_proj.weight_scale"].expand(32, 1))
+        (gd, gs), (ud, us) = [[stored[f"model.layers.0.mlp.experts.{e}.{p}.{t}"] for t in ("weight", "weight_scale")]
+                              for p in ("gate_proj", "up_proj")]
+        if fmt.weight_granularity == "channel":
+            assert torch.equal(data[e], torch.cat([gd, ud]))
+            assert torch.equal(scale[e], torch.cat([gs.expand(32, 1), us.expand(32, 1)]))
+        else:
+            want, s = quark.requantize_to_max_scale([(gd, gs), (ud, us)], "e")
+            assert gs != us and torch.equal(scale[e], s) and torch.equal(s.reshape(()), torch.maximum(gs, us))
+            assert torch.equal(data[e].view(torch.uint8), want.view(torch.uint8))
     assert torch.isfinite(_logits(loaded, mxpass.backend(compiler="eager"))).all()
+    assert mxpass.last_report().rewritten
