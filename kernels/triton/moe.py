@@ -61,6 +61,13 @@ its tensor.
 
 The activation quantization of h is not fused: the gate/up op returns h in x.dtype and the
 caller fake-quantizes it (ATen math, ``mxpass.quant``), exactly as the reference does.
+Optionally (``moe_triton(..., quantized_activations=True)``, registry ``triton_moe_w8a8``;
+per-token formats with "channel"/"tensor" weights) the ops take quantized x / h with one
+float32 scale per row: the grouped GEMMs then run e4m3 x e4m3 (fp32 sums promoted every 32
+products) or int8 x int8 (int32, exact) MMAs; the decode kernels rebuild the reference's
+fake-quantized values (q * s rounded to the output dtype) exactly.
+
+Measured figures and the reasons for the default plan: notes/moe-kernel-notes.md.
 """
 
 from __future__ import annotations

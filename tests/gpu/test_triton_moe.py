@@ -239,7 +239,7 @@ def _lowering_backend(gm, example_inputs):
 
     from mxpass.lowering.nodes import lower_mxpass_nodes
 
-    lower_mxpass_nodes(gm)
+    assert lower_mxpass_nodes(gm) == 1  # the node is mxpass::moe.default, as the MoE pass emits it
     return compile_fx(gm, example_inputs)
 
 
@@ -252,7 +252,7 @@ def test_compiles_once_and_inductor_launches_the_kernels(weights):
     torch._dynamo.reset()
     fmt, w, ref_fn = weights["mxfp8"]
     backend = CountingBackend(_lowering_backend)
-    f = torch.compile(lambda x, ids, tw: torch.ops.mxpass.moe(x, ids, tw, *w, fmt.name, "silu"),
+    f = torch.compile(lambda x, ids, tw: torch.ops.mxpass.moe.default(x, ids, tw, *w, fmt.name, "silu"),
                       backend=backend, dynamic=True)
     code = ""
     with torch._dynamo.config.patch(error_on_recompile=True):
