@@ -34,8 +34,8 @@ def _half_precision(problem: Problem) -> tuple[bool, str]:
     return True, ""
 
 
-class ReferenceLinear:
-    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
+class _Reference:
+    """The definition of an op in ATen math: runs on any device, dtype and shape."""
 
     name = "reference"
 
@@ -44,6 +44,10 @@ class ReferenceLinear:
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
         return True, ""
+
+
+class ReferenceLinear(_Reference):
+    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         return quant.linear_reference(x, qweight, wscale, bias, act_scale, fmt)
@@ -211,16 +215,8 @@ class CudaW8A8Gemv:
         return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, self._GROUP[fmt.weight_granularity], x.dtype)
 
 
-class ReferenceMoE:
+class ReferenceMoE(_Reference):
     """Every expert on every token with dequantized weights, fp32 matmuls, a gather (any device)."""
-
-    name = "reference"
-
-    def is_supported(self, device: torch.device) -> tuple[bool, str]:
-        return True, ""
-
-    def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        return True, ""
 
     def run(self, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: Format, activation: str):
         from mxpass.ops import moe_reference

@@ -30,6 +30,13 @@ def dequantize_weight(fmt: Format, data: torch.Tensor, scale: torch.Tensor) -> t
     return _FAMILY[fmt.family].dequantize(data, scale, fmt.weight_granularity)
 
 
+def dequantize_activation(fmt: Format, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An activation quantized by :func:`quantize_activation` -> float32 [..., K]."""
+    if fmt.family == "mxfp8":
+        return mxfp8.dequantize(data, scale, torch.float32)
+    return _FAMILY[fmt.family].dequantize(data, scale, fmt.activation)
+
+
 def fake_quantize_activation(fmt: Format, x: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor:
     """Quantize-dequantize x [..., K] as the format's activation, in x's dtype (identity if weight-only)."""
     if fmt.activation is None:

@@ -82,3 +82,14 @@ def test_registry_lists_cublas_and_falls_back_visibly_on_cpu():
     assert entry.kernel == ("reference (not picked: cuda_w8a8_gemv: needs a CUDA device, got cpu; "
                             "cublas_scaled_mm_rowwise: needs a CUDA device, got cpu; "
                             "dequant_cublas_mm: needs a CUDA device, got cpu)")
+
+
+@pytest.mark.parametrize("scheme", ["mxfp8", "fp8-dynamic", "fp8", "fp8-block", "int8", "int8-static"])
+def test_dequantize_activation_is_the_fake_quantization(scheme):
+    from mxpass import quant
+
+    f = mxpass.get_format(scheme)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    act = torch.tensor([0.05]) if f.static_activation else None
+    q, s = quant.quantize_activation(f, x, act)
+    assert torch.equal(quant.dequantize_activation(f, q, s).to(x.dtype), quant.fake_quantize_activation(f, x, act))

@@ -22,12 +22,6 @@ MS = (1, 4, 16)
 _GROUP = {"channel": 0, "tensor": 0, "block": 128}
 
 
-def _dequantized_activation(f, xq, xs):
-    if f.activation == "group":
-        return (xq.float().unflatten(-1, (-1, 128)) * xs.float().unsqueeze(-1)).flatten(-2)
-    return xq.float() * xs.float().reshape(-1, 1)
-
-
 def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
     from mxpass import quant
     from mxpass.benchmarks.linear import graph_ms, rel_error
@@ -49,7 +43,7 @@ def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
                 xq, xs = quant.quantize_activation(f, x, act)
                 group = _GROUP[f.weight_granularity]
                 y = G.w8a8_gemv(xq, xs, qs[0][0], qs[0][1], None, group, torch.bfloat16)
-                ref = _dequantized_activation(f, xq, xs) @ quant.dequantize_weight(f, *qs[0]).float().t()
+                ref = quant.dequantize_activation(f, xq, xs) @ quant.dequantize_weight(f, *qs[0]).float().t()
                 ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
                 t = graph_ms(lambda: [G.w8a8_gemv_into(ys[i], xq, xs, *qs[i], None, group) for i in range(4)], 4)
                 row = dict(bench="w8a8-gemv", scheme=name, M=m, K=k, N=n, bf16_ms=bf16, ms=t, vs_bf16=bf16 / t,

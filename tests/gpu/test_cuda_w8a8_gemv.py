@@ -21,11 +21,7 @@ def rel_err(a, b):
 
 
 def _exact(f, xq, xs, wq, ws, bias):
-    if f.activation == "group":
-        xd = (xq.float().unflatten(-1, (-1, 128)) * xs.float().unsqueeze(-1)).flatten(-2)
-    else:
-        xd = xq.float() * xs.float().reshape(-1, 1)
-    y = xd.double() @ quant.dequantize_weight(f, wq, ws).double().t()
+    y = quant.dequantize_activation(f, xq, xs).double() @ quant.dequantize_weight(f, wq, ws).double().t()
     return y if bias is None else y + bias.double()
 
 
