@@ -92,6 +92,10 @@ def _split_env(name: str) -> set[str]:
 
 def choose(problem: Problem) -> Choice:
     """The kernel for ``problem``; raises NoKernelError listing every candidate's reason."""
+    # K and N come from weight shapes: static for parameters, symbolic when a traced function
+    # takes the weights as inputs under dynamic=True; a kernel is chosen for concrete sizes,
+    # so specialize them (a guard on the weight's shape, never on the token count)
+    problem = problem._replace(k=int(problem.k), n=int(problem.n))
     forced = os.environ.get("MXPASS_KERNEL", "").strip()
     disabled = _split_env("MXPASS_DISABLE_KERNELS")
     rejected: list[tuple[str, str]] = []
