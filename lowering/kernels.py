@@ -11,6 +11,7 @@ always last and always available.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import torch
 
@@ -118,6 +119,60 @@ class ScaledMMLinear:
         return y if bias is None else y + bias
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    """torch.__version__ >= major.minor (local and pre-release suffixes ignored)."""
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(re.match(r"\d+", parts[1]).group())) >= (major, minor)
+    except (IndexError, AttributeError, ValueError):
+        return False
+
+
+def _cuda_toolkit_at_least(major: int, minor: int) -> bool:
+    if not torch.version.cuda:
+        return False
+    got = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    return got >= (major, minor)
+
+
+class ScaledMMBlockwiseLinear:
+    """cuBLAS FP8 GEMM with DeepSeek-style block scales through ``torch._scaled_mm``: the
+    activation really quantized in 1 x 128 groups (scale [M, K/128], passed outer-dim-major,
+    strides (1, M)), the weight's 128 x 128 block scales [N/128, K/128] passed as their
+    transpose. cuBLAS (>= 12.9) implements this on Hopper only; torch routes it there from
+    2.9 on and raises on every other architecture."""
+
+    name = "cublas_scaled_mm_blockwise"
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        ok, reason = _cuda_capability(device, (9, 0), "cuBLAS 1x128 / 128x128 block-scaled FP8")
+        if not ok:
+            return ok, reason
+        cap = torch.cuda.get_device_capability(device)
+        if cap[0] != 9:
+            return False, f"cuBLAS block-scaled FP8 through torch._scaled_mm runs on sm_90 only, device has {cap[0]}.{cap[1]}"
+        if not _torch_at_least(2, 9):
+            return False, f"needs torch >= 2.9 for block scales in torch._scaled_mm, got {torch.__version__}"
+        if not _cuda_toolkit_at_least(12, 9):
+            return False, f"needs CUDA >= 12.9 (cuBLAS block scaling), torch is built with {torch.version.cuda}"
+        return True, ""
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        if problem.fmt.weight_granularity != "block" or problem.fmt.activation != "group":
+            return False, f"{problem.fmt.name} has no 128x128 weight blocks with 1x128 activation groups"
+        if problem.dtype not in (torch.bfloat16, torch.float16):
+            return False, f"block scaling needs bf16/fp16 output, got {problem.dtype}"
+        if problem.k % 128 or problem.n % 128:
+            return False, f"K={problem.k} and N={problem.n} must be multiples of 128 (whole scale blocks)"
+        return True, ""
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)  # xs [M, K/128]
+        scale_a = xs.t().contiguous().t()  # outer-dim-major: strides (1, M)
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a, scale_b=wscale.t(), out_dtype=x.dtype)
+        return y if bias is None else y + bias
+
+
 class DequantMMLinear:
     """Activation fake-quantized and weight dequantized in the model dtype (Inductor
     pointwise code, fused with the producer), then one cuBLAS ``mm``. Works for every format
@@ -127,12 +182,24 @@ class DequantMMLinear:
 
     name = "dequant_cublas_mm"
 
+    def __init__(self, min_static_m: int | None = None, faster_than: str = ""):
+        # min_static_m: offered only where the graph's M is static and at least this (the
+        # entry placed before a kernel that serves every M but is slower at large M)
+        self.min_static_m = min_static_m
+        self.faster_than = faster_than
+
     def is_supported(self, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"needs a CUDA device, got {device.type}"
         return True, ""
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        if self.min_static_m is not None:
+            where = f"picked first for a static M >= {self.min_static_m}, where it measured faster than {self.faster_than}"
+            if problem.m is None:
+                return False, f"M is dynamic in this graph ({where})"
+            if problem.m < self.min_static_m:
+                return False, f"M={problem.m} < {self.min_static_m} ({where})"
         return _half_precision(problem)
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
@@ -270,14 +337,23 @@ class TritonMoEW8A8(TritonMoE):
         return moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, quantized_activations=True)
 
 
+#: Smallest static M at which the W8A16 formats take dequant_cublas_mm before triton_w8
+#: (measured on H200, docs/performance.md).
+W8A16_DEQUANT_MIN_M = 1024
+
+
 def candidates() -> dict[RegistryKey, list[Kernel]]:
     ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
+    # W8A16: triton_w8 serves every M without guards; in a graph whose M is static and large,
+    # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
+    w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")
+    w8 = [w8_large, TritonW8Linear()]
     first = {
         "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
         "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
         "int8": [gemv, IntMMLinear()], "int8-static": [gemv, IntMMLinear()],
-        "fp8-w": [TritonW8Linear()], "fp8-w-tensor": [TritonW8Linear()], "fp8-w-block": [TritonW8Linear()],
-        "fp8-block": [gemv, TritonW8Linear()],
+        "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8,
+        "fp8-block": [gemv, ScaledMMBlockwiseLinear(), TritonW8Linear()],
     }
     table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
     table.update({RegistryKey("moe", name): [TritonMoE(), TritonMoEW8A8(), ReferenceMoE()] for name in format_names()})

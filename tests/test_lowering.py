@@ -107,3 +107,64 @@ def test_capability_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     choice = registry.choose(Problem("linear", mxpass.get_format("int8"), gpu, 4096, 4096, torch.bfloat16))
     assert choice.kernel.name == "dequant_cublas_mm" and "INT8 tensor cores" in dict(choice.rejected)["cublas_int_mm"]
+
+
+def test_blockwise_scaled_mm_is_offered_on_hopper_only(monkeypatch):
+    """cuBLAS block scaling is a Hopper path of torch._scaled_mm: fp8-block takes it on sm_90
+    for whole 128-blocks, and says why not elsewhere (sm_89 and sm_100 keep triton_w8)."""
+    from mxpass.lowering.kernels import ScaledMMBlockwiseLinear
+
+    fmt, gpu = mxpass.get_format("fp8-block"), torch.device("cuda", 0)
+    kernel = ScaledMMBlockwiseLinear()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    for cap, ok in (((9, 0), True), ((8, 9), False), ((10, 0), False), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        supported, reason = kernel.is_supported(gpu)
+        assert supported == ok, (cap, reason)
+        if not ok:
+            assert f"device has {cap[0]}.{cap[1]}" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert kernel.is_supported(gpu) == (False, "needs CUDA >= 12.9 (cuBLAS block scaling), torch is built with 12.4")
+    monkeypatch.setattr(torch.version, "cuda", "12.9")
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    assert not kernel.is_supported(gpu)[0]
+    monkeypatch.setattr(torch, "__version__", "2.13.0.dev20260101+cpu")
+    assert kernel.is_supported(gpu)[0]
+
+    assert kernel.can_implement(Problem("linear", fmt, gpu, 4096, 12288, torch.bfloat16))[0]
+    ok, reason = kernel.can_implement(Problem("linear", fmt, gpu, 4096, 200, torch.bfloat16))
+    assert not ok and "N=200" in reason
+    assert not kernel.can_implement(Problem("linear", fmt, gpu, 4096, 256, torch.float32))[0]
+    assert not kernel.can_implement(Problem("linear", mxpass.get_format("fp8-w-block"), gpu, 4096, 256,
+                                            torch.bfloat16))[0]
+    monkeypatch.setattr(registry, "_CANDIDATES", {})
+    for m, name in ((None, "cublas_scaled_mm_blockwise"), (4096, "cublas_scaled_mm_blockwise")):
+        monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv")  # needs nvcc, not the point here
+        assert registry.choose(Problem("linear", fmt, gpu, 4096, 12288, torch.bfloat16, m)).kernel.name == name
+    choice = registry.choose(Problem("linear", fmt, gpu, 4096, 200, torch.bfloat16))
+    assert choice.kernel.name == "triton_w8" and "N=200" in dict(choice.rejected)["cublas_scaled_mm_blockwise"]
+
+
+def test_w8a16_takes_dequant_cublas_for_a_large_static_m(monkeypatch):
+    """W8A16 formats: dequant_cublas_mm first only where the graph fixed M at or above the
+    measured threshold; a dynamic or smaller M keeps triton_w8, and the report says why."""
+    from mxpass.lowering.kernels import W8A16_DEQUANT_MIN_M as T
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = torch.device("cuda", 0)
+    for scheme in ("fp8-w", "fp8-w-tensor", "fp8-w-block"):
+        fmt = mxpass.get_format(scheme)
+        assert registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, T)).kernel.name == \
+            "dequant_cublas_mm"
+        small = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, T - 1))
+        assert small.kernel.name == "triton_w8"
+        assert small.rejected == (("dequant_cublas_mm", f"M={T - 1} < {T} (picked first for a static M >= {T}, "
+                                                        "where it measured faster than triton_w8)"),)
+        dyn = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16))
+        assert dyn.kernel.name == "triton_w8" and dyn.rejected[0][1].startswith("M is dynamic in this graph")
+    # forcing the kernel still works for a dynamic M (its later, unconditional entry)
+    monkeypatch.setenv("MXPASS_KERNEL", "dequant_cublas_mm")
+    fmt = mxpass.get_format("fp8-w")
+    assert registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16)).kernel.name == "dequant_cublas_mm"

@@ -16,7 +16,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("scheme,kernel", [("fp8-dynamic", "cublas_scaled_mm_rowwise"),
                                            ("fp8", "cublas_scaled_mm_tensorwise"),
                                            ("int8", "cublas_int_mm"), ("int8-static", "cublas_int_mm"),
-                                           ("fp8-block", "triton_w8"), ("fp8-w", "triton_w8"),
+                                           ("fp8-block", "cublas_scaled_mm_blockwise"), ("fp8-w", "triton_w8"),
                                            ("fp8-w-block", "triton_w8")])
 @pytest.mark.parametrize("tokens", [1, 5, 300])
 def test_kernel_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
@@ -41,3 +41,33 @@ def test_kernel_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
         kernel = "cuda_w8a8_gemv"  # a static M <= 16 (each compile here sees one M)
     assert mxpass.last_report().rewritten[0].kernel.startswith(kernel)
     assert rel_err(out, ref) < 2**-7
+
+
+def test_w8a16_choice_follows_static_m(monkeypatch):
+    """W8A16: a graph with a static M >= W8A16_DEQUANT_MIN_M takes dequant_cublas_mm, a smaller
+    static M and a dynamic M take triton_w8 (the report says why); every output matches the
+    reference kernel on the same quantized values."""
+    from mxpass.lowering.kernels import W8A16_DEQUANT_MIN_M
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384, bias=False).cuda().bfloat16()
+    big = torch.randn(W8A16_DEQUANT_MIN_M, 512, device="cuda", dtype=torch.bfloat16)
+    small = torch.randn(W8A16_DEQUANT_MIN_M - 1, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for scheme in ("fp8-w", "fp8-w-tensor", "fp8-w-block"):
+            monkeypatch.setenv("MXPASS_KERNEL", "reference")
+            torch._dynamo.reset()
+            ref = torch.compile(lin, backend=mxpass.backend(scheme=scheme), dynamic=True)
+            refs = [ref(big), ref(small)]
+            monkeypatch.delenv("MXPASS_KERNEL")
+            for x, r, dynamic, kernel, reason in (
+                    (big, refs[0], False, "dequant_cublas_mm", None),
+                    (small, refs[1], False, "triton_w8", f"M={W8A16_DEQUANT_MIN_M - 1} < {W8A16_DEQUANT_MIN_M}"),
+                    (big, refs[0], True, "triton_w8", "M is dynamic in this graph")):
+                torch._dynamo.reset()
+                out = torch.compile(lin, backend=mxpass.backend(scheme=scheme), dynamic=dynamic)(x)
+                chosen = mxpass.last_report().rewritten[0].kernel
+                assert chosen.startswith(kernel), (scheme, dynamic, chosen)
+                if reason:
+                    assert f"dequant_cublas_mm: {reason}" in chosen, chosen
+                assert rel_err(out, r) < 2**-7, (scheme, kernel)

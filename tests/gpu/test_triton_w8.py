@@ -168,14 +168,16 @@ def test_compiles_once_and_inductor_launches_the_kernels():
     assert "torch.ops.mxpass" not in code and "mxpass.w8_linear_triton" not in code
 
 
-def test_registry_picks_triton_w8_and_runs_it():
-    """On sm_89+ the W8A16 and FP8_BLOCK formats pick triton_w8; its run quantizes the activation as the format says."""
+def test_registry_picks_triton_w8_and_runs_it(monkeypatch):
+    """On sm_89+ the W8A16 and FP8_BLOCK formats pick triton_w8 for a dynamic M (FP8_BLOCK once
+    cuBLAS block scaling is disabled); its run quantizes the activation as the format says."""
     from mxpass.lowering import registry
     from mxpass.lowering.kernels import TritonW8Linear
     from mxpass.lowering.registry import Problem
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs sm_89+")
+    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cublas_scaled_mm_blockwise")
     for name in ("fp8-w", "fp8-w-tensor", "fp8-w-block", "fp8-block"):
         fmt = get_format(name)
         choice = registry.choose(Problem("linear", fmt, torch.device("cuda", 0), 1024, 256, torch.bfloat16))
@@ -204,7 +206,8 @@ def test_backend_lowers_to_triton_w8(monkeypatch, scheme, tokens):
         ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
         monkeypatch.delenv("MXPASS_KERNEL")
         torch._dynamo.reset()
-        monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv")  # fp8-block's static-M <= 16 choice
+        # fp8-block's static-M <= 16 and cuBLAS block-scaled choices
+        monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv,cublas_scaled_mm_blockwise")
         out = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
     assert mxpass.last_report().rewritten[0].kernel.startswith("triton_w8")
     _close(out, ref, torch.bfloat16)
