@@ -44,6 +44,7 @@ class MxpassBackend:
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
+        from mxpass.checkpoint.loader import check_stand_ins_consumed
         from mxpass.lowering.cse import MergeIdenticalNodes
         from mxpass.lowering.linear import decompositions
         from mxpass.lowering.nodes import lower_mxpass_nodes
@@ -55,6 +56,7 @@ class MxpassBackend:
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
         extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
                               functools.partial(_choose_kernel, op="moe"))
+        check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         report.warnings.extend(self.notes)
         if not self.config.explicit and report.rewritten:
             # no scheme given: loaded layers keep their checkpoint's formats

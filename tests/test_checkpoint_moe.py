@@ -39,8 +39,8 @@ IDS = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(31))
 
 def _logits(model, backend):
     torch._dynamo.reset()
-    with torch.no_grad():
-        return torch.compile(model, backend=backend)(IDS).logits
+    with torch.no_grad():  # fullgraph: a graph break would be an error
+        return torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
 
 
 def _experts(model):
@@ -172,3 +172,29 @@ def test_experts_loaded_in_another_format_are_an_error(moe):
                                         r"asked for 'mxfp8'"):
         _logits(model, mxpass.backend(scheme="mxfp8", compiler="eager"))
 
+
+
+def test_eager_call_of_a_loaded_model_is_an_error_naming_the_layer(moe):
+    """Stand-ins have no data: run outside torch.compile, the first layer holding them
+    raises (a pre-hook that is a no-op while Dynamo traces: the compiles above use fullgraph)."""
+    model = mxpass.load(moe["qwen3_moe"][2]["MXFP8"])
+    with pytest.raises(checkpoint.EagerCallError, match=r"model.layers.0.self_attn.q_proj was loaded quantized "
+                                                        r"\(mxfp8\).*torch.compile\(model, backend=mxpass.backend\)"):
+        model(IDS)
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with pytest.raises(checkpoint.EagerCallError, match=r"model.layers.1.mlp.experts was loaded quantized"):
+        experts(x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bfloat16))
+    model.get_submodule("lm_head")(x)  # a layer left unquantized runs
+
+
+def test_a_stand_in_no_rewrite_consumed_is_an_error(moe):
+    """A loaded quantized weight read by something other than a Linear call (here o_proj's
+    weight scaled before F.linear, which the linear pass does not match) is an error naming
+    it, not NaN."""
+    model = mxpass.load(moe["qwen3_moe"][2]["MXFP8"])
+    o_proj = model.get_submodule("model.layers.0.self_attn.o_proj")
+    o_proj.forward = lambda x: torch.nn.functional.linear(x, o_proj.weight * 1.0)
+    with pytest.raises(Exception, match=r"stand-ins without data\) are still read after the mxpass passes.*"
+                                        r"model.layers.0.self_attn.o_proj.weight \(mxfp8; read by mul\)"):
+        _logits(model, mxpass.backend(compiler="eager"))

@@ -7,13 +7,20 @@ Shape legend: V vocab, H hidden, E experts, I expert intermediate, L layers.
 quantized with mxpass's schemes (bit-identical to compressed-tensors' presets) and written
 as compressed-tensors does, experts per expert as the Qwen3-MoE checkpoints store them
 (``mlp.experts.N.gate_proj.weight`` ...), one safetensors shard per layer; lm_head and the
-router gates stay bf16 (``ignore``). :func:`measure` loads it onto the GPU and reports the
-peak allocated memory against the bytes the model needs (quantized weights and scales plus
-unquantized tensors): the target is at most 1.1x.
+router gates stay bf16 (``ignore``); ``scheme=None`` writes the same weights in bf16.
+:func:`measure` loads a checkpoint onto the GPU (stored quantized, or bf16 with ``scheme=``:
+quantized while loading) and reports the peak allocated (and reserved) device memory
+against the bytes the model needs (quantized weights and scales plus unquantized tensors):
+the target is at most 1.1x. :func:`measure_transformers` is the baseline: transformers'
+``from_pretrained`` of the bf16 checkpoint.
+
+    mxpass bench load                       # per scheme: stored, and online from bf16
+    python -m mxpass.benchmarks.load --json rows.json   # both schemes, one bf16 checkpoint, baseline
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -65,18 +72,19 @@ def _quantize_file(tensors: dict[str, torch.Tensor], fmt, ignore) -> dict[str, t
     return out
 
 
-def write_checkpoint(path: str, scheme: str = "fp8-dynamic", overrides: dict | None = None,
+def write_checkpoint(path: str, scheme: str | None = "fp8-dynamic", overrides: dict | None = None,
                      seed: int = 0, device: str | None = None) -> dict:
-    """Write the Qwen3-MoE checkpoint (module docstring) in ``scheme`` to ``path``; returns
-    {"quantized_bytes", "unquantized_bytes"} as stored (weights and scales, the rest)."""
+    """Write the Qwen3-MoE checkpoint (module docstring) in ``scheme`` to ``path`` (None: the
+    bf16 checkpoint, no ``quantization_config``; the same seed gives the same bf16 weights);
+    returns {"quantized_bytes", "unquantized_bytes"} as stored (weights and scales, the rest)."""
     from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
     from mxpass.checkpoint.compressed_tensors import scheme_args, stored_format
     from mxpass.formats import get_format
 
-    fmt = get_format(scheme)
-    if fmt.static_activation:
+    fmt = get_format(scheme) if scheme is not None else None
+    if fmt is not None and fmt.static_activation:
         raise ValueError(f"{scheme}: the benchmark writes dynamic schemes only")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Qwen3MoeConfig(**{**QWEN3_30B_A3B, **(overrides or {})})
@@ -93,7 +101,8 @@ def write_checkpoint(path: str, scheme: str = "fp8-dynamic", overrides: dict | N
     weight_map, sizes = {}, {"quantized_bytes": 0, "unquantized_bytes": 0}
     for index, make in enumerate(files):
         name = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
-        tensors = _quantize_file(make() if callable(make) else make, fmt, ignore)
+        tensors = make() if callable(make) else make
+        tensors = _quantize_file(tensors, fmt, ignore) if fmt is not None else {k: t.cpu() for k, t in tensors.items()}
         for key, t in tensors.items():
             quantized = key.endswith(".weight_scale") or t.dtype in (torch.float8_e4m3fn, torch.int8)
             sizes["quantized_bytes" if quantized else "unquantized_bytes"] += t.nbytes
@@ -102,6 +111,8 @@ def write_checkpoint(path: str, scheme: str = "fp8-dynamic", overrides: dict | N
         del tensors
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f)
+    if fmt is None:
+        return sizes
     # as compressed-tensors' ModelCompressor.update_config writes it
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
@@ -120,56 +131,191 @@ def write_checkpoint(path: str, scheme: str = "fp8-dynamic", overrides: dict | N
     return sizes
 
 
-def measure(path: str, device: str | None = None, progress: bool | None = None) -> dict:
-    """Load ``path`` with ``mxpass.load``; time, peak device memory (CUDA) and bytes placed."""
+#: the issue's target: peak allocated device memory over the bytes the model needs
+TARGET = 1.1
+
+
+def environment() -> dict:
+    """Versions and device of this run (recorded with every row)."""
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class _DeviceMemory:
+    """Peak and resident device memory of one block, relative to before it (CUDA's caching
+    allocator: ``max_memory_allocated`` / ``max_memory_reserved`` after
+    ``reset_peak_memory_stats``)."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.allocated, self.reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        if self.cuda:
+            self.row = {"peak_allocated_bytes": torch.cuda.max_memory_allocated() - self.allocated,
+                        "peak_reserved_bytes": torch.cuda.max_memory_reserved() - self.reserved,
+                        "resident_bytes": torch.cuda.memory_allocated() - self.allocated}
+        else:
+            self.row = {}
+        return False
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure(path: str, device: str | None = None, progress: bool | None = False, scheme: str | None = None) -> dict:
+    """Load ``path`` with ``mxpass.load`` (``scheme``: quantize while loading); time, peak
+    and resident device memory (CUDA) and the bytes placed, against :data:`TARGET`."""
     import mxpass
     from mxpass.checkpoint import info
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    model = mxpass.load(path, device=device, progress=progress)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with _DeviceMemory(device) as mem:
+        model = mxpass.load(path, device=device, progress=progress, scheme=scheme)
     details = info(model)
-    placed = details.quantized_bytes + details.unquantized_bytes
-    row = {"bench": "load", "seconds": seconds, "quantized_bytes": details.quantized_bytes,
-           "unquantized_bytes": details.unquantized_bytes, "linears": len(details.formats),
-           "experts": len(details.experts), "formats": sorted(set(details.formats.values()))}
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - before
-        row.update(peak_bytes=peak, peak_over_needed=peak / placed)
-    del model
+    needed = details.quantized_bytes + details.unquantized_bytes
+    row = {"bench": "load", "loader": "mxpass.load", "online": scheme is not None, "seconds": mem.seconds,
+           "quantized_bytes": details.quantized_bytes, "unquantized_bytes": details.unquantized_bytes,
+           "needed_bytes": needed, "linears": len(details.formats), "experts": len(details.experts),
+           "formats": sorted(set(details.formats.values()) | set(details.experts.values())), **mem.row}
+    if mem.cuda:
+        row.update(peak_over_needed=row["peak_allocated_bytes"] / needed,
+                   reserved_over_needed=row["peak_reserved_bytes"] / needed, target=TARGET,
+                   meets_target=row["peak_allocated_bytes"] <= TARGET * needed)
+    del model, details
+    _release(device)
     return row
 
 
-def run(scheme: str = "fp8-dynamic", root: str | None = None, overrides: dict | None = None) -> list[dict]:
-    """Write the checkpoint (under ``root``, a temporary directory by default), then measure."""
+def measure_transformers(path: str, device: str | None = None) -> dict:
+    """Baseline: transformers' ``from_pretrained`` of the bf16 checkpoint onto the device."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _DeviceMemory(device) as mem:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+    needed = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    row = {"bench": "load", "loader": "transformers.from_pretrained", "online": False, "seconds": mem.seconds,
+           "quantized_bytes": 0, "unquantized_bytes": needed, "needed_bytes": needed, **mem.row}
+    if mem.cuda:
+        row.update(peak_over_needed=row["peak_allocated_bytes"] / needed,
+                   reserved_over_needed=row["peak_reserved_bytes"] / needed)
+    del model
+    _release(device)
+    return row
+
+
+def run_all(schemes=("fp8-dynamic", "mxfp8"), online=("fp8-dynamic", "mxfp8"), baseline: bool = True,
+            root: str | None = None, overrides: dict | None = None) -> list[dict]:
+    """For each of ``schemes``: write its checkpoint (under ``root``, a temporary directory by
+    default), load it, delete it. Then the bf16 checkpoint (same weights), loaded with each
+    of ``online`` as ``scheme=`` and, with ``baseline``, by transformers."""
+    import shutil
     import tempfile
 
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        path = os.path.join(tmp, f"qwen3-30b-a3b-4l-{scheme}")
-        start = time.perf_counter()
-        stored = write_checkpoint(path, scheme, overrides)
-        written = time.perf_counter() - start
-        row = measure(path)
     shape = {**QWEN3_30B_A3B, **(overrides or {})}
-    return [{**row, "scheme": scheme, "layers": shape["num_hidden_layers"], "write_seconds": written,
-             "stored_quantized_bytes": stored["quantized_bytes"], "stored_unquantized_bytes": stored["unquantized_bytes"]}]
+    common = {"layers": shape["num_hidden_layers"], **environment()}
+    rows = []
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        for scheme in schemes:
+            path = os.path.join(tmp, f"qwen3-30b-a3b-4l-{scheme}")
+            start = time.perf_counter()
+            stored = write_checkpoint(path, scheme, overrides)
+            written = time.perf_counter() - start
+            rows.append({**measure(path), "scheme": scheme, "checkpoint": scheme, "write_seconds": written,
+                         "stored_quantized_bytes": stored["quantized_bytes"],
+                         "stored_unquantized_bytes": stored["unquantized_bytes"], **common})
+            shutil.rmtree(path)
+        if online or baseline:
+            path = os.path.join(tmp, "qwen3-30b-a3b-4l-bf16")
+            start = time.perf_counter()
+            stored = write_checkpoint(path, None, overrides)
+            written = time.perf_counter() - start
+            extra = {"checkpoint": "bf16", "write_seconds": written,
+                     "stored_unquantized_bytes": stored["unquantized_bytes"], **common}
+            for scheme in online:
+                rows.append({**measure(path, scheme=scheme), "scheme": scheme, **extra})
+            if baseline:
+                try:
+                    rows.append({**measure_transformers(path), "scheme": "bf16", **extra})
+                except Exception as e:  # noqa: BLE001  (the baseline is optional; say why it is missing)
+                    rows.append({"bench": "load", "loader": "transformers.from_pretrained", "scheme": "bf16",
+                                 "error": f"{type(e).__name__}: {e}", **extra})
+    return rows
+
+
+def run(scheme: str = "fp8-dynamic", root: str | None = None, overrides: dict | None = None,
+        online: bool = True) -> list[dict]:
+    """``mxpass bench load`` for one scheme: its checkpoint loaded as stored and, with
+    ``online``, the bf16 checkpoint quantized to it while loading."""
+    return run_all((scheme,), (scheme,) if online else (), baseline=False, root=root, overrides=overrides)
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["mxpass.load, Qwen3-MoE 30B-A3B shapes",
-             f"{'scheme':<12} {'layers':>6} {'load s':>8} {'GB placed':>10} {'peak GB':>8} {'peak/placed':>11}"]
+    lines = ["mxpass.load, Qwen3-MoE 30B-A3B shapes (peak: max allocated since the load began; target "
+             f"peak/needed <= {TARGET})",
+             f"{'loader':<29} {'checkpoint':<12} {'scheme':<12} {'layers':>6} {'load s':>7} {'GB needed':>9} "
+             f"{'peak GB':>8} {'reserved GB':>11} {'peak/needed':>11} {'reserved/needed':>15}"]
+    nan = float("nan")
     for r in rows:
-        placed = (r["quantized_bytes"] + r["unquantized_bytes"]) / 1e9
-        peak = r.get("peak_bytes")
-        lines.append(f"{r['scheme']:<12} {r['layers']:>6} {r['seconds']:>8.2f} {placed:>10.2f} "
-                     f"{(peak / 1e9 if peak else float('nan')):>8.2f} {r.get('peak_over_needed', float('nan')):>11.3f}")
+        if "error" in r:
+            lines.append(f"{r['loader']:<29} {r['checkpoint']:<12} {r['scheme']:<12} failed: {r['error']}")
+            continue
+        gb = lambda key: r[key] / 1e9 if key in r else nan  # noqa: E731
+        lines.append(f"{r['loader']:<29} {r.get('checkpoint', r['scheme']):<12} {r['scheme']:<12} {r['layers']:>6} "
+                     f"{r['seconds']:>7.2f} {gb('needed_bytes'):>9.3f} {gb('peak_allocated_bytes'):>8.3f} "
+                     f"{gb('peak_reserved_bytes'):>11.3f} {r.get('peak_over_needed', nan):>11.3f} "
+                     f"{r.get('reserved_over_needed', nan):>15.3f}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, overrides: dict | None = None) -> int:
+    """``python -m mxpass.benchmarks.load``: both schemes stored and online, the transformers
+    baseline, one bf16 checkpoint; ``--json`` writes the rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mxpass.benchmarks.load")
+    parser.add_argument("--schemes", nargs="*", default=["fp8-dynamic", "mxfp8"])
+    parser.add_argument("--online", nargs="*", default=["fp8-dynamic", "mxfp8"])
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--root", help="directory for the generated checkpoints (default: $TMPDIR)")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = run_all(args.schemes, args.online, baseline=not args.no_baseline, root=args.root,
+                   overrides=overrides)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,13 +12,13 @@ User guide: docs/checkpoints.md.
 """
 
 from mxpass.checkpoint.compressed_tensors import format_for_scheme, read_quantization_config
-from mxpass.checkpoint.loader import LoadInfo, info, load
+from mxpass.checkpoint.loader import EagerCallError, LoadInfo, info, load
 from mxpass.checkpoint.save import save
 from mxpass.checkpoint.plan import (ExpertsPlan, LayerPlan, Plan, Reader, ScaleLayout, TensorIndex,
                                     mxpass_scale, reader_for, readers)
 
 __all__ = [
-    "ExpertsPlan", "LayerPlan", "LoadInfo", "Plan", "Reader", "ScaleLayout", "TensorIndex",
+    "EagerCallError", "ExpertsPlan", "LayerPlan", "LoadInfo", "Plan", "Reader", "ScaleLayout", "TensorIndex",
     "format_for_scheme", "info", "load", "mxpass_scale", "read_quantization_config", "reader_for",
     "readers", "save",
 ]

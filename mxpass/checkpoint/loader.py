@@ -22,6 +22,7 @@ flight (online: one weight in the model dtype and its quantization temporaries).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -162,6 +163,50 @@ def stand_in(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.
     """
     t = torch.full((), float("nan"), dtype=dtype, device=device).expand(n, k)
     return torch.nn.Parameter(t, requires_grad=False)
+
+
+class EagerCallError(RuntimeError):
+    """A module whose weights are stand-ins (no data) was run outside ``torch.compile``."""
+
+
+def _refuse_eager(name: str, fmt: str, module: torch.nn.Module, args) -> None:
+    """Forward pre-hook of a module holding stand-ins: an error unless Dynamo is tracing it.
+
+    While tracing, ``is_compiling()`` is a constant: the hook adds no op and no graph break,
+    and the mxpass passes replace the stand-ins. Run in Python (eagerly, or in a frame
+    Dynamo skipped) the stand-ins would compute NaN."""
+    if not torch.compiler.is_compiling():
+        raise EagerCallError(
+            f"mxpass.load: {name} was loaded quantized ({fmt}) and its weights are stand-ins without "
+            "data, so it cannot run eagerly; run the model through "
+            "torch.compile(model, backend=mxpass.backend)")
+
+
+def refuse_eager(module: torch.nn.Module, name: str, fmt: str) -> None:
+    """Make calling ``module`` outside ``torch.compile`` an :class:`EagerCallError` naming it."""
+    module.register_forward_pre_hook(functools.partial(_refuse_eager, name, fmt))
+
+
+def check_stand_ins_consumed(gm, example_inputs) -> None:
+    """After the mxpass passes: a graph input that is a loaded stand-in (no data) must have
+    no users left, since whatever still reads it would compute with NaN. An error names the
+    weight and the operations that read it. ``example_inputs``: one per placeholder, in order
+    (the passes' new inputs appended)."""
+    from mxpass.passes.linear import source_fqn
+    from mxpass.weights import prequantized_scheme
+
+    left = []
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if not isinstance(value, torch.Tensor) or not node.users:
+            continue
+        fmt = prequantized_scheme(value)
+        if fmt is not None:
+            users = ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users}))
+            left.append(f"{source_fqn(node)} ({fmt}; read by {users})")
+    if left:
+        raise ValueError(
+            "mxpass: weights loaded quantized from a checkpoint (stand-ins without data) are still read "
+            f"after the mxpass passes, which rewrite only Linear and experts calls: {'; '.join(left)}")
 
 
 def _tied_weights(model: torch.nn.Module) -> set[str]:
@@ -409,6 +454,8 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             stored = tensors.experts[fqn]
             for leaf in (stored.gate_up, stored.down):
                 mark_kept(getattr(model.get_submodule(fqn), leaf), reason)
+    for fqn, name in [*formats.items(), *experts.items()]:
+        refuse_eager(model.get_submodule(fqn), fqn, name)
     model.eval()
     _INFOS[model] = LoadInfo(
         path=path, reader=plan.reader if plan.reader != "none" or not online else "online",
@@ -425,4 +472,4 @@ def _quantize(fmt: Format, w: torch.Tensor, name: str) -> tuple[torch.Tensor, to
         return quant.quantize_weight(fmt, w, name)
 
 
-__all__ = ["LoadInfo", "info", "load", "stand_in", "UNQUANTIZED"]
+__all__ = ["EagerCallError", "LoadInfo", "info", "load", "stand_in", "UNQUANTIZED"]
