@@ -158,7 +158,7 @@ def _int8_mm_kernel(
                 k_ok = rk[None, :] < K - ki * BLOCK_K
                 a = tl.load(a_ptrs, mask=k_ok, other=0)
                 b = tl.load(b_ptrs, mask=k_ok, other=0)
-            acc = tl.dot(a, tl.trans(b), acc)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         _epilogue(acc, offs_m, offs_n, MA, NB, sa_ptr, sb_ptr, bias_ptr, y_ptr, stride_ya, stride_yb,
@@ -190,7 +190,7 @@ def _int8_mm_tma_kernel(
         for ki in range(k_tiles):
             a = x_desc.load([off_m, ki * BLOCK_K])
             b = w_desc.load([off_n, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         _epilogue(acc, off_m + rm, off_n + rn, M, N, sx_ptr, sw_ptr, bias_ptr, y_ptr, N, 1,
                   X_ROWS, W_ROWS, HAS_BIAS, False)
 
@@ -201,9 +201,26 @@ SMALL_M = 256  # below: the small-M tiles of the plan
 
 
 def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
-    """Tiles per M regime, from the H200 sweep in notes/int8-kernel-notes.md."""
-    small = Config(64, 128, 128, num_warps=4, num_stages=4)
-    large = Config(128, 256, 128, num_warps=8, num_stages=4)
+    """Tiles per M regime, the fastest of the H200 sweep (torch 2.11, triton 3.6;
+    notes/int8-kernel-notes.md) on (K, N) in (4096, 12288), (4096, 28672), (14336, 4096):
+
+    M >= 256: 128 x 256 x 128, 8 warps, 4 stages, persistent, TMA loads (K % 16 == 0;
+        otherwise the same tiles with cp.async loads, not persistent). M = 4096: 344 / 818 /
+        390 us, against 393 / 916 / 432 us for the cp.async kernel (best non-TMA tiles) and
+        484 / 1129 / 568 us for ``_int_mm``.
+    M < 256: 64 x 128 x 128, 4 warps, 4 stages where N gives at least one 128-wide column
+        tile per two SMs (M = 128: 22.5 / 43.0 us at N = 12288 / 28672); otherwise swapped
+        tiles (64 weight rows x 64 tokens x 256, more programs): 28.3 us at N = 4096,
+        K = 14336, where 64 x 128 takes 45.2.
+    """
+    if triton.cdiv(N, 128) * 2 >= num_sms:
+        small = Config(64, 128, 128, num_warps=4, num_stages=4)
+    else:
+        small = Config(64, 64, 256, num_warps=4, num_stages=4, swap=True)
+    if K % K_ALIGN == 0:
+        large = Config(128, 256, 128, num_warps=8, num_stages=4, persistent=True, tma=True)
+    else:
+        large = Config(128, 256, 128, num_warps=8, num_stages=4)
     return Plan(((0, SMALL_M, small), (SMALL_M, None, large)))
 
 
@@ -237,6 +254,16 @@ def _grid(tiles, cfg: Config, num_sms: int):
     return (torch.sym_min(tiles, num_sms) if cfg.persistent else tiles,)
 
 
+def _at_least_one_row(xq):
+    """xq, or xq with one zero row appended when M = 0: a TMA descriptor is encoded at every
+    launch, empty grid or not, and a dimension of size 0 is invalid. Traced with a symbolic M
+    this is a pad by 1 // (M + 1) rows, which Inductor fuses into the kernel producing xq."""
+    M = xq.shape[0]
+    if isinstance(M, int):
+        return xq if M > 0 else xq.new_zeros((1, xq.shape[1]))
+    return torch.nn.functional.pad(xq, (0, 0, 0, 1 // (M + 1)))
+
+
 def _launch(cfg: Config, m_r, xq, sx, qweight, sw, bias, y, num_sms: int) -> None:
     """One regime's launch; m_r = 0 gives an empty grid."""
     N, K = qweight.shape
@@ -246,8 +273,10 @@ def _launch(cfg: Config, m_r, xq, sx, qweight, sw, bias, y, num_sms: int) -> Non
     if cfg.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        if K % K_ALIGN:
+            raise ValueError(f"int8_mm: TMA loads need K % {K_ALIGN} == 0 (16-byte rows), got K={K}")
         tiles = triton.cdiv(m_r, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-        x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
+        x_desc = TensorDescriptor.from_tensor(_at_least_one_row(xq), [cfg.block_m, cfg.block_k])
         w_desc = TensorDescriptor.from_tensor(qweight, [cfg.block_n, cfg.block_k])
         wrap_triton(_int8_mm_tma_kernel)[_grid(tiles, cfg, num_sms)](
             x_desc, w_desc, sx, sw, b, y, m_r, N, K,

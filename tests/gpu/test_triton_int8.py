@@ -34,10 +34,16 @@ REF_TOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 # one config per kernel path, on shapes where each meets tails and several tiles
 PLANS = {
     "default": None,
+    "default-tma": None,  # the op's plan on K = 1008: TMA loads in the large-M regime
     "small-tiles": ig.Plan(((0, None, ig.Config(64, 64, 64, 4, 3)),)) if torch.cuda.is_available() else None,
     "persistent": ig.Plan(((0, None, ig.Config(64, 128, 64, 4, 3, persistent=True)),)) if torch.cuda.is_available() else None,
     "swap": ig.Plan(((0, None, ig.Config(64, 32, 128, 4, 3, swap=True)),)) if torch.cuda.is_available() else None,
+    "tma": ig.Plan(((0, None, ig.Config(64, 64, 64, 4, 3, tma=True)),)) if torch.cuda.is_available() else None,
+    "tma-persistent": ig.Plan(((0, None, ig.Config(128, 128, 64, 8, 3, persistent=True, tma=True)),))
+    if torch.cuda.is_available() else None,
 }
+# K = 1000 is not a multiple of 16: the TMA plans run on K = 1008 (a tail in every BLOCK_K still)
+TMA_K = 1008
 
 
 def _operands(M, K, N, scheme="int8", dtype=torch.bfloat16, bias=False, seed=0):
@@ -67,10 +73,11 @@ def _run(xq, xs, q, s, b, dtype, plan):
 @pytest.mark.parametrize("scheme", ["int8", "int8-static"])
 @pytest.mark.parametrize("M", [0, 1, 3, 16, 17, 255, 256, 300])
 def test_matches_exact_math_and_reference(plan, scheme, M):
-    """K = 1000 and N = 200: tails in every BLOCK_K and BLOCK_N; bias on odd M; fp16 output
+    """K = 1000 (1008 for TMA) and N = 200: tails in every BLOCK_K and BLOCK_N; bias on odd M; fp16 output
     at M = 3, 17, 256 (one of each regime edge), bf16 elsewhere."""
     dtype = torch.float16 if M in (3, 17, 256) else torch.bfloat16
-    fmt, x, act, xq, xs, q, s, b = _operands(M, 1000, 200, scheme, dtype, bias=M % 2 == 1, seed=M)
+    k = TMA_K if "tma" in plan else 1000
+    fmt, x, act, xq, xs, q, s, b = _operands(M, k, 200, scheme, dtype, bias=M % 2 == 1, seed=M)
     y = _run(xq, xs, q, s, b, dtype, PLANS[plan])
     assert y.shape == (M, 200) and y.dtype == dtype
     if M:
@@ -140,8 +147,8 @@ def test_opcheck(scheme, M, bias):
 
 
 def test_compiles_once_for_every_m_and_inductor_launches_the_kernel():
-    """One Inductor graph (dynamic M) for M in {1, ..., 2048}, both regimes; the generated code
-    launches ``_int8_mm_kernel`` itself (no call back into the op)."""
+    """One Inductor graph (dynamic M) for M in {3, ..., 2048} (Dynamo specializes M = 1), both
+    regimes; the generated code launches the kernels itself (no call back into the op)."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -155,7 +162,7 @@ def test_compiles_once_for_every_m_and_inductor_launches_the_kernel():
     fc = torch.compile(f, backend=backend, dynamic=True)
     code = None
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for i, M in enumerate((3, 1, 17, 255, 256, 300, 2048)):
+        for i, M in enumerate((3, 17, 255, 256, 300, 2048)):
             x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
             y, codes = run_and_get_code(fc, x) if i == 0 else (fc(x), None)
             xq, xs = quant.quantize_activation(fmt, x, None)
@@ -163,7 +170,7 @@ def test_compiles_once_for_every_m_and_inductor_launches_the_kernel():
             if codes is not None:
                 code = "\n".join(codes)
     assert backend.graphs == 1
-    assert "_int8_mm_kernel" in code
+    assert "_int8_mm_kernel" in code and "_int8_mm_tma_kernel" in code
     assert "torch.ops.mxpass" not in code and "mxpass.int8_mm_triton" not in code
 
 
