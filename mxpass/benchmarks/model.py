@@ -1,7 +1,13 @@
-"""Whole-model forward: HF Llama with Llama-3-8B shapes (4 layers), bf16 torch.compile vs mxpass.
+"""Whole-model forward, bf16 torch.compile vs mxpass, in one run.
 
-Both sides are compiled the same way (Inductor, fullgraph) and timed the same way, in one
-run: 1 token with CUDA graphs (the decode case) and without, and 2048 tokens. Random
+- ``run``: HF Llama with Llama-3-8B shapes (4 layers): 1 token with CUDA graphs (the
+  decode case) and without, and 2048 tokens.
+- ``run_moe``: HF Qwen3-MoE with Qwen3-30B-A3B shapes (4 layers, 128 experts, top-8), 1 token
+  with CUDA graphs. The bf16 side runs transformers' grouped_mm experts implementation (the
+  eager loop graph-breaks); mxpass with the lm_head kept bf16 (the default) and quantized
+  (``quantize_lm_head=True``): the 151936 x 2048 lm_head alone streams 622 MB in bf16.
+
+Both sides are compiled the same way (Inductor, fullgraph) and timed the same way. Random
 weights (bf16, std 0.02), random token ids; the outputs are compared first.
 """
 
@@ -14,6 +20,26 @@ import torch
 LLAMA_8B_4L = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                    max_position_embeddings=8192, rope_theta=500000.0)
+
+
+QWEN3_MOE_30B_A3B_4L = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=4,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                            max_position_embeddings=40960, rope_theta=1000000.0, decoder_sparse_step=1,
+                            mlp_only_layers=[])
+
+
+def build_qwen3_moe(config: dict = QWEN3_MOE_30B_A3B_4L, device="cuda", dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**config), dtype=dtype)
+    with torch.no_grad():  # from_config initializes the 3-D experts with zeros on some versions
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return model.eval()
 
 
 def build_llama(config: dict = LLAMA_8B_4L, device="cuda", dtype=torch.bfloat16):
@@ -77,6 +103,60 @@ def run(scheme: str = "mxfp8", tokens=(1, 2048)) -> list[dict]:
             rows.append(dict(bench="llama8b-4layers", tokens=m, cudagraphs=cudagraphs, scheme=scheme,
                              bf16_ms=base, mxpass_ms=ours, speedup=base / ours, logits_rel_diff=rel))
     return rows
+
+
+def run_moe(schemes=("fp8-dynamic", "mxfp8")) -> list[dict]:
+    """Qwen3-MoE 30B-A3B shapes, 4 layers, 1 token, CUDA graphs on both sides."""
+    import mxpass
+    from mxpass.passes.moe import use_grouped_mm
+
+    model = build_qwen3_moe()
+    notes = use_grouped_mm(model)
+    print("  " + "; ".join(notes))
+    ids = torch.randint(0, QWEN3_MOE_30B_A3B_4L["vocab_size"], (1, 1), device="cuda")
+    variants = {"bf16 torch.compile": lambda: torch.compile(model, fullgraph=True, mode="reduce-overhead")}
+    for scheme in schemes:
+        for lm_head in (False, True):
+            variants[f"mxpass {scheme}" + (" +lm_head" if lm_head else "")] = (
+                lambda scheme=scheme, lm_head=lm_head: torch.compile(
+                    model, fullgraph=True,
+                    backend=mxpass.backend(scheme=scheme, cudagraphs=True, quantize_lm_head=lm_head)))
+    outs, times, kernels = {}, {}, {}
+    with torch.inference_mode():
+        for name, make in variants.items():
+            torch._dynamo.reset()
+            fn = make()
+            call = (lambda fn=fn: fn(ids, use_cache=False).logits)
+            t0 = time.perf_counter()
+            torch.compiler.cudagraph_mark_step_begin()
+            outs[name] = call().float().clone()
+            compile_s = time.perf_counter() - t0
+            if name != "bf16 torch.compile":
+                rep = mxpass.last_report()
+                kernels[name] = sorted({f"{e.kind}:{e.kernel.split(' ')[0]}" for e in rep.rewritten})
+            times[name] = _median_ms(call, True, iters=100, warmup=10)
+            print(f"  qwen3-moe 1 token {name}: {times[name]:.3f} ms (compile {compile_s:.0f} s) "
+                  f"{kernels.get(name, '')}")
+    base = times["bf16 torch.compile"]
+    a = outs["bf16 torch.compile"]
+    rows = []
+    for name, t in times.items():
+        if name == "bf16 torch.compile":
+            continue
+        rel = ((outs[name] - a).norm() / a.norm()).item()
+        rows.append(dict(bench="qwen3-moe-30b-a3b-4layers", tokens=1, cudagraphs=True, scheme=name.split()[1],
+                         lm_head_quantized=name.endswith("+lm_head"), kernels=kernels[name],
+                         bf16_ms=base, mxpass_ms=t, speedup=base / t, logits_rel_diff=rel))
+    return rows
+
+
+def format_moe_table(rows: list[dict]) -> str:
+    lines = ["| scheme | lm_head | bf16 torch.compile ms | mxpass ms | speedup | logits rel. diff |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {'quantized' if r['lm_head_quantized'] else 'bf16'} | {r['bf16_ms']:.3f} | "
+                     f"{r['mxpass_ms']:.3f} | {r['speedup']:.2f}x | {r['logits_rel_diff']:.3f} |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -54,6 +54,12 @@ def run_all(what=("linear", "model")) -> list[dict]:
         rows_moe = moe.run()
         print(moe.format_table(rows_moe))
         rows += [{**r, "bench": "moe"} for r in rows_moe]
+    if "moe-model" in what:
+        from mxpass.benchmarks import model
+
+        mm = model.run_moe()
+        print(model.format_moe_table(mm))
+        rows += mm
     if "model" in what:
         from mxpass.benchmarks import model
 
