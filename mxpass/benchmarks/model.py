@@ -150,19 +150,23 @@ def run_moe(schemes=("fp8-dynamic", "mxfp8")) -> list[dict]:
     return rows
 
 
-def format_moe_table(rows: list[dict]) -> str:
-    lines = ["| scheme | lm_head | bf16 torch.compile ms | mxpass ms | speedup | logits rel. diff |",
+def _table(rows: list[dict], first: tuple[str, str], second: tuple[str, str]) -> str:
+    """Markdown rows: two leading columns (header, row -> cell), then the timing columns."""
+    cols = (first, second)
+    lines = ["| " + " | ".join(h for h, _ in cols) + " | bf16 torch.compile ms | mxpass ms | speedup | logits rel. diff |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {'quantized' if r['lm_head_quantized'] else 'bf16'} | {r['bf16_ms']:.3f} | "
-                     f"{r['mxpass_ms']:.3f} | {r['speedup']:.2f}x | {r['logits_rel_diff']:.3f} |")
+        lead = " | ".join(str(cell(r)) for _, cell in cols)
+        lines.append(f"| {lead} | {r['bf16_ms']:.3f} | {r['mxpass_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['logits_rel_diff']:.3f} |")
     return "\n".join(lines)
+
+
+def format_moe_table(rows: list[dict]) -> str:
+    return _table(rows, ("scheme", lambda r: r["scheme"]),
+                  ("lm_head", lambda r: "quantized" if r["lm_head_quantized"] else "bf16"))
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| tokens | CUDA graphs | bf16 torch.compile ms | mxpass ms | speedup | logits rel. diff |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {'yes' if r['cudagraphs'] else 'no'} | {r['bf16_ms']:.3f} | "
-                     f"{r['mxpass_ms']:.3f} | {r['speedup']:.2f}x | {r['logits_rel_diff']:.3f} |")
-    return "\n".join(lines)
+    return _table(rows, ("tokens", lambda r: r["tokens"]),
+                  ("CUDA graphs", lambda r: "yes" if r["cudagraphs"] else "no"))
