@@ -233,3 +233,54 @@ def read_unquantized_experts(tensors, stored: StoredExperts, module: torch.nn.Mo
     for leaf, t in ((stored.gate_up, gate_up), (stored.down, down)):
         setattr(module, leaf, torch.nn.Parameter(t, requires_grad=getattr(module, leaf).requires_grad))
     return gate_up.nbytes + down.nbytes
+
+
+# --- saving (called by save.py) ---
+
+
+def saved_experts(model: torch.nn.Module) -> tuple[dict[str, StoredExperts], dict[str, str]]:
+    """The experts modules of ``model`` as transformers saves them per expert, and the module
+    names they are saved under.
+
+    transformers' own ``revert_weight_conversion`` (what ``save_pretrained`` writes) is run on
+    the model's 3-D Parameters (on ``meta``): ({experts module: StoredExperts with renamed
+    per-expert module names}, {renamed per-expert module: its name as saved}), e.g. Mixtral's
+    ``model.layers.0.mlp.experts.3.w1`` is saved as ``model.layers.0.block_sparse_moe.experts.3.w1``.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in model.named_parameters()
+              if p.dim() == 3}
+    if not params:
+        return {}, {}
+    saved = [k for k in revert_weight_conversion(model, params) if k.endswith(".weight")]
+    renamings, _ = conversions(model)
+    source = {rename(k, renamings)[: -len(".weight")]: k[: -len(".weight")] for k in saved}
+    return stored_experts(model, [f"{m}.weight" for m in source]), source
+
+
+def split_experts(model: torch.nn.Module, fqn: str, stored: StoredExperts, fmt, w13, w2,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Quantized experts (``w13 = (data [E, 2I, H], scale)`` with rows [gate; up], ``w2`` for
+    down, mxpass's layouts) as the per-expert 2-D tensors transformers' reverse conversion
+    names: ``<expert module>.weight`` and ``.weight_scale`` in compressed-tensors' layout
+    (plan.py), keyed by the names as saved."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from mxpass.checkpoint.save import _stored_scale
+
+    e_count, inter, hidden = stored.shape
+    if fmt.weight_granularity == "block" and inter % 128:
+        raise NotImplementedError(f"mxpass.save: {fqn}: I={inter} is not a multiple of 128, so gate and up "
+                                  f"share {fmt.name} scale blocks and cannot be written per expert")
+    out = {}
+    for leaf, (data, scale) in ((stored.gate_up, w13), (stored.down, w2)):
+        if fmt.weight_granularity == "tensor":  # one scale per expert, for gate and up alike
+            scale = scale.reshape(e_count, 1, 1).expand(e_count, 2 if leaf == stored.gate_up else 1, 1)
+            if leaf == stored.down:
+                scale = scale.reshape(e_count, 1)
+        key = f"{fqn}.{leaf}"
+        out.update(revert_weight_conversion(model, {key: data}))
+        for name, s in revert_weight_conversion(model, {key: _stored_scale(fmt, scale, dtype)}).items():
+            out[f"{name[: -len('.weight')]}.weight_scale"] = s.reshape(1) if fmt.weight_granularity == "tensor" else s
+    return out
