@@ -11,9 +11,16 @@ Which Linears are written quantized, and in which format:
     weight cache has no entry yet;
   - no scheme: the Linears mxpass's weight cache holds quantized (a compile, or a load),
     each in its format; a weight quantized in several formats is an error (pass ``scheme``).
-Everything else is written as it is in the model. The files: ``config.json`` (the model's
-config plus a ``quantization_config`` that compressed-tensors validates: one config group
-per format), safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n`` with an
+MoE experts (3-D ``gate_up_proj`` / ``down_proj``) follow the same choice (the MoE pass's
+rules with ``scheme``, else what the experts cache holds) and are written per expert as 2-D
+Linears, the layout compressed-tensors and vLLM checkpoints use. Every name is the one
+transformers' ``save_pretrained`` writes (its ``revert_weight_conversion``: renamings
+reverted, experts split per expert, e.g. Qwen3-MoE ``mlp.experts.N.gate_proj``, Mixtral
+``block_sparse_moe.experts.N.w1``), and the config refers to modules by those names.
+Everything else is written as it is in the model; 2-D weights left in the model dtype
+(kept Linears, router modules) are listed in ``ignore``. The files: ``config.json`` (the
+model's config plus a ``quantization_config`` that compressed-tensors validates: one config
+group per format), safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n`` with an
 index past ``max_shard_bytes``). Stored layouts are the ones the compressed-tensors reader
 reads (compressed_tensors.py); MXFP8 E8M0 scales as uint8, other scales and static input
 scales in the model dtype when that holds them exactly (it does for scales mxpass computes
