@@ -48,15 +48,15 @@ _CHILD = textwrap.dedent(
             outs = {p: ig.int8_mm_with_plan(xq, xs, q, s, bias, torch.float16, plan, num_sms=3)
                     for p, plan in plans.items() if K % 16 == 0 or not p.startswith("tma")}
             outs["op"] = torch.ops.mxpass.int8_mm_triton(xq, xs, q, s, bias, torch.float16)
-            outs["fp32"] = ig.int8_mm_with_plan(xq, xs, q, s, bias, torch.float32, plans["tiles"])
+            outs["bf16"] = ig.int8_mm_with_plan(xq, xs, q, s, bias, torch.bfloat16, plans["tiles"])
             for p, y in outs.items():
                 assert y.shape == (M, N), (scheme, p, y.shape)
                 if M:
                     # int32 sums are exact: only fp32 scaling and the output rounding remain
-                    tol = 1e-6 if y.dtype == torch.float32 else 2.0**-10
+                    tol = 2.0**-8 if y.dtype == torch.bfloat16 else 2.0**-10
                     assert rel(y, exact) <= tol, (scheme, p, M, rel(y, exact))
                     # the reference also rounds the fake-quantized activation to fp16
-                    assert rel(y, ref) <= 2.0**-9, (scheme, p, M, rel(y, ref))
+                    assert rel(y, ref) <= 2.0 * tol, (scheme, p, M, rel(y, ref))
     print("ok")
     """
 )

@@ -7,7 +7,7 @@
     qweight  [N, K] int8      row-major, K contiguous (as stored)
     wscale   [N, 1] float32   per channel                    or [1] per tensor
     bias     [N] or None      any float dtype, added in float32
-    y        [M, N] out_dtype (bf16, fp16 or fp32)
+    y        [M, N] out_dtype (bf16 or fp16)
 
 The K reduction is ``tl.dot(int8, int8) -> int32``: exact (|q| <= 128, so K < 2**17 cannot
 overflow), on sm_90 one ``wgmma.mma_async ... .s32.s8.s8`` per 32-deep k step; both
@@ -46,7 +46,10 @@ from mxpass.kernels.triton.mxfp8_linear import _in_range, _num_sms
 
 __all__ = ["Config", "Plan", "default_plan", "int8_mm_triton", "int8_mm_with_plan", "TritonInt8MM"]
 
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# fp32 output is not offered: with the swapped small-M tiles it measured out of shared
+# memory on H200 (327712 bytes required), and fp32 models keep ``cublas_int_mm``.
+OUT_DTYPES = (torch.bfloat16, torch.float16)
+MIN_STATIC_M = 128  # a graph with a static M below this keeps cublas_int_mm (measured faster at M = 16)
 K_ALIGN = 16  # int8 rows 16-byte aligned: vectorized 16-byte loads (and the cuBLAS-compatible shapes)
 
 
@@ -204,10 +207,12 @@ def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
     """Tiles per M regime, the fastest of the H200 sweep (torch 2.11, triton 3.6;
     notes/int8-kernel-notes.md) on (K, N) in (4096, 12288), (4096, 28672), (14336, 4096):
 
-    M >= 256: 128 x 256 x 128, 8 warps, 4 stages, persistent, TMA loads (K % 16 == 0;
-        otherwise the same tiles with cp.async loads, not persistent). M = 4096: 344 / 818 /
-        390 us, against 393 / 916 / 432 us for the cp.async kernel (best non-TMA tiles) and
-        484 / 1129 / 568 us for ``_int_mm``.
+    M >= 256: 128 x 256 x 128, 8 warps, 4 stages, cp.async loads, one program per tile.
+        M = 4096: 392 / 916 / 432 us, against 484 / 1129 / 568 us for ``_int_mm``. The same
+        tiles with TMA loads and a persistent grid (``Config(..., persistent=True, tma=True)``)
+        took 344 / 818 / 390 us, but torch 2.11 does not trace a host TMA descriptor through a
+        ``triton_op`` (Triton's launcher is handed the FakeTensor: "Cannot access data
+        pointer"), so that config is for eager ``int8_mm_with_plan`` calls only.
     M < 256: 64 x 128 x 128, 4 warps, 4 stages where N gives at least one 128-wide column
         tile per two SMs (M = 128: 22.5 / 43.0 us at N = 12288 / 28672); otherwise swapped
         tiles (64 weight rows x 64 tokens x 256, more programs): 28.3 us at N = 4096,
@@ -217,10 +222,7 @@ def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
         small = Config(64, 128, 128, num_warps=4, num_stages=4)
     else:
         small = Config(64, 64, 256, num_warps=4, num_stages=4, swap=True)
-    if K % K_ALIGN == 0:
-        large = Config(128, 256, 128, num_warps=8, num_stages=4, persistent=True, tma=True)
-    else:
-        large = Config(128, 256, 128, num_warps=8, num_stages=4)
+    large = Config(128, 256, 128, num_warps=8, num_stages=4)
     return Plan(((0, SMALL_M, small), (SMALL_M, None, large)))
 
 
@@ -361,7 +363,10 @@ class TritonInt8MM:
         if problem.fmt.family != "int8" or problem.fmt.activation not in ("token", "tensor"):
             return False, f"{problem.fmt.name} is not a W8A8 INT8 scheme"
         if problem.dtype not in OUT_DTYPES:
-            return False, f"output dtype {problem.dtype} is not bf16, fp16 or fp32"
+            return False, f"activations must be bf16 or fp16, got {problem.dtype}"
+        if problem.m is not None and problem.m < MIN_STATIC_M:
+            return False, (f"static M={problem.m} < {MIN_STATIC_M}: measured slower than cublas_int_mm at small M "
+                           f"(M = 16: 34.0 vs 23.8 us, 4096 x 12288, H200)")
         if problem.k % K_ALIGN:
             return False, (f"K={problem.k} is not a multiple of {K_ALIGN}: int8 rows not 16-byte aligned "
                            f"(no vector loads; cublas_int_mm needs a multiple of 8)")

@@ -16,7 +16,7 @@ each and fuses into its producer in a model. Variants, all timed in the same run
     int_mm+epi    what ``cublas_int_mm`` runs: _int_mm, then ``acc.float() * xs * ws`` -> bf16,
                   compiled by Inductor (one fused pointwise kernel after the GEMM)
     triton        ``int8_mm_with_plan`` with the default plan, called eagerly
-    triton-cp.async  its large-M tiles with cp.async loads instead of TMA (M >= 256)
+    triton-tma    its large-M tiles with TMA loads and a persistent grid, eager only (M >= 256)
     triton-static the same with per-tensor scales (``int8-static``)
     compiled      ``torch.ops.mxpass.int8_mm_triton`` inside torch.compile(dynamic=True)
 
@@ -186,10 +186,10 @@ def bench_shape(M: int, K: int, N: int, sweep: bool, compiled: bool) -> list[dic
             sxt = xs.amax().reshape(1)
             wst = [(q, s.amax().reshape(1)) for q, s in ws]
             triton_variant("triton-static", plan, sx=sxt, wsl=wst, ref=_exact(xq, sxt, *wst[0]))
-        if M >= ig.SMALL_M and plan.regimes[-1][2].tma:
-            # the large-M tiles with cp.async loads instead of TMA (what runs where K % 16 != 0)
-            cp = plan.regimes[-1][2]._replace(tma=False, persistent=False)
-            triton_variant("triton-cp.async", ig.Plan(((0, None, cp),)))
+        if M >= ig.SMALL_M and K % ig.K_ALIGN == 0:
+            # the large-M tiles with TMA loads and a persistent grid (eager only: see default_plan)
+            tma = plan.regimes[-1][2]._replace(tma=True, persistent=True)
+            triton_variant("triton-tma", ig.Plan(((0, None, tma),)))
         if sweep:
             cfgs = _sweep_configs()["large" if M >= 1024 else "small"]
             for cfg in cfgs:
