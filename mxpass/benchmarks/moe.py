@@ -145,35 +145,74 @@ def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
     return run
 
 
+def _grouped_plan(base, gu, dn, atomic=True):
+    """``base`` with one grouped regime for every S (tiles gu / dn) and no decode path."""
+    import mxpass.kernels.triton.moe as km
+
+    return km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, gu, dn),), atomic)
+
+
+def _tiles(g) -> str:
+    return f"{g.block_m}x{g.block_n}x{g.block_k} w{g.num_warps} s{g.num_stages}"
+
+
 def _sweep_plans(s: MoEShape, T: int):
-    """(name, plan) pairs worth timing at this T: the decode/grouped switch, tiles, the top-k sum."""
+    """(name, plan, part, tiles) worth timing at this T: the decode/grouped switch, then the
+    grouped tiles of gate/up (part "gu", down at the default) and of down (part "dn", gate/up at
+    the default) varied one at a time, and the ordered top-k sum (part "sum")."""
     import mxpass.kernels.triton.moe as km
 
     base = km.default_plan(s.E, s.A, s.H, s.I)
     S = T * s.A
-
-    def grouped(gu, dn, atomic=True):
-        return km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, gu, dn),), atomic)
+    regime = next(r for r in base.regimes if r.s_lo <= max(S, base.decode_slots + 1)
+                  and (r.s_hi is None or S < r.s_hi))
+    gu0, dn0 = regime.gate_up, regime.down
 
     def decode(gu, dn):
         return km.Plan(10**9, gu, dn, (km.Regime(10**9 + 1, None, *base.regimes[-1][2:]),))
 
     G = km.Grouped
     out = []
-    if T <= 8:
-        for bn, bk, nw in ((4, 512, 4), (8, 512, 4), (2, 1024, 4)):
-            out.append((f"decode gemv bn{bn} bk{bk} w{nw}", decode(km.Gemv(bn, bk, nw), km.Gemv(bn, bk, nw))))
-    if T <= 64:
-        for bm, bn, bk, nw in ((16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 128, 4)):
-            if T <= 8 and (bn, bm) != (64, 16):
-                continue
-            out.append((f"grouped m{bm} n{bn} k{bk} w{nw}", grouped(G(bm, bn, bk, nw), G(bm, bn, bk, nw))))
-    if S >= 8 * s.E:
-        for gu, dn in ((G(64, 64, 64, 4), G(64, 128, 64, 8)), (G(128, 64, 64, 8), G(128, 128, 64, 8))):
-            name = f"grouped gu m{gu.block_m} n{gu.block_n} dn m{dn.block_m} n{dn.block_n}"
-            out.append((name + " atomic", grouped(gu, dn)))
-        out.append(("grouped default-large sum", grouped(*base.regimes[-1][2:], atomic=False)))
+    if T <= 1:
+        for bn, bk, nw in ((4, 512, 4), (2, 1024, 4)):
+            out.append((f"decode gemv bn{bn} bk{bk} w{nw}", decode(km.Gemv(bn, bk, nw), km.Gemv(bn, bk, nw)), "decode", None))
+    if S < 8 * s.E:  # few slots per expert: bandwidth-bound, narrow M
+        gus = (G(16, 32, 128, 4, 3), G(16, 64, 128, 4, 4), G(16, 64, 256, 4, 3))
+        dns = (G(16, 32, 128, 4, 3), G(16, 128, 128, 4, 3), G(16, 64, 256, 4, 3))
+    elif S < 32 * s.E:
+        gus = (G(32, 32, 128, 4, 3), G(32, 64, 128, 4, 4), G(32, 64, 256, 4, 3))
+        dns = (G(32, 32, 128, 4, 3), G(32, 128, 128, 4, 3), G(32, 64, 256, 4, 3))
+    else:  # compute-bound: larger tiles cut the L2 -> SM bytes per MMA
+        gus = (G(64, 64, 64, 4, 3), G(64, 64, 64, 4, 4), G(64, 128, 64, 8, 3), G(128, 64, 64, 8, 3),
+               G(128, 128, 64, 8, 3), G(128, 128, 64, 8, 4), G(64, 128, 128, 8, 3))
+        dns = (G(64, 128, 64, 8, 3), G(128, 128, 64, 8, 3), G(128, 128, 64, 8, 4), G(64, 256, 64, 8, 3),
+               G(128, 256, 64, 8, 3), G(128, 128, 128, 8, 3))
+    out.append((f"grouped default gu {_tiles(gu0)} dn {_tiles(dn0)}", _grouped_plan(base, gu0, dn0), "base", None))
+    out += [(f"grouped gu {_tiles(g)}", _grouped_plan(base, g, dn0), "gu", g) for g in gus if g != gu0]
+    out += [(f"grouped dn {_tiles(g)}", _grouped_plan(base, gu0, g), "dn", g) for g in dns if g != dn0]
+    out.append(("grouped default, ordered sum", _grouped_plan(base, gu0, dn0, atomic=False), "sum", None))
     return out
+
+
+def _best_combination(s: MoEShape, T: int, timed: dict):
+    """(name, plan) pairing the fastest gate/up and down tiles of the one-at-a-time sweep, or None
+    when one of them is the default (then that pairing was timed already). timed: (part, tiles) -> us."""
+    import mxpass.kernels.triton.moe as km
+
+    base = km.default_plan(s.E, s.A, s.H, s.I)
+    ref = timed.get(("base", None))
+    if ref is None:
+        return None
+    best = {}
+    for part in ("gu", "dn"):
+        cands = [(us, g) for (p, g), us in timed.items() if p == part]
+        if cands and min(cands)[0] < ref:
+            best[part] = min(cands, key=lambda c: c[0])[1]
+    if len(best) < 2:
+        return None
+    atomic = timed.get(("sum", None), float("inf")) >= ref
+    return (f"grouped best gu {_tiles(best['gu'])} dn {_tiles(best['dn'])}{'' if atomic else ' ordered sum'}",
+            _grouped_plan(base, best["gu"], best["dn"], atomic))
 
 
 def _touched_bytes(ids: torch.Tensor, s: MoEShape, bytes_per_weight: float) -> float:
@@ -181,9 +220,10 @@ def _touched_bytes(ids: torch.Tensor, s: MoEShape, bytes_per_weight: float) -> f
 
 
 def run(shapes=tuple(SHAPES), tokens=TOKENS, rotate: int = 4, warmup: int = 10, rep: int = 40,
-        sweep: bool = False, log=None) -> list[dict]:
+        sweep: bool = False, log=None, impls=None) -> list[dict]:
     """Rows: shape, T, impl, config, us, err, weight_gb (bytes of the experts routing 0 touches),
-    tbps (those bytes / time), tflops, vs_hf and vs_fp8 (peer time / time)."""
+    tbps (those bytes / time), tflops, vs_hf and vs_fp8 (peer time / time). ``impls``: time only
+    these implementations (names as in the rows; None: all); the sweep runs regardless."""
     rows: list[dict] = []
 
     def emit(row):
@@ -194,12 +234,12 @@ def run(shapes=tuple(SHAPES), tokens=TOKENS, rotate: int = 4, warmup: int = 10, 
                 f.write(json.dumps(row, default=str) + "\n")
 
     for shape_name in shapes:
-        _bench_shape(shape_name, tokens, rotate, warmup, rep, sweep, emit)
+        _bench_shape(shape_name, tokens, rotate, warmup, rep, sweep, emit, impls)
         torch.cuda.empty_cache()
     return rows
 
 
-def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit) -> None:
+def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit, only=None) -> None:
     from mxpass.formats import get_format
 
     s = SHAPES[shape_name]
@@ -226,6 +266,8 @@ def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit) -> N
         impls[f"mxpass_{scheme}"] = (scheme, _mxpass_fn(fmt, q13, s13, q2, s2), 1.0 + (1 / 32 if fmt.block == 32 else 0))
         if scheme == "fp8-dynamic":
             impls["mxpass_fp8-dynamic_w8a8"] = (scheme, _mxpass_fn(fmt, q13, s13, q2, s2, quantized=True), 1.0)
+    if only is not None:
+        impls = {k: v for k, v in impls.items() if k in only}
     for T in tokens:
         _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, rep, sweep, emit)
         torch.cuda.empty_cache()
@@ -269,9 +311,22 @@ def _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, 
             times[impl] = ms
     if sweep:
         fmt, q13, s13, q2, s2 = weights["fp8-w"]
-        for name, plan in _sweep_plans(s, T):
-            measure({"shape": shape_name, "T": T, "impl": "sweep", "config": name},
-                    _mxpass_fn(fmt, q13, s13, q2, s2, plan), ref_of("fp8-w"), _touched_bytes(ids0, s, 1.0))
+        timed: dict = {}
+        for name, plan, part, tiles in _sweep_plans(s, T):
+            ms = measure({"shape": shape_name, "T": T, "impl": "sweep", "config": name},
+                         _mxpass_fn(fmt, q13, s13, q2, s2, plan), ref_of("fp8-w"), _touched_bytes(ids0, s, 1.0))
+            if ms is not None:
+                timed[(part, tiles)] = ms * 1e3
+        combo = _best_combination(s, T, timed)
+        if combo is not None:
+            measure({"shape": shape_name, "T": T, "impl": "sweep", "config": combo[0]},
+                    _mxpass_fn(fmt, q13, s13, q2, s2, combo[1]), ref_of("fp8-w"), _touched_bytes(ids0, s, 1.0))
+        if T * s.A >= 32 * s.E and "mxfp8-w" in weights:  # MX weights under the large tiles too
+            fmt, q13, s13, q2, s2 = weights["mxfp8-w"]
+            for name, plan, part, tiles in _sweep_plans(s, T):
+                if part == "base" or (part in ("gu", "dn") and tiles.block_m == 128 and tiles.block_n == 128):
+                    measure({"shape": shape_name, "T": T, "impl": "sweep_mxfp8-w", "config": name},
+                            _mxpass_fn(fmt, q13, s13, q2, s2, plan), ref_of("mxfp8-w"), _touched_bytes(ids0, s, 1 + 1 / 32))
 
 
 def _row(row: dict, s: MoEShape, T: int, ms: float, err: float, weight_bytes: float, times: dict) -> dict:
@@ -292,6 +347,24 @@ def _fmt(r: dict) -> str:
     return (head + f"{r['us']:9.1f} us {r['tbps']:5.2f} TB/s {r['tflops']:6.1f} TF err {r['err']:.1e}{vs}{flag}")
 
 
+def kernel_stats() -> list[dict]:
+    """Registers, spills and shared memory of every grouped MoE kernel compiled in this process
+    (best effort: read from Triton's in-process cache; empty where its layout differs)."""
+    import mxpass.kernels.triton.moe as km
+
+    out = []
+    for fn in (km._moe_gate_up_kernel, km._moe_down_kernel):
+        try:
+            for cache in getattr(fn, "device_caches", {}).values():
+                for key, k in cache[0].items():
+                    out.append({"kernel": fn.__name__, "key": str(key)[-400:], "n_regs": getattr(k, "n_regs", None),
+                                "n_spills": getattr(k, "n_spills", None),
+                                "shared": getattr(getattr(k, "metadata", None), "shared", None)})
+        except Exception as exc:  # noqa: BLE001  (diagnostics only)
+            out.append({"kernel": fn.__name__, "error": repr(exc)[:200]})
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'shape':<14}{'T':>6}  {'impl':<24}{'config':<36}"
     return "\n".join([head, "-" * 100, *(_fmt(r) for r in rows)])
@@ -302,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time other plans of the fp8-w kernels")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    p.add_argument("--impls", nargs="*", help="time only these implementations (default: all)")
     p.add_argument("--json", help="write the rows to this file (and append each row to <json>.log as measured)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -309,11 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     from mxpass.benchmarks.suite import environment
 
     print(" ".join(f"{k}={v}" for k, v in environment().items()), flush=True)
-    rows = run(tuple(args.shapes), tuple(args.tokens), sweep=args.sweep, log=args.json and args.json + ".log")
+    rows = run(tuple(args.shapes), tuple(args.tokens), sweep=args.sweep, log=args.json and args.json + ".log",
+               impls=args.impls)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": environment(), "rows": rows}, f, indent=1, default=str)
+            json.dump({"env": environment(), "rows": rows, "kernels": kernel_stats()}, f, indent=1, default=str)
     return 0
 
 
