@@ -126,7 +126,7 @@ def _copy(src: str, dst) -> str:
 def _logits(model, backend, ids):
     torch._dynamo.reset()
     with torch.no_grad():
-        return torch.compile(model, backend=backend)(ids).logits
+        return torch.compile(model, backend=backend, fullgraph=True)(ids).logits  # no graph break
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p in PRESET_SCHEMES])

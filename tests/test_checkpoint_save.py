@@ -33,7 +33,7 @@ IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(11))
 def _logits(model, backend):
     torch._dynamo.reset()
     with torch.no_grad():
-        return torch.compile(model, backend=backend)(IDS).logits
+        return torch.compile(model, backend=backend, fullgraph=True)(IDS).logits  # no graph break
 
 
 def _decompressed(path: str) -> torch.nn.Module:

@@ -383,7 +383,7 @@ IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
 def _logits(model, backend):
     torch._dynamo.reset()
     with torch.no_grad():
-        return torch.compile(model, backend=backend)(IDS).logits
+        return torch.compile(model, backend=backend, fullgraph=True)(IDS).logits  # no graph break
 
 
 class _PerTensorReference(torch.nn.Module):

@@ -282,7 +282,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["mxpass.load, Qwen3-MoE 30B-A3B shapes (peak: max allocated since the load began; target "
              f"peak/needed <= {TARGET})",
              f"{'loader':<29} {'checkpoint':<12} {'scheme':<12} {'layers':>6} {'load s':>7} {'GB needed':>9} "
-             f"{'peak GB':>8} {'reserved GB':>11} {'peak/needed':>11} {'reserved/needed':>15}"]
+             f"{'peak GB':>8} {'reserved GB':>11} {'peak/needed':>11} {'reserved/needed':>15} {'target':>7}"]
     nan = float("nan")
     for r in rows:
         if "error" in r:
@@ -292,7 +292,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['loader']:<29} {r.get('checkpoint', r['scheme']):<12} {r['scheme']:<12} {r['layers']:>6} "
                      f"{r['seconds']:>7.2f} {gb('needed_bytes'):>9.3f} {gb('peak_allocated_bytes'):>8.3f} "
                      f"{gb('peak_reserved_bytes'):>11.3f} {r.get('peak_over_needed', nan):>11.3f} "
-                     f"{r.get('reserved_over_needed', nan):>15.3f}")
+                     f"{r.get('reserved_over_needed', nan):>15.3f} "
+                     f"{({True: 'met', False: 'MISSED'}.get(r.get('meets_target'), '-')):>7}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ Steps (the reader interface is in ``plan.py``):
   4. tensors are read one at a time: a quantized Linear gets a stand-in weight (one NaN
      element expanded to [N, K]) and mxpass's weight cache is seeded with (data, scale) in
      mxpass's layout, plus its static input scale; everything else is materialized in
-     ``dtype`` on ``device``. Linears left in the model dtype are marked with the reason.
+     ``dtype`` on ``device``. Linears left in the model dtype are marked with the reason;
+     modules holding stand-ins refuse to run outside ``torch.compile``.
 
 Peak device memory is the quantized weights, the unquantized tensors and one tensor in
 flight (online: one weight in the model dtype and its quantization temporaries).
@@ -158,8 +159,10 @@ def stand_in(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.
     """An [n, k] weight with one element of storage, all NaN.
 
     On the model's device, not ``meta``: Dynamo's fake tensors refuse a meta weight beside
-    real activations ("Tensor device mismatch"). NaN rather than zero: a model run without
-    the mxpass backend gives NaN, and mxpass refuses to quantize it (non-finite weights).
+    real activations ("Tensor device mismatch"). Never computed with: its module refuses to
+    run outside ``torch.compile`` (:func:`refuse_eager`) and the backend refuses a stand-in
+    no rewrite consumed (:func:`check_stand_ins_consumed`); NaN rather than zero all the same,
+    and mxpass refuses to quantize it (non-finite weights).
     """
     t = torch.full((), float("nan"), dtype=dtype, device=device).expand(n, k)
     return torch.nn.Parameter(t, requires_grad=False)

@@ -35,7 +35,6 @@ import re
 
 import torch
 from safetensors.torch import save_file
-from transformers.core_model_loading import revert_weight_conversion
 
 from mxpass.checkpoint.compressed_tensors import (CompressedTensorsReader, read_quantization_config,
                                                   scheme_args, stored_format)
@@ -181,6 +180,8 @@ def save(model: torch.nn.Module, out_dir: str, scheme: str | None = None, *, ign
     """Write ``model`` (or its ``torch.compile`` wrapper) to ``out_dir`` as a compressed-tensors
     checkpoint (module docstring). Returns {module path: mxpass format} of the layers written
     quantized."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     model = getattr(model, "_orig_mod", model)
     config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head,
                          activation_scales=activation_scales or {})
