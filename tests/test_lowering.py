@@ -137,6 +137,7 @@ def test_blockwise_scaled_mm_is_offered_on_hopper_only(monkeypatch):
     ok, reason = kernel.can_implement(Problem("linear", fmt, gpu, 4096, 200, torch.bfloat16))
     assert not ok and "N=200" in reason
     assert not kernel.can_implement(Problem("linear", fmt, gpu, 4096, 256, torch.float32))[0]
+    assert not kernel.can_implement(Problem("linear", fmt, gpu, 4096, 256, torch.float16))[0]
     assert not kernel.can_implement(Problem("linear", mxpass.get_format("fp8-w-block"), gpu, 4096, 256,
                                             torch.bfloat16))[0]
     monkeypatch.setattr(registry, "_CANDIDATES", {})

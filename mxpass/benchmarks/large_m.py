@@ -6,8 +6,9 @@ quantized operands; relative Frobenius error) before they are timed:
 ``kernels``  the GEMM alone, operands already quantized (so no activation quantization):
              cuBLAS bf16 ``x @ W.T``; ``torch._scaled_mm`` rowwise (per-token x per-channel,
              the fp8-dynamic kernel); ``torch._scaled_mm`` with 1x128 / 128x128 block scales
-             (the fp8-block kernel ``cublas_scaled_mm_blockwise``); the Triton W8A16 op on the
-             block weight. Times: median of ``do_bench`` over CUDA-graph replays of ``rotate``
+             (the fp8-block kernel ``cublas_scaled_mm_blockwise``; M a multiple of 16, as the
+             op pads it; ``use_fast_accum`` is refused for 128x128 blocks); the Triton W8A16
+             op on the block weight. Times: median of ``do_bench`` over CUDA-graph replays of ``rotate``
              calls on ``rotate`` weight copies (``linear.graph_ms``), / ``rotate``.
 ``w8a16``    one bf16 ``nn.Linear`` compiled with ``mxpass.backend(scheme=...)`` with the
              kernel forced by ``MXPASS_KERNEL`` (``triton_w8`` or ``dequant_cublas_mm``), a
@@ -28,7 +29,7 @@ import torch
 
 from mxpass.benchmarks.linear import DEFAULT_SHAPES, _no_wrap_triton, graph_ms, rel_error
 
-KERNEL_MS = (1, 16, 128, 4096)
+KERNEL_MS = (16, 128, 4096)  # block scaling: cuBLAS 13.0 rejects M in {1, 2, 5} (the op pads to 16)
 W8A16_MS = (512, 1024, 2048, 4096)
 W8A16_SCHEMES = ("fp8-w", "fp8-w-block")  # fp8-w-tensor runs the channel code paths
 W8A16_KERNELS = ("triton_w8", "dequant_cublas_mm")
@@ -39,10 +40,10 @@ def _weights(K: int, N: int, count: int, seed: int = 100):
     return [(torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16) for _ in range(count)]
 
 
-def blockwise_mm(xq, xs, qweight, wscale, out_dtype=torch.bfloat16):
-    """The fp8-block GEMM of ``cublas_scaled_mm_blockwise`` on quantized operands."""
+def blockwise_mm(xq, xs, qweight, wscale, out_dtype=torch.bfloat16, fast_accum: bool = False):
+    """The fp8-block GEMM of ``cublas_scaled_mm_blockwise`` on quantized operands (M a multiple of 16)."""
     return torch._scaled_mm(xq, qweight.t(), scale_a=xs.t().contiguous().t(), scale_b=wscale.t(),
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def rowwise_mm(xq, xs, qweight, wscale, out_dtype=torch.bfloat16):
@@ -88,8 +89,8 @@ def kernels(shapes=DEFAULT_SHAPES, ms=KERNEL_MS, rotate: int = 4) -> list[dict]:
                     r["vs_bf16"] = bf16 / r["ms"]
                 rows.append(r)
                 print(_fmt(r), flush=True)
-            rw = next((r for r in rows[-4:] if r["impl"] == "scaled_mm_rowwise" and "ms" in r), None)
-            for r in rows[-4:]:
+            rw = next((r for r in rows[-len(cases):] if r["impl"] == "scaled_mm_rowwise" and "ms" in r), None)
+            for r in rows[-len(cases):]:
                 if rw and "ms" in r:
                     r["vs_rowwise"] = rw["ms"] / r["ms"]
             del x, ref_b, ref_r

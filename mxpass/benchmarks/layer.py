@@ -112,27 +112,32 @@ def profile(fn, inputs, iters: int = 10) -> dict:
     }
 
 
-def run(schemes=("fp8-dynamic", "fp8-block"), tokens: int = 4096, iters: int = 10) -> list[dict]:
+def run(schemes=("fp8-dynamic", "fp8-block"), tokens: int = 4096, iters: int = 10,
+        inductor_options: dict | None = None) -> list[dict]:
+    """Rows for bf16 and each scheme; ``inductor_options`` go to both sides' Inductor."""
     import mxpass
 
+    opts = dict(inductor_options or {})
+    label = ",".join(f"{k}={v}" for k, v in opts.items())
     layer, inputs = build(tokens=tokens)
     rows = []
     with torch.inference_mode():
         torch._dynamo.reset()
-        bf16 = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
+        bf16 = torch.compile(layer, fullgraph=True, options={"triton.cudagraphs": True, **opts})
         ref = bf16(*inputs).float()
         base = profile(bf16, inputs, iters)
-        rows.append({"bench": "layer", "variant": "bf16", "tokens": tokens, **base})
+        rows.append({"bench": "layer", "variant": "bf16", "inductor": label, "tokens": tokens, **base})
         for scheme in schemes:
             torch._dynamo.reset()
-            fn = torch.compile(layer, fullgraph=True, backend=mxpass.backend(scheme=scheme, cudagraphs=True))
+            fn = torch.compile(layer, fullgraph=True,
+                               backend=mxpass.backend(scheme=scheme, cudagraphs=True, inductor_options=opts))
             y = fn(*inputs).float()
             kernels = sorted({e.kernel.split(" ")[0] for e in mxpass.last_report().rewritten})
             err = ((y - ref).norm() / ref.norm()).item()
             r = profile(fn, inputs, iters)
             quant = r["other_us"] - base["other_us"]
-            rows.append({"bench": "layer", "variant": scheme, "linear_kernels": kernels, "tokens": tokens,
-                         "err_vs_bf16": err, **r, "quant_us": quant,
+            rows.append({"bench": "layer", "variant": scheme, "inductor": label, "linear_kernels": kernels,
+                         "tokens": tokens, "err_vs_bf16": err, **r, "quant_us": quant,
                          "overhead": (r["gemm_us"] + quant) / r["gemm_us"],
                          "forward_vs_bf16": base["forward_ms"] / r["forward_ms"]})
     return rows
@@ -143,12 +148,14 @@ def format_table(rows: list[dict]) -> str:
             f"{'other us':>10}{'quant us':>10}{'overhead':>10}")
     out = [head, "-" * len(head)]
     for r in rows:
+        if r.get("inductor"):
+            out.append(f"  (Inductor: {r['inductor']})")
         q = f"{r['quant_us']:.1f}" if "quant_us" in r else ""
         o = f"{r['overhead']:.3f}x" if "overhead" in r else ""
         out.append(f"{r['variant']:<12}{r['tokens']:>7}{r['forward_ms']:>9.3f}{r['kernels_us']:>12.1f}"
                    f"{r['gemm_us']:>10.1f}{r['attention_us']:>10.1f}{r['other_us']:>10.1f}{q:>10}{o:>10}")
     for r in rows:
-        out.append(f"\n{r['variant']}: " + ", ".join(r.get("linear_kernels", [])))
+        out.append(f"\n{r['variant']} {r.get('inductor', '')}: " + ", ".join(r.get("linear_kernels", [])))
         out += [f"  {k['us']:9.1f} us {k['calls']:3d}x {k['class']:<9} {k['name'][:100]}" for k in r["kernels"]]
     return "\n".join(out)
 
@@ -157,9 +164,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mxpass.benchmarks.layer")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--schemes", default="fp8-dynamic,fp8-block")
+    p.add_argument("--multi-kernel", action="store_true",
+                   help="also run with Inductor's triton.multi_kernel (persistent reductions up to 16k per row)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    rows = run(tuple(args.schemes.split(",")), args.tokens)
+    schemes = tuple(args.schemes.split(","))
+    rows = run(schemes, args.tokens)
+    if args.multi_kernel:
+        rows += run(schemes, args.tokens, inductor_options={"triton.multi_kernel": 1})
     print(format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -34,10 +34,10 @@ def rel_err(a, b):
 # dequantized activation q * s to x.dtype (2**-9 relative in bf16) and sums in fp32, cuBLAS
 # applies the fp32 scales to fp32 partial sums and rounds the output (2**-9): a few 1e-3
 # relative. A wrong scale layout (a transposed or shifted block) gives errors of order 1.
-TOL = {torch.bfloat16: 2**-7, torch.float16: 2**-8}
+TOL = {torch.bfloat16: 2**-7}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16 output is not offered (see the kernel)
 @pytest.mark.parametrize("M,K,N,bias", [(1, 256, 128, False), (7, 512, 384, True), (300, 1024, 640, False),
                                         (1000, 384, 256, True)])
 def test_matches_reference(dtype, M, K, N, bias):
