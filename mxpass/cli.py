@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--scheme", default="mxfp8", choices=format_names())
     demo.add_argument("--iters", type=int, default=10)
     bench = sub.add_parser("bench", help="benchmarks (GPU): linear op and model forward")
-    bench.add_argument("what", nargs="*", help="linear, model, moe-model, gemv, load, moe (default: linear and model)")
+    bench.add_argument("what", nargs="*", help="linear, model, moe-model, gemv, load, moe, schemes, large-m, layer "
+                       "(default: linear and model)")
     bench.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         from mxpass.benchmarks.suite import run_all
 
-        known = ("linear", "model", "moe-model", "gemv", "load", "moe")
+        known = ("linear", "model", "moe-model", "gemv", "load", "moe", "schemes", "large-m", "layer")
         unknown = set(args.what) - set(known)
         if unknown:
             parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(known)}")

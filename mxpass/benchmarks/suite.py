@@ -60,6 +60,20 @@ def run_all(what=("linear", "model")) -> list[dict]:
         mm = model.run_moe()
         print(model.format_moe_table(mm))
         rows += mm
+    if "schemes" in what:  # every scheme's linear through the backend, one graph per M (static M)
+        from mxpass.benchmarks import schemes
+
+        rows += schemes.run(static=True)
+    if "large-m" in what:  # block-scaled FP8 vs rowwise GEMMs; W8A16 kernels across M
+        from mxpass.benchmarks import large_m
+
+        rows += large_m.kernels() + large_m.w8a16()
+    if "layer" in what:  # activation quantization inside an HF Llama decoder layer, 4096 tokens
+        from mxpass.benchmarks import layer
+
+        lay = layer.run()
+        print(layer.format_table(lay))
+        rows += lay
     if "model" in what:
         from mxpass.benchmarks import model
 
