@@ -533,18 +533,24 @@ def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the
       decode (S <= 16 on E >= 32 experts, else S <= A): gemv 4 rows x 512, 4 warps: Qwen3-30B
         T = 1 30.5 us (grouped 49.1); Mixtral T = 1 119.5 us (grouped 186.5); at T = 8 the
         grouped path wins (105 vs 124 us, 394 vs 772 us)
-      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 105, 203 us; 32-wide 240 us at T = 64)
+      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 106.6, 205.4 us; 32-wide 240 us at
+        T = 64; 16 x 32, 4 stages, BLOCK_K 256, down 16 x 128: no gain over 1%)
       8 <= S / E < 32: 32 x 64 x 128 (Mixtral T = 64: 512 us; 16-wide 548 us)
-      32 <= S / E < 512: 64-wide (Qwen3 T = 4096: 1420 us; 128-wide 1499 us)
-      S / E >= 512: 128-wide (Mixtral T = 4096: 9013 us; 64-wide 10024 us)
+      32 <= S / E < 128: 64-wide (gate/up 64 x 64 x 64, down 64 x 128 x 64)
+      128 <= S / E < 512: gate/up 64 x 64 x 64, down 128 x 128 x 128, 8 warps (Qwen3 T = 4096:
+        1217 us; down 64 x 128 x 64 1420 us, 128 x 128 x 64 1233-1255 us; gate/up 128-wide
+        1521-1669 us: its two 128 x 128 accumulators need ~230 registers, one CTA per SM)
+      S / E >= 512: gate/up 128 x 128 x 64, 8 warps, 4 stages, down 128 x 128 x 128 (Mixtral
+        T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
     """
     decode_slots = max(A, 16) if E >= 32 else A  # few slots on many experts: mostly distinct experts
     gemv = Gemv(block_n=4, block_k=512, num_warps=4)
     tiles = [(Grouped(16, 64, 128), Grouped(16, 64, 128)),
              (Grouped(32, 64, 128), Grouped(32, 64, 128)),
              (Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
-             (Grouped(128, 64, 64, num_warps=8), Grouped(128, 128, 64, num_warps=8))]
-    bounds = [decode_slots + 1, 8 * E, 32 * E, 512 * E]
+             (Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+             (Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8))]
+    bounds = [decode_slots + 1, 8 * E, 32 * E, 128 * E, 512 * E]
     regimes = []
     for i, (gu, dn) in enumerate(tiles):
         lo = max(bounds[i], decode_slots + 1)

@@ -37,7 +37,7 @@ TOLERANCE = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 # H = 1056: 33 MX blocks, not a multiple of 64 / 128 (K tails, partial 128-wide scale
 # columns); I = 352: 2I = 704 rows, the up rows start inside a 128-row scale block.
 E, A, H, I = 16, 4, 1056, 352  # noqa: E741
-# default plan for E = 16: decode for T * A <= 4 (T = 1), grouped regimes from T = 2, 32, 128
+# default plan for E = 16: decode for T * A <= 4 (T = 1), grouped regimes from T = 2, 32, 128, 512, 2048
 TS = [0, 1, 3, 17, 64, 300]
 FULL = [None, "mxfp8", "fp8-w-block", "int8"]  # one scheme per scale kind, every T and routing
 OTHER = ["mxfp8-w", "fp8-dynamic", "fp8-w", "fp8-w-tensor"]
@@ -118,15 +118,15 @@ def test_fp16(scheme):
 
 
 def test_every_path_alone(weights):
-    """Decode forced at T = 64, grouped forced at T = 1, and the ordered top-k sum instead of atomics."""
+    """Decode forced at T = 64, each grouped regime's tiles forced alone (T = 1, 5, 64), and the ordered top-k sum instead of atomics."""
     base = km.default_plan(E, A, H, I)
     last = base.regimes[-1]
     plans = {
         "decode": km.Plan(10**9, base.gate_up_gemv, base.down_gemv, (km.Regime(10**9 + 1, None, last.gate_up, last.down),)),
-        "grouped-small": km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, *base.regimes[0][2:]),)),
-        "grouped-large": km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, last.gate_up, last.down),)),
         "grouped-sum": base._replace(atomic=False),
     }
+    for i, r in enumerate(base.regimes):  # every regime's tiles forced alone, from 16 x 64 x 128 to 128 x 128 x 128
+        plans[f"grouped-{i}"] = km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, r.gate_up, r.down),))
     for scheme in ("mxfp8", "int8"):
         fmt, w, ref_fn = weights[scheme]
         for T in (1, 5, 64):
