@@ -198,8 +198,6 @@ def bench_shape(M: int, K: int, N: int, sweep: bool, compiled: bool) -> list[dic
         op = torch.compile(lambda xq, xs, q, s: torch.ops.mxpass.int8_mm_triton(xq, xs, q, s, None, torch.bfloat16),
                            dynamic=True)
         row("compiled", _time(lambda: [op(xq, xs, q, s) for q, s in ws]), rel_error(op(xq, xs, *ws[0]), exact))
-    del x, xq, xs, ws, wbs, exact
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -265,6 +263,7 @@ def main(argv=None) -> None:
     for K, N in shapes:
         for M in (int(m) for m in args.ms.split(",")):
             result["rows"].extend(bench_shape(M, K, N, args.sweep, args.compiled))
+            torch.cuda.empty_cache()
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=1)

@@ -153,9 +153,31 @@ def test_opcheck(scheme, M, bias):
 
 def test_compiles_once_for_every_m_and_inductor_launches_the_kernel():
     """One Inductor graph (dynamic M) for M in {3, ..., 2048} (Dynamo specializes M = 1), both
-    regimes; the generated code launches the kernels itself (no call back into the op)."""
+    regimes; the generated code launches the kernel itself (no call back into the op)."""
     from torch._inductor.utils import run_and_get_code
 
+    torch._dynamo.reset()
+    fmt, _, _, _, _, q, s, b = _operands(1, 1024, 384, bias=True)
+    backend = CountingBackend(compile_fx)
+    f = torch.compile(lambda xq, xs: torch.ops.mxpass.int8_mm_triton(xq, xs, q, s, b, torch.bfloat16),
+                      backend=backend, dynamic=True)
+    code = None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, M in enumerate((3, 17, 255, 256, 300, 2048)):
+            x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+            xq, xs = quant.quantize_activation(fmt, x, None)
+            y, codes = run_and_get_code(f, xq, xs) if i == 0 else (f(xq, xs), None)
+            assert rel_error(y, _exact(fmt, xq, xs, q, s, b)) < TOL[torch.bfloat16], M
+            if codes is not None:
+                code = "\n".join(codes)
+    assert backend.graphs == 1
+    assert "_int8_mm_kernel" in code
+    assert "torch.ops.mxpass" not in code and "mxpass.int8_mm_triton" not in code
+
+
+def test_quantization_and_op_compile_without_recompiles():
+    """The registry's pattern (per-token quantization, then the op) under torch.compile with a
+    dynamic M: no recompile across M in {3, ..., 2048}, results exact up to the output rounding."""
     torch._dynamo.reset()
     fmt, _, _, _, _, q, s, b = _operands(1, 1024, 384, bias=True)
 
@@ -163,20 +185,12 @@ def test_compiles_once_for_every_m_and_inductor_launches_the_kernel():
         xq, xs = quant.quantize_activation(fmt, x, None)
         return torch.ops.mxpass.int8_mm_triton(xq, xs, q, s, b, x.dtype)
 
-    backend = CountingBackend(compile_fx)
-    fc = torch.compile(f, backend=backend, dynamic=True)
-    code = None
+    fc = torch.compile(f, dynamic=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for i, M in enumerate((3, 17, 255, 256, 300, 2048)):
+        for M in (3, 17, 255, 256, 300, 2048):
             x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
-            y, codes = run_and_get_code(fc, x) if i == 0 else (fc(x), None)
             xq, xs = quant.quantize_activation(fmt, x, None)
-            assert rel_error(y, _exact(fmt, xq, xs, q, s, b)) < TOL[torch.bfloat16], M
-            if codes is not None:
-                code = "\n".join(codes)
-    assert backend.graphs == 1
-    assert "_int8_mm_kernel" in code
-    assert "torch.ops.mxpass" not in code and "mxpass.int8_mm_triton" not in code
+            assert rel_error(fc(x), _exact(fmt, xq, xs, q, s, b)) < TOL[torch.bfloat16], M
 
 
 def test_registry_kernel_runs_the_scheme():
