@@ -178,8 +178,8 @@ def save(model: torch.nn.Module, out_dir: str, scheme: str | None = None, *, ign
          quantize_lm_head: bool = False, activation_scales: dict[str, float] | None = None,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
     """Write ``model`` (or its ``torch.compile`` wrapper) to ``out_dir`` as a compressed-tensors
-    checkpoint (module docstring). Returns {module path: mxpass format} of the layers written
-    quantized."""
+    checkpoint (module docstring). Returns {module path: mxpass format} of the Linears and
+    experts modules written quantized."""
     from transformers.core_model_loading import revert_weight_conversion
 
     model = getattr(model, "_orig_mod", model)
