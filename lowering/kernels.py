@@ -352,7 +352,12 @@ W8A16_DEQUANT_MIN_M = 512
 
 
 def candidates() -> dict[RegistryKey, list[Kernel]]:
+    from mxpass.kernels.triton.int8_gemm import TritonInt8MM
+
     ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
+    # INT8 W8A8: the CUDA GEMV for a static M <= 16, the Triton GEMM for dynamic M and static
+    # M >= 128 (1.20-1.29x torch._int_mm at M = 4096), cuBLAS _int_mm between (notes/int8-kernel-notes.md)
+    int8 = [gemv, TritonInt8MM(), IntMMLinear()]
     # W8A16: triton_w8 serves every M without guards; in a graph whose M is static and large,
     # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
     w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")
@@ -360,7 +365,7 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
     first = {
         "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
         "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
-        "int8": [gemv, IntMMLinear()], "int8-static": [gemv, IntMMLinear()],
+        "int8": int8, "int8-static": int8,
         "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8,
         "fp8-block": [gemv, ScaledMMBlockwiseLinear(), TritonW8Linear()],
     }

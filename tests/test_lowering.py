@@ -109,6 +109,26 @@ def test_capability_is_checked(monkeypatch):
     assert choice.kernel.name == "dequant_cublas_mm" and "INT8 tensor cores" in dict(choice.rejected)["cublas_int_mm"]
 
 
+def test_int8_order_follows_static_m_on_hopper(monkeypatch):
+    """INT8 W8A8 on sm_90: the Triton GEMM for a dynamic M and a static M >= 128, cuBLAS
+    _int_mm for a static M in 17..127 (the Triton tiles are 64 rows tall; measured slower
+    there), and the report's reasons say so."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv")  # needs nvcc; its own test covers it
+    gpu = torch.device("cuda", 0)
+    for scheme in ("int8", "int8-static"):
+        fmt = mxpass.get_format(scheme)
+        for m, kernel in ((None, "triton_int8_mm"), (4096, "triton_int8_mm"), (128, "triton_int8_mm"),
+                          (64, "cublas_int_mm"), (17, "cublas_int_mm")):
+            choice = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, m))
+            assert choice.kernel.name == kernel, (scheme, m, choice.describe())
+            if kernel == "cublas_int_mm":
+                assert "static M" in dict(choice.rejected)["triton_int8_mm"]
+    choice = registry.choose(Problem("linear", mxpass.get_format("int8"), gpu, 4104, 4096, torch.bfloat16))
+    assert choice.kernel.name == "cublas_int_mm" and "K=4104" in dict(choice.rejected)["triton_int8_mm"]
+
+
 def test_blockwise_scaled_mm_is_offered_on_hopper_only(monkeypatch):
     """cuBLAS block scaling is a Hopper path of torch._scaled_mm: fp8-block takes it on sm_90
     for whole 128-blocks, and says why not elsewhere (sm_89 and sm_100 keep triton_w8)."""

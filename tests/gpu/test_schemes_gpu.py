@@ -15,7 +15,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("scheme,kernel", [("fp8-dynamic", "cublas_scaled_mm_rowwise"),
                                            ("fp8", "cublas_scaled_mm_tensorwise"),
-                                           ("int8", "cublas_int_mm"), ("int8-static", "cublas_int_mm"),
+                                           ("int8", "triton_int8_mm"), ("int8-static", "triton_int8_mm"),
                                            ("fp8-block", "cublas_scaled_mm_blockwise"), ("fp8-w", "triton_w8"),
                                            ("fp8-w-block", "triton_w8")])
 @pytest.mark.parametrize("tokens", [1, 5, 300])
