@@ -136,20 +136,13 @@ TARGET = 1.1
 
 
 def environment() -> dict:
-    """Versions and device of this run (recorded with every row)."""
+    """Versions and device of this run (recorded with every row): ``mxpass bench``'s, plus
+    transformers and CUDA."""
     import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
+    from mxpass.benchmarks.suite import environment as suite_environment
 
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
+    return {**suite_environment(), "transformers": transformers.__version__, "cuda": torch.version.cuda}
 
 
 class _DeviceMemory:
