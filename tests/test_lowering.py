@@ -156,6 +156,10 @@ def test_blockwise_scaled_mm_is_offered_on_hopper_only(monkeypatch):
     assert kernel.can_implement(Problem("linear", fmt, gpu, 4096, 12288, torch.bfloat16))[0]
     ok, reason = kernel.can_implement(Problem("linear", fmt, gpu, 4096, 200, torch.bfloat16))
     assert not ok and "N=200" in reason
+    for k in (256, 384, 640, 768, 1152):  # K / 128 not a multiple of 4: wrong results measured on H200
+        ok, reason = kernel.can_implement(Problem("linear", fmt, gpu, k, 256, torch.bfloat16))
+        assert not ok and f"K={k}" in reason
+    assert kernel.can_implement(Problem("linear", fmt, gpu, 14336, 4096, torch.bfloat16))[0]
     assert not kernel.can_implement(Problem("linear", fmt, gpu, 4096, 256, torch.float32))[0]
     assert not kernel.can_implement(Problem("linear", fmt, gpu, 4096, 256, torch.float16))[0]
     assert not kernel.can_implement(Problem("linear", mxpass.get_format("fp8-w-block"), gpu, 4096, 256,

@@ -50,9 +50,12 @@ def test_w8a16_choice_follows_static_m(monkeypatch):
     from mxpass.lowering.kernels import W8A16_DEQUANT_MIN_M
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(512, 384, bias=False).cuda().bfloat16()
-    big = torch.randn(W8A16_DEQUANT_MIN_M, 512, device="cuda", dtype=torch.bfloat16)
-    small = torch.randn(W8A16_DEQUANT_MIN_M - 1, 512, device="cuda", dtype=torch.bfloat16)
+    # K differs from every M here: Dynamo gives equal sizes one symbol (duck sizing), so an M
+    # equal to K would be specialized with K even under dynamic=True
+    lin = torch.nn.Linear(1024, 384, bias=False).cuda().bfloat16()
+    assert W8A16_DEQUANT_MIN_M not in (1024, 384)
+    big = torch.randn(W8A16_DEQUANT_MIN_M, 1024, device="cuda", dtype=torch.bfloat16)
+    small = torch.randn(W8A16_DEQUANT_MIN_M - 1, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         for scheme in ("fp8-w", "fp8-w-tensor", "fp8-w-block"):
             monkeypatch.setenv("MXPASS_KERNEL", "reference")
