@@ -357,13 +357,33 @@ class TritonMoEW8A8(TritonMoE):
 W8A16_DEQUANT_MIN_M = 512
 
 
-def candidates() -> dict[RegistryKey, list[Kernel]]:
+class _Unavailable:
+    """A registry entry whose module cannot be imported here: listed, never picked, with why."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        return False, self.reason
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        return False, self.reason
+
+
+def _triton_int8_mm():
+    """The Triton INT8 GEMM's registry kernel; its module imports triton, which a platform may lack."""
+    if importlib.util.find_spec("triton") is None:
+        return _Unavailable("triton_int8_mm", "triton is not installed")
     from mxpass.kernels.triton.int8_gemm import TritonInt8MM
 
+    return TritonInt8MM()
+
+
+def candidates() -> dict[RegistryKey, list[Kernel]]:
     ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
     # INT8 W8A8: the CUDA GEMV for a static M <= 16, the Triton GEMM for dynamic M and static
     # M >= 128 (1.20-1.29x torch._int_mm at M = 4096), cuBLAS _int_mm between (notes/int8-kernel-notes.md)
-    int8 = [gemv, TritonInt8MM(), IntMMLinear()]
+    int8 = [gemv, _triton_int8_mm(), IntMMLinear()]
     # W8A16: triton_w8 serves every M without guards; in a graph whose M is static and large,
     # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
     w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")

@@ -193,3 +193,18 @@ def test_w8a16_takes_dequant_cublas_for_a_large_static_m(monkeypatch):
     monkeypatch.setenv("MXPASS_KERNEL", "dequant_cublas_mm")
     fmt = mxpass.get_format("fp8-w")
     assert registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16)).kernel.name == "dequant_cublas_mm"
+
+
+def test_registry_builds_without_triton(monkeypatch):
+    """No import may fail on a platform without triton: the registry still builds, its Triton
+    entries say why they are not picked, and the reference runs."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.setattr(registry, "_CANDIDATES", {})
+    for scheme, triton_kernel in (("int8", "triton_int8_mm"), ("mxfp8", "triton_mxfp8")):
+        choice = registry.choose(Problem("linear", mxpass.get_format(scheme), torch.device("cpu"), 256, 256,
+                                         torch.bfloat16))
+        assert choice.kernel.name == "reference"
+        assert dict(choice.rejected)[triton_kernel] == "triton is not installed"
