@@ -46,7 +46,7 @@ class MoEShape(NamedTuple):
 
 SHAPES = {"qwen3-30b-a3b": MoEShape(128, 8, 2048, 768), "mixtral-8x7b": MoEShape(8, 2, 4096, 14336)}
 TOKENS = (1, 8, 64, 4096)
-SCHEMES = {"qwen3-30b-a3b": ("fp8-w", "fp8-dynamic", "mxfp8", "mxfp8-w"),
+SCHEMES = {"qwen3-30b-a3b": ("fp8-w", "fp8-dynamic", "int8", "mxfp8", "mxfp8-w"),
            "mixtral-8x7b": ("fp8-w", "fp8-dynamic")}
 # bf16 output rounding is up to 2**-9 relative per element, h is rounded to bf16 before the
 # down projection in both, and W8A8 formats can move one quantized element by one step
