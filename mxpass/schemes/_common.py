@@ -38,3 +38,14 @@ def check_dtype(x: torch.Tensor, what: str, family: str) -> None:
 def check_granularity(granularity: str, allowed: tuple[str, ...], what: str, family: str) -> None:
     if granularity not in allowed:
         raise ValueError(f"{family}: {what} granularity {granularity!r}; expected one of {allowed}")
+
+
+def check_weight(w: torch.Tensor, what: str, family: str) -> None:
+    """A weight to quantize: 2-D [N, K] of a float dtype, every value finite (NaN/Inf would
+    poison a whole scale group, so they are refused, naming the tensor)."""
+    check_dtype(w, what, family)
+    if w.dim() != 2:
+        raise ValueError(f"{family}: {what} has shape {tuple(w.shape)}; expected a 2-D [N, K] weight")
+    nonfinite = int((~torch.isfinite(w)).sum())
+    if nonfinite:
+        raise ValueError(f"{family}: {what} has {nonfinite} non-finite values (NaN/Inf); refusing to quantize it")

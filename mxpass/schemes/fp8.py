@@ -78,7 +78,7 @@ from typing import NamedTuple
 
 import torch
 
-from mxpass.schemes._common import check_dtype, check_granularity, round_to
+from mxpass.schemes._common import check_dtype, check_granularity, check_weight, round_to
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn: 1.75 * 2**8
 BLOCK = 128  # FP8_BLOCK: block_structure [128, 128] for weights, group_size 128 for activations
@@ -140,15 +140,8 @@ def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:
     end as compressed-tensors pads them (module docstring). NaN/Inf is a ValueError.
     """
     what = f"weight {name!r}"
-    check_dtype(w, what, "FP8")
     check_granularity(granularity, _WEIGHT_GRANULARITIES, what, "FP8")
-    if w.dim() != 2:
-        raise ValueError(f"FP8: {what} has shape {tuple(w.shape)}; expected a 2-D [N, K] weight")
-    nonfinite = int((~torch.isfinite(w)).sum())
-    if nonfinite:
-        raise ValueError(
-            f"FP8: {what} has {nonfinite} non-finite values (NaN/Inf); refusing to quantize it"
-        )
+    check_weight(w, what, "FP8")
     x = w.float()
     if granularity == "channel":
         scale = _scale(x.abs().amax(dim=-1, keepdim=True), w.dtype)

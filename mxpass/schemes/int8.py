@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import torch
 
-from mxpass.schemes._common import check_dtype, check_granularity, round_to
+from mxpass.schemes._common import check_dtype, check_granularity, check_weight, round_to
 
 INT8_MIN, INT8_MAX = -128.0, 127.0
 HALF_RANGE = (INT8_MAX - INT8_MIN) / 2  # 127.5: compressed-tensors' symmetric divisor
@@ -82,15 +82,8 @@ def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch
 def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:
     """Weight [N, K] -> QTensor; granularity "channel" (scale [N, 1]) or "tensor" ([1])."""
     what = f"weight {name!r}"
-    check_dtype(w, what, "INT8")
     check_granularity(granularity, _WEIGHT_GRANULARITIES, what, "INT8")
-    if w.dim() != 2:
-        raise ValueError(f"INT8: {what} has shape {tuple(w.shape)}; expected a 2-D [N, K] weight")
-    nonfinite = int((~torch.isfinite(w)).sum())
-    if nonfinite:
-        raise ValueError(
-            f"INT8: {what} has {nonfinite} non-finite values (NaN/Inf); refusing to quantize it"
-        )
+    check_weight(w, what, "INT8")
     x = w.float()
     if granularity == "channel":
         amax = x.abs().amax(dim=-1, keepdim=True)
