@@ -54,19 +54,23 @@ class ReferenceLinear(_Reference):
         return quant.linear_reference(x, qweight, wscale, bias, act_scale, fmt)
 
 
-class TritonMXFP8Linear:
-    """Triton MXFP8 x bf16/fp16 GEMM (weights dequantized in-kernel), small-M and large-M paths."""
-
-    name = "triton_mxfp8"
+class _TritonE4M3:
+    """Triton kernels that convert e4m3 in hardware (sm_89 Ada, sm_90 Hopper and later) and
+    compute in bf16/fp16."""
 
     def is_supported(self, device: torch.device) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
-        # e4m3 conversions in hardware arrive with sm_89 (Ada) and sm_90 (Hopper)
         return _cuda_capability(device, (8, 9), "e4m3")
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
         return _half_precision(problem)
+
+
+class TritonMXFP8Linear(_TritonE4M3):
+    """Triton MXFP8 x bf16/fp16 GEMM (weights dequantized in-kernel), small-M and large-M paths."""
+
+    name = "triton_mxfp8"
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         from mxpass.kernels.triton import mxfp8_linear  # noqa: F401  (registers the op)
@@ -306,20 +310,12 @@ class ReferenceMoE(_Reference):
         return moe_reference(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, activation)
 
 
-class TritonMoE:
+class TritonMoE(_TritonE4M3):
     """Fused Triton MoE (kernels/triton/moe.py): routing alignment on the GPU, grouped GEMMs
     with SiLU*mul and the top-k sum fused, a GEMV path for few tokens; weights dequantized
     in-kernel (every weight granularity), activations fake-quantized in ATen math."""
 
     name = "triton_moe"
-
-    def is_supported(self, device: torch.device) -> tuple[bool, str]:
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed"
-        return _cuda_capability(device, (8, 9), "e4m3")
-
-    def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        return _half_precision(problem)
 
     def run(self, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt: Format, activation: str):
         from mxpass.kernels.triton.moe import moe_triton
