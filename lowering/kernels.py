@@ -255,6 +255,49 @@ class IntMMLinear:
         return y.to(x.dtype)
 
 
+class TritonInt8MM:
+    """W8A8 INT8 GEMM in Triton (kernels/triton/int8_gemm.py): the activation really quantized
+    to int8 (per token, or per tensor for ``int8-static``; ATen math that Inductor fuses into
+    the producer), int8 x int8 -> int32 on the tensor cores, scales / bias / cast fused in the
+    epilogue (no int32 [M, N] round trip through memory as ``cublas_int_mm`` has)."""
+
+    name = "triton_int8_mm"
+
+    def is_supported(self, device: torch.device) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        ok, reason = _cuda_capability(device, (8, 0), "int8 tensor cores with Triton's int8 dot")
+        if not ok:
+            return ok, reason
+        cap = torch.cuda.get_device_capability(device)
+        if cap[0] != 9:
+            return False, (f"tuned and measured only on sm_90 (Hopper wgmma); not offered on compute capability "
+                           f"{cap[0]}.{cap[1]}, where cublas_int_mm runs")
+        return True, ""
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.triton.int8_gemm import K_ALIGN, MIN_STATIC_M
+
+        if problem.fmt.family != "int8" or problem.fmt.activation not in ("token", "tensor"):
+            return False, f"{problem.fmt.name} is not a W8A8 INT8 scheme"
+        ok, reason = _half_precision(problem)
+        if not ok:
+            return ok, reason
+        if problem.m is not None and problem.m < MIN_STATIC_M:
+            return False, (f"static M={problem.m} < {MIN_STATIC_M}: measured slower than cublas_int_mm at small M "
+                           f"(M = 16: 34.0 vs 23.8 us, 4096 x 12288, H200)")
+        if problem.k % K_ALIGN:
+            return False, (f"K={problem.k} is not a multiple of {K_ALIGN}: int8 rows not 16-byte aligned "
+                           f"(no vector loads; cublas_int_mm needs a multiple of 8)")
+        return True, ""
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        from mxpass.kernels.triton import int8_gemm  # noqa: F401  (registers the op)
+
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, x.dtype)
+
+
 class CudaW8A8Gemv:
     """Small-M W8A8 linear on FP8 / INT8 tensor cores (kernels/cuda/w8a8_gemv.cu): the weight
     streams straight into ``mma.sync`` operands, the activation is really quantized (fused
@@ -353,33 +396,11 @@ class TritonMoEW8A8(TritonMoE):
 W8A16_DEQUANT_MIN_M = 512
 
 
-class _Unavailable:
-    """A registry entry whose module cannot be imported here: listed, never picked, with why."""
-
-    def __init__(self, name: str, reason: str):
-        self.name, self.reason = name, reason
-
-    def is_supported(self, device: torch.device) -> tuple[bool, str]:
-        return False, self.reason
-
-    def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        return False, self.reason
-
-
-def _triton_int8_mm():
-    """The Triton INT8 GEMM's registry kernel; its module imports triton, which a platform may lack."""
-    if importlib.util.find_spec("triton") is None:
-        return _Unavailable("triton_int8_mm", "triton is not installed")
-    from mxpass.kernels.triton.int8_gemm import TritonInt8MM
-
-    return TritonInt8MM()
-
-
 def candidates() -> dict[RegistryKey, list[Kernel]]:
     ref, dequant, gemv = ReferenceLinear(), DequantMMLinear(), CudaW8A8Gemv()
     # INT8 W8A8: the CUDA GEMV for a static M <= 16, the Triton GEMM for dynamic M and static
     # M >= 128 (1.20-1.29x torch._int_mm at M = 4096), cuBLAS _int_mm between (notes/int8-kernel-notes.md)
-    int8 = [gemv, _triton_int8_mm(), IntMMLinear()]
+    int8 = [gemv, TritonInt8MM(), IntMMLinear()]
     # W8A16: triton_w8 serves every M without guards; in a graph whose M is static and large,
     # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
     w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")

@@ -44,7 +44,7 @@ from torch.library import triton_op, wrap_triton
 
 from mxpass.kernels.triton.mxfp8_linear import _in_range, _num_sms
 
-__all__ = ["Config", "Plan", "default_plan", "int8_mm_triton", "int8_mm_with_plan", "TritonInt8MM"]
+__all__ = ["Config", "Plan", "default_plan", "int8_mm_triton", "int8_mm_with_plan"]
 
 # fp32 output is not offered: with the swapped small-M tiles it measured out of shared
 # memory on H200 (327712 bytes required), and fp32 models keep ``cublas_int_mm``.
@@ -331,49 +331,3 @@ def int8_mm_triton(
     N, K = qweight.shape
     return int8_mm_with_plan(xq, xscale, qweight, wscale, bias, out_dtype, default_plan(int(K), int(N), num_sms),
                              num_sms)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-class TritonInt8MM:
-    """W8A8 INT8 GEMM in Triton (this module): the activation really quantized to int8 (per
-    token, or per tensor for ``int8-static``; ATen math that Inductor fuses into the
-    producer), int8 x int8 -> int32 on the tensor cores, scales / bias / cast fused in the
-    epilogue (no int32 [M, N] round trip through memory as ``cublas_int_mm`` has)."""
-
-    name = "triton_int8_mm"
-
-    def is_supported(self, device: torch.device) -> tuple[bool, str]:
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed"
-        if device.type != "cuda":
-            return False, f"needs a CUDA device, got {device.type}"
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 0):
-            return False, f"needs int8 tensor cores with Triton's int8 dot (compute capability >= 8.0), device has {cap[0]}.{cap[1]}"
-        if cap[0] != 9:
-            return False, (f"tuned and measured only on sm_90 (Hopper wgmma); not offered on compute capability "
-                           f"{cap[0]}.{cap[1]}, where cublas_int_mm runs")
-        return True, ""
-
-    def can_implement(self, problem) -> tuple[bool, str]:
-        if problem.fmt.family != "int8" or problem.fmt.activation not in ("token", "tensor"):
-            return False, f"{problem.fmt.name} is not a W8A8 INT8 scheme"
-        if problem.dtype not in OUT_DTYPES:
-            return False, f"activations must be bf16 or fp16, got {problem.dtype}"
-        if problem.m is not None and problem.m < MIN_STATIC_M:
-            return False, (f"static M={problem.m} < {MIN_STATIC_M}: measured slower than cublas_int_mm at small M "
-                           f"(M = 16: 34.0 vs 23.8 us, 4096 x 12288, H200)")
-        if problem.k % K_ALIGN:
-            return False, (f"K={problem.k} is not a multiple of {K_ALIGN}: int8 rows not 16-byte aligned "
-                           f"(no vector loads; cublas_int_mm needs a multiple of 8)")
-        return True, ""
-
-    def run(self, x, qweight, wscale, bias, act_scale, fmt):
-        from mxpass import quant
-
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, x.dtype)

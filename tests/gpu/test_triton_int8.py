@@ -195,9 +195,10 @@ def test_quantization_and_op_compile_without_recompiles():
 
 def test_registry_kernel_runs_the_scheme():
     """TritonInt8MM answers for sm_90 and its run (activation quantization + op) matches the reference."""
+    from mxpass.lowering.kernels import TritonInt8MM
     from mxpass.lowering.registry import Problem
 
-    kern = ig.TritonInt8MM()
+    kern = TritonInt8MM()
     dev = torch.device("cuda", 0)
     ok, why = kern.is_supported(dev)
     if torch.cuda.get_device_capability()[0] != 9:
