@@ -647,6 +647,19 @@ def _activation(x, x_scale, out_dtype, w, granularity: str, what: str):
     return True, out_dtype, x_scale.contiguous().view(-1)
 
 
+def _operands(a, a_scale, out_dtype, w, w_scale, granularity: str, plan: Plan, a_name: str, w_name: str):
+    """Checks of one grouped GEMM's activation ``a`` and experts ``w`` against each other and
+    the plan: (scale mode, w's scale as the kernels read it, its elements per expert, KB,
+    QACT, output dtype, a's row scales or a itself), as ``_scale_args`` / ``_activation`` give them."""
+    mode = _MODE.get(granularity, -1)
+    s, s_stride, kb = _scale_args(w, w_scale, granularity, w_name)
+    qact, dtype, a_s = _activation(a, a_scale, out_dtype, w, granularity, a_name)
+    _check_plan(plan, mode)
+    if mode == _NONE and w.dtype != a.dtype:
+        raise TypeError(f"moe: unquantized {w_name} is {w.dtype}, {a_name} is {a.dtype}")
+    return mode, s, s_stride, kb, qact, dtype, a_s
+
+
 def _regime_sizes(S, plan: Plan):
     """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of any grouped)."""
     on_decode = _in_range(S, 0, plan.decode_slots + 1)
@@ -671,12 +684,8 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
         raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} must be [T, A] with T = {x.shape[0]}")
-    mode = _MODE.get(granularity, -1)
-    s13, s_stride, kb = _scale_args(w13, w13_scale, granularity, "w13")
-    qact, dtype, xs = _activation(x, x_scale, out_dtype, w13, granularity, "x")
-    _check_plan(plan, mode)
-    if mode == _NONE and w13.dtype != x.dtype:
-        raise TypeError(f"moe: unquantized w13 is {w13.dtype}, x is {x.dtype}")
+    mode, s13, s_stride, kb, qact, dtype, xs = _operands(x, x_scale, out_dtype, w13, w13_scale, granularity, plan,
+                                                         "x", "w13")
     x = x.contiguous()
     w13 = w13.contiguous()
     ids = topk_ids.contiguous().view(-1)
@@ -732,12 +741,8 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_
                          f"must be [T, A] with T * A = {h.shape[0]} rows of h")
     if not topk_weights.is_floating_point():
         raise TypeError(f"moe: topk_weights must be floating point, got {topk_weights.dtype}")
-    mode = _MODE.get(granularity, -1)
-    s2, s_stride, kb = _scale_args(w2, w2_scale, granularity, "w2")
-    qact, dtype, hs = _activation(h, h_scale, out_dtype, w2, granularity, "h")
-    _check_plan(plan, mode)
-    if mode == _NONE and w2.dtype != h.dtype:
-        raise TypeError(f"moe: unquantized w2 is {w2.dtype}, h is {h.dtype}")
+    mode, s2, s_stride, kb, qact, dtype, hs = _operands(h, h_scale, out_dtype, w2, w2_scale, granularity, plan,
+                                                        "h", "w2")
     h = h.contiguous()
     w2 = w2.contiguous()
     ids = topk_ids.contiguous().view(-1)
