@@ -37,6 +37,14 @@ ROUTER = {"qwen3_moe": "re:.*mlp\\.gate$", "mixtral": "re:.*block_sparse_moe\\.g
 IDS = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(31))
 
 
+def _plain_checkpoint(arch: str, path: str):
+    """The seeded bf16 model of ``CONFIGS[arch]`` and its save_pretrained checkpoint at ``path``."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch], dtype=torch.bfloat16).eval()
+    model.save_pretrained(path)
+    return model
+
+
 def _logits(model, backend):
     torch._dynamo.reset()
     with torch.no_grad():  # fullgraph: a graph break would be an error
@@ -93,12 +101,9 @@ def moe(tmp_path_factory):
     """arch -> (original bf16 model, plain checkpoint, {preset: compressed-tensors checkpoint})."""
     root = tmp_path_factory.mktemp("moe")
     out = {}
-    for arch, cfg in CONFIGS.items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    for arch in CONFIGS:
         plain = str(root / arch)
-        model.save_pretrained(plain)
-        out[arch] = (model, plain, {})
+        out[arch] = (_plain_checkpoint(arch, plain), plain, {})
         for preset in ("MXFP8", "FP8_DYNAMIC") if arch == "qwen3_moe" else ("FP8_DYNAMIC",):
             out[arch][2][preset] = str(root / f"{arch}-{preset}")
             _write_compressed_tensors(plain, out[arch][2][preset], arch, preset)

@@ -21,7 +21,7 @@ import mxpass
 from mxpass import checkpoint, quant
 from mxpass.formats import get_format
 from mxpass.weights import quantized_experts
-from tests.test_checkpoint_moe import CONFIGS, IDS, _as_linears, _experts, _logits
+from tests.test_checkpoint_moe import CONFIGS, IDS, _as_linears, _experts, _logits, _plain_checkpoint
 
 # arch -> (scheme quantized while loading, saved-name pattern of expert 0's gate / up / down)
 CASES = {"qwen3_moe": ("mxfp8", "model.layers.{}.mlp.experts.0.{}_proj", ("gate", "up", "down")),
@@ -34,11 +34,9 @@ def saved(tmp_path_factory):
     what save returned): the plain checkpoint quantized while loading, compiled, saved."""
     root = tmp_path_factory.mktemp("save_moe")
     out = {}
-    for arch, cfg in CONFIGS.items():
-        torch.manual_seed(0)
-        original = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    for arch in CONFIGS:
         plain = str(root / arch)
-        original.save_pretrained(plain)
+        original = _plain_checkpoint(arch, plain)
         online = mxpass.load(plain, scheme=CASES[arch][0])
         logits = _logits(online, mxpass.backend(compiler="eager"))
         path = str(root / f"{arch}-saved")
