@@ -48,6 +48,25 @@ PRESETS = {"FP8_DYNAMIC": "fp8-dynamic", "MXFP8": "mxfp8", "MXFP8A16": "mxfp8-w"
 IGNORE = ["lm_head", "re:.*layers\\.1\\.mlp\\.down_proj$"]
 
 
+
+def edited_copy(src: str, dst, tensors=None, config=None) -> str:
+    """A copy of checkpoint ``src`` at ``dst`` with ``tensors(dict)`` applied to its
+    model.safetensors and ``config(quantization_config dict)`` to its config.json."""
+    shutil.copytree(src, dst)
+    if tensors is not None:
+        file = os.path.join(dst, "model.safetensors")
+        t = load_file(file)
+        tensors(t)
+        save_file(t, file, metadata={"format": "pt"})
+    if config is not None:
+        file = os.path.join(dst, "config.json")
+        with open(file) as f:
+            c = json.load(f)
+        config(c["quantization_config"])
+        with open(file, "w") as f:
+            json.dump(c, f)
+    return str(dst)
+
 def _tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

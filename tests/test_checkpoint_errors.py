@@ -3,15 +3,14 @@ raised before any tensor data is read (nothing half-loaded)."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mxpass
 from mxpass.checkpoint.tensors import SafetensorsIndex
-from tests.test_checkpoint import IGNORE, _tiny_llama, write_compressed_tensors
+from tests.test_checkpoint import IGNORE, _tiny_llama, edited_copy, write_compressed_tensors
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +31,6 @@ def reads(monkeypatch):
     get = SafetensorsIndex.get
     monkeypatch.setattr(SafetensorsIndex, "get", lambda self, name: names.append(name) or get(self, name))
     return names
-
-
-def _variant(src: str, dst, tensors=None, config=None) -> str:
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        file = os.path.join(dst, "model.safetensors")
-        t = load_file(file)
-        tensors(t)
-        save_file(t, file, metadata={"format": "pt"})
-    if config is not None:
-        file = os.path.join(dst, "config.json")
-        with open(file) as f:
-            c = json.load(f)
-        config(c["quantization_config"])
-        with open(file, "w") as f:
-            json.dump(c, f)
-    return str(dst)
 
 
 L0 = "model.layers.0.self_attn.q_proj"
@@ -102,7 +84,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_checkpoint_is_a_clear_error_before_reading(sources, tmp_path, reads, case):
     src, tensors, config, error, match = CASES[case]
-    path = _variant(sources[src], tmp_path / "bad", tensors, config)
+    path = edited_copy(sources[src], tmp_path / "bad", tensors, config)
     reads.clear()
     with pytest.raises(error, match=match):
         mxpass.load(path)
@@ -111,7 +93,7 @@ def test_bad_checkpoint_is_a_clear_error_before_reading(sources, tmp_path, reads
 
 @pytest.mark.parametrize("cut", [3, "half"])
 def test_truncated_file_is_a_clear_error(sources, tmp_path, cut):
-    path = _variant(sources["FP8_DYNAMIC"], tmp_path / "trunc")
+    path = edited_copy(sources["FP8_DYNAMIC"], tmp_path / "trunc")
     file = os.path.join(path, "model.safetensors")
     size = os.path.getsize(file)
     os.truncate(file, size // 2 if cut == "half" else size - cut)
@@ -120,7 +102,7 @@ def test_truncated_file_is_a_clear_error(sources, tmp_path, cut):
 
 
 def test_index_naming_a_missing_shard_is_a_clear_error(sources, tmp_path):
-    path = _variant(sources["FP8_DYNAMIC"], tmp_path / "index")
+    path = edited_copy(sources["FP8_DYNAMIC"], tmp_path / "index")
     keys = list(load_file(os.path.join(path, "model.safetensors")))
     index = {"metadata": {}, "weight_map": {**{k: "model.safetensors" for k in keys},
                                             "model.norm.weight": "model-00002-of-00002.safetensors"}}

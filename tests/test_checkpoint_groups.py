@@ -12,7 +12,7 @@ import mxpass
 from mxpass import checkpoint, quant
 from mxpass.formats import get_format
 from mxpass.weights import quantized_weight
-from tests.test_checkpoint import _tiny_llama, write_compressed_tensors
+from tests.test_checkpoint import _tiny_llama, edited_copy, write_compressed_tensors
 
 # compressed-tensors saves the groups as group_0, group_1, ... in this order
 GROUPS = {
@@ -96,21 +96,6 @@ def test_explicit_scheme_must_match_every_loaded_layer(mixed):
             torch.zeros(1, 3, dtype=torch.long))
 
 
-def _edit_config(src: str, dst, change) -> str:
-    import json
-    import os
-    import shutil
-
-    shutil.copytree(src, dst)
-    file = os.path.join(dst, "config.json")
-    with open(file) as f:
-        config = json.load(f)
-    change(config["quantization_config"])
-    with open(file, "w") as f:
-        json.dump(config, f)
-    return str(dst)
-
-
 @pytest.mark.parametrize("change, error, match", [
     (lambda q: q["config_groups"]["group_2"]["weights"].update(num_bits=4),
      ValueError, r"config group 'group_2': no mxpass scheme matches .*num_bits=4"),
@@ -124,7 +109,7 @@ def _edit_config(src: str, dst, change) -> str:
      NotImplementedError, r"model.embed_tokens \(Embedding\) matches config group 'group_1'.*only Linear"),
 ])
 def test_a_group_mxpass_cannot_run_is_a_clear_error(mixed, tmp_path, change, error, match):
-    path = _edit_config(mixed[0], tmp_path / "bad", change)
+    path = edited_copy(mixed[0], tmp_path / "bad", config=change)
     with pytest.raises(error, match=match):
         mxpass.load(path)
 

@@ -34,6 +34,7 @@ from mxpass import quant, quark
 from mxpass.formats import get_format
 from mxpass.quark import QuarkConfig, QuarkConfigError
 from mxpass.schemes import fp8 as fp8_scheme
+from tests.test_checkpoint import edited_copy
 
 # --- Quark config dicts, as QTensorConfig.to_dict() writes them ---
 
@@ -450,58 +451,33 @@ def test_inductor_runs_a_loaded_quark_model(checkpoints):
     assert torch.equal(loaded, online)
 
 
-def _copy(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    return str(dst)
-
-
-def _edit(path, tensors=None, config=None):
-    if tensors is not None:
-        file = os.path.join(path, "model.safetensors")
-        t = load_file(file)
-        tensors(t)
-        save_file(t, file, metadata={"format": "pt"})
-    if config is not None:
-        with open(os.path.join(path, "config.json")) as f:
-            c = json.load(f)
-        config(c["quantization_config"])
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(c, f)
-
-
 def test_load_bad_checkpoints_are_clear_errors(checkpoints, tmp_path):
     import mxpass
 
     src = checkpoints["int8_static"][0]
     key = "model.layers.0.mlp.up_proj.input_zero_point"
-    path = _copy(src, tmp_path / "zp")
-    _edit(path, tensors=lambda t: t.update({key: torch.tensor(3, dtype=torch.int8)}))
+    path = edited_copy(src, tmp_path / "zp", tensors=lambda t: t.update({key: torch.tensor(3, dtype=torch.int8)}))
     with pytest.raises(QuarkConfigError, match=rf"'{key}' has 1 nonzero values"):
         mxpass.load(path)
 
     key = "model.layers.1.self_attn.o_proj.weight_scale"
-    path = _copy(src, tmp_path / "missing")
-    _edit(path, tensors=lambda t: t.pop(key))
+    path = edited_copy(src, tmp_path / "missing", tensors=lambda t: t.pop(key))
     with pytest.raises(KeyError, match=rf"'{key}'.*missing"):
         mxpass.load(path)
 
-    path = _copy(src, tmp_path / "asym")
-    _edit(path, config=lambda qc: qc["layer_quant_config"].update(
+    path = edited_copy(src, tmp_path / "asym", config=lambda qc: qc["layer_quant_config"].update(
         {"*.o_proj": layer(w_tensor("int8"), spec("int8", "per_tensor", symmetric=False))}))
     with pytest.raises(QuarkConfigError, match=r"layer model\.layers\.0\.self_attn\.o_proj "
                                                r"\(layer_quant_config\['\*\.o_proj'\]\): asymmetric int8"):
         mxpass.load(path)
 
-    path = _copy(src, tmp_path / "dtype")
-    _edit(path, config=lambda qc: qc["global_quant_config"]["weight"].update(dtype="uint4"))
+    path = edited_copy(src, tmp_path / "dtype",
+                       config=lambda qc: qc["global_quant_config"]["weight"].update(dtype="uint4"))
     with pytest.raises(QuarkConfigError, match=r"global_quant_config\): weight dtype 'uint4'"):
         mxpass.load(path)
 
     # the config says per_channel, the checkpoint holds per-tensor scales
-    path = _copy(src, tmp_path / "disagree")
-    _edit(path, config=lambda qc: qc["global_quant_config"].update(
+    path = edited_copy(src, tmp_path / "disagree", config=lambda qc: qc["global_quant_config"].update(
         weight=w_channel("int8"), input_tensors=a_token("int8")))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight_scale.*shape \(\); "
                                          r"expected \(64,\) or \(64, 1\)"):
