@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -27,16 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         demo_main(scheme=args.scheme, iters=args.iters)
         return 0
     if args.cmd == "bench":
-        from mxpass.benchmarks.suite import run_all
+        from mxpass.benchmarks.suite import run_all, write_json
 
         known = ("linear", "model", "moe-model", "gemv", "load", "moe", "schemes", "large-m", "layer")
         unknown = set(args.what) - set(known)
         if unknown:
             parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(known)}")
         rows = run_all(args.what or ["linear", "model"])
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
         return 0
     return 1
 

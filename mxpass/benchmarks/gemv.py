@@ -12,9 +12,10 @@ replays of 4 calls on 4 weight copies (the L2 cannot serve the weight), divided 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+
+from mxpass.benchmarks.suite import write_json
 
 SCHEMES = ("fp8-dynamic", "fp8", "fp8-block", "int8")
 SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
@@ -86,9 +87,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     rows = run()
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

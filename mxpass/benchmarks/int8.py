@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from mxpass.benchmarks.suite import write_json
+
 from mxpass.benchmarks.linear import DEFAULT_SHAPES, _no_wrap_triton, graph_ms, rel_error
 
 DEFAULT_MS = (16, 128, 1024, 4096)
@@ -264,9 +266,7 @@ def main(argv=None) -> None:
         for M in (int(m) for m in args.ms.split(",")):
             result["rows"].extend(bench_shape(M, K, N, args.sweep, args.compiled))
             torch.cuda.empty_cache()
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
+            write_json(args.json, result)
     print(format_table(result["rows"]))
 
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 
 import torch
+
+from mxpass.benchmarks.suite import write_json
 
 from mxpass.benchmarks.linear import DEFAULT_SHAPES, _no_wrap_triton, graph_ms, rel_error
 
@@ -168,9 +169,7 @@ def main(argv=None) -> int:
         rows += kernels()
     if "w8a16" in parts:
         rows += w8a16()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

@@ -29,10 +29,11 @@ gemm_us`` times their GEMMs alone (``overhead``). Rows also carry the largest ke
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 
 import torch
+
+from mxpass.benchmarks.suite import write_json
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
@@ -173,9 +174,7 @@ def main(argv=None) -> int:
     if args.multi_kernel:
         rows += run(schemes, args.tokens, inductor_options={"triton.multi_kernel": 1})
     print(format_table(rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

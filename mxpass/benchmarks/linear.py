@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from mxpass.benchmarks.suite import write_json
+
 DEFAULT_SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))  # (K, N): Llama-3-8B qkv / gate-up / down
 DEFAULT_MS = (1, 16, 128, 4096)
 
@@ -279,15 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (1, 16, 128, 256, 4096)
         out["sweep"] = sweep(ms=ms, log=args.log)
         out["sweep_best"] = best_of_sweep(out["sweep"])
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1, default=str)
+        write_json(args.json, out, default=str)
         print("\nbest configuration per shape:\n" + "\n".join(_fmt_sweep(r) for r in out["sweep_best"]), flush=True)
         return 0
     out["rows"] = run(compiled=not args.no_compile)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+    write_json(args.json, out, default=str)
     print(f"\n{env} {time.time() - t0:.0f} s\n" + format_table(out["rows"]))
     bad = [r for r in out["rows"] if r["err"] is not None and not r["err"] <= TOLERANCE[torch.bfloat16]]
     return 1 if bad else 0

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from mxpass.benchmarks.suite import write_json
+
 # Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B config.json), 4 of 48 layers
 QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
@@ -305,9 +307,7 @@ def main(argv: list[str] | None = None, overrides: dict | None = None) -> int:
     rows = run_all(args.schemes, args.online, baseline=not args.no_baseline, root=args.root,
                    overrides=overrides)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from mxpass.benchmarks.suite import write_json
+
 
 class MoEShape(NamedTuple):
     E: int
@@ -387,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                impls=args.impls)
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": environment(), "rows": rows, "kernels": kernel_stats()}, f, indent=1, default=str)
+        write_json(args.json, {"env": environment(), "rows": rows, "kernels": kernel_stats()}, default=str)
     return 0
 
 

@@ -15,10 +15,11 @@ cuBLAS for W8A16 at large M: docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
+
+from mxpass.benchmarks.suite import write_json
 
 SCHEMES = ("mxfp8", "fp8-dynamic", "fp8", "fp8-block", "fp8-w", "fp8-w-tensor", "fp8-w-block", "int8")
 SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
@@ -89,9 +90,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     rows = run(schemes=tuple(args.schemes.split(",")), ms=tuple(int(m) for m in args.ms.split(",")),
                static=args.static)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ def environment() -> dict:
     return env
 
 
+def write_json(path: str | None, data, default=None) -> None:
+    """Write a benchmark's rows (or any JSON-able result) to ``path``; nothing when it is None."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, default=default)
+
+
 def run_all(what=("linear", "model")) -> list[dict]:
     if not torch.cuda.is_available():
         raise SystemExit("mxpass bench measures GPU kernels: no CUDA device here")
