@@ -115,11 +115,15 @@ class ScaledMMLinear:
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
+
+    def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
+        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         if self.mode == "rowwise":
             scale_a, scale_b = xs.reshape(-1, 1), wscale.reshape(1, -1)
         else:
             scale_a, scale_b = xs.reshape(()), wscale.reshape(())
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
         return y if bias is None else y + bias
 
 
@@ -187,8 +191,20 @@ class ScaledMMBlockwiseLinear:
         m = x.shape[0]
         pad = (self.ROWS - m % self.ROWS) % self.ROWS
         xq, xs = quant.quantize_activation(fmt, torch.nn.functional.pad(x, (0, 0, 0, pad)), act_scale)
+        return self._gemm(xq, xs, qweight, wscale, bias, m, x.dtype)
+
+    def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
+        """``run`` for an activation quantized elsewhere: its rows padded here (data 0, scale 1)."""
+        m = xq.shape[0]
+        pad = (self.ROWS - m % self.ROWS) % self.ROWS
+        xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)
+        xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
+        return self._gemm(xq, xs, qweight, wscale, bias, m, out_dtype)
+
+    @staticmethod
+    def _gemm(xq, xs, qweight, wscale, bias, m, out_dtype):
         scale_a = xs.t().contiguous().t()  # [M + pad, K/128] outer-dim-major: strides (1, M + pad)
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a, scale_b=wscale.t(), out_dtype=x.dtype)[:m]
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=scale_a, scale_b=wscale.t(), out_dtype=out_dtype)[:m]
         return y if bias is None else y + bias
 
 
@@ -246,13 +262,17 @@ class IntMMLinear:
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
+
+    def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
+        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         m = xq.shape[0]
         pad = torch.sym_max(self.MIN_ROWS - m, 0)
         acc = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, pad)), qweight.t())
         y = acc[:m].float() * xs.reshape(-1, 1) * wscale.reshape(1, -1)
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
 
 class TritonInt8MM:
@@ -292,10 +312,14 @@ class TritonInt8MM:
         return True, ""
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
+
+    def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
+        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         from mxpass.kernels.triton import int8_gemm  # noqa: F401  (registers the op)
 
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, x.dtype)
+        return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, out_dtype)
 
 
 class CudaW8A8Gemv:
@@ -337,11 +361,15 @@ class CudaW8A8Gemv:
         return (False, why) if why else (True, "")
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
+
+    def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
+        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         from mxpass.kernels.cuda import w8a8_gemv  # noqa: F401  (registers the op)
 
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        b = None if bias is None else bias.to(x.dtype)
-        return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, self._GROUP[fmt.weight_granularity], x.dtype)
+        b = None if bias is None else bias.to(out_dtype)
+        return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, self._GROUP[fmt.weight_granularity], out_dtype)
 
 
 class ReferenceMoE(_Reference):

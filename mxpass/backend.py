@@ -45,9 +45,11 @@ class MxpassBackend:
         from torch._inductor.decomposition import select_decomp_table
 
         from mxpass.checkpoint.loader import check_stand_ins_consumed
+        from mxpass.lowering.choices import quantizing_reductions
         from mxpass.lowering.cse import MergeIdenticalNodes
         from mxpass.lowering.linear import decompositions
         from mxpass.lowering.nodes import lower_mxpass_nodes
+        from mxpass.lowering.producers import fuse_silu_mul_inputs
 
         import mxpass.ops  # noqa: F401  (defines the mxpass ops before the passes emit them)
 
@@ -57,6 +59,8 @@ class MxpassBackend:
         extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
                               functools.partial(_choose_kernel, op="moe"))
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
+        if self.compiler == "inductor":
+            fuse_silu_mul_inputs(gm, report)
         report.warnings.extend(self.notes)
         if not self.config.explicit and report.rewritten:
             # no scheme given: loaded layers keep their checkpoint's formats
@@ -70,8 +74,9 @@ class MxpassBackend:
         lower_mxpass_nodes(gm)
         decomps = {**select_decomp_table(), **decompositions()}
         options = {"post_grad_custom_pre_pass": MergeIdenticalNodes(), **self.inductor_options}
-        compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
-                              decompositions=decomps)
+        with quantizing_reductions():
+            compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
+                                  decompositions=decomps)
         if not extra:
             return compiled
         return _append_inputs(compiled, extra)

@@ -12,6 +12,7 @@ class Rewritten:
     scheme: str       # format name
     kernel: str       # registry choice, with the reasons other kernels were not picked
     shape: tuple[int, int]  # (N, K)
+    input_quant: str = ""   # where the activation is quantized, when not in Inductor's fused producer
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Report:
                 f"{len(self.rewritten)} rewritten, {len(self.kept)} kept")
         # why each kernel was chosen over the others, once per distinct choice
         tail = [f"kernel {c}" for c in dict.fromkeys(r.kernel for r in self.rewritten) if " (" in c]
+        tail += [f"{r.fqn}: {r.input_quant}" for r in self.rewritten if r.input_quant]
         tail += [f"warning: {w}" for w in self.warnings]
         return "\n".join([head, *lines, *tail])
 

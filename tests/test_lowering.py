@@ -208,3 +208,62 @@ def test_registry_builds_without_triton(monkeypatch):
                                          torch.bfloat16))
         assert choice.kernel.name == "reference"
         assert dict(choice.rejected)[triton_kernel] == "triton is not installed"
+
+
+def test_silu_mul_inputs_report_why_they_stay_in_inductor_on_cpu():
+    """On the CPU the down projections' SiLU*mul inputs keep Inductor's fused quantization,
+    and the report says why (act_quant_triton is a CUDA kernel)."""
+    with torch.no_grad():
+        torch.compile(MLPStack().eval(), backend=mxpass.backend(scheme="fp8-dynamic"))(torch.randn(5, 64))
+    notes = {r.fqn: r.input_quant for r in mxpass.last_report().rewritten}
+    downs = [f for f in notes if f.endswith("down_proj")]
+    assert len(downs) == 2
+    for fqn, note in notes.items():
+        if fqn in downs:
+            assert note == "input silu*mul quantized in Inductor's kernel (act_quant_triton: runs on CUDA, device is cpu)"
+        else:
+            assert note == ""
+    assert "layers.0.mlp.down_proj: input silu*mul quantized in Inductor's kernel" in str(mxpass.last_report())
+
+
+def test_silu_mul_input_becomes_one_quantizing_call(monkeypatch):
+    """Where act_quant_triton applies, each down projection takes (gate, up) and the SiLU and
+    mul nodes leave the graph; formats it does not encode keep their SiLU*mul."""
+    from torch._inductor import compile_fx as inductor
+
+    from mxpass.lowering import producers
+
+    monkeypatch.setattr(producers, "fusion_problem",
+                        lambda problem, choice: None if problem.fmt.activation == "token" else "not this one")
+    from mxpass.lowering.linear import linear_lowered
+
+    graphs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+
+        def stop(*args):
+            raise Captured
+
+        return stop
+
+    monkeypatch.setattr(inductor, "compile_fx", capture)
+    for scheme, fused in (("fp8-dynamic", 2), ("fp8-block", 0)):
+        torch._dynamo.reset()
+        graphs.clear()
+        with torch.no_grad(), pytest.raises(Captured):
+            torch.compile(MLPStack().eval(), backend=mxpass.backend(scheme=scheme))(torch.randn(5, 64))
+        (gm,) = graphs
+        calls = [n for n in gm.graph.nodes if n.target is producers.linear_silu_mul_lowered]
+        silus = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.silu]
+        assert len(calls) == fused and len(silus) == 2 - fused, (scheme, gm.graph)
+        for n in calls:
+            gate, up = n.args[:2]
+            assert gate.target is linear_lowered and up.target is linear_lowered and gate is not up
+        notes = [r.input_quant for r in mxpass.last_report().rewritten if r.input_quant]
+        want = "input silu*mul quantized by act_quant_triton" if fused else (
+            "input silu*mul quantized in Inductor's kernel (act_quant_triton: not this one)")
+        assert notes == [want, want], notes

@@ -272,6 +272,7 @@ def rewrite_linears(
             new = gm.graph.call_function(
                 torch.ops.mxpass.linear.default, (x, qw, ws, bias, act, fmt.name))
         new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
+        new.meta["mxpass_report_index"] = len(report.rewritten)
         m.node.replace_all_uses_with(new)
         gm.graph.erase_node(m.node)
         replaced[m.node] = new

@@ -105,11 +105,12 @@ def _dynamic_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e4m3(clamp(rnd_T(x / scale), +/-448)) for float32 x and a broadcastable scale."""
-    q = round_to(x / scale, dtype)
+    t = x / scale
+    q = round_to(t, dtype, keep_nan=False)  # NaN positions are set below
     q = torch.where(q == 0, 0.0, q)  # compressed-tensors' "+ zero_point": -0 -> +0
     q = q.clamp(-E4M3_MAX, E4M3_MAX)
     # One NaN (0x7F) for every NaN: Inductor's AVX-512 clamp sets a NaN's sign bit.
-    q = torch.where(q.isnan(), float("nan"), q)
+    q = torch.where(t.isnan(), float("nan"), q)
     return q.to(torch.float8_e4m3fn)
 
 

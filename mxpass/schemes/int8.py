@@ -75,8 +75,9 @@ def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8(round(clamp(rnd_T(x / scale), -128, 127))); NaN -> 0."""
-    q = round_to(x / scale, dtype).clamp(INT8_MIN, INT8_MAX).round()
-    return torch.where(q.isnan(), 0.0, q).to(torch.int8)
+    t = x / scale
+    q = round_to(t, dtype, keep_nan=False).clamp(INT8_MIN, INT8_MAX).round()  # NaN positions set below
+    return torch.where(t.isnan(), 0.0, q).to(torch.int8)
 
 
 def quantize_weight(w: torch.Tensor, name: str, granularity: str) -> QTensor:

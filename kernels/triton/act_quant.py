@@ -1,0 +1,173 @@
+"""Dynamic activation quantization in one pass over each row, optionally of SiLU(gate) * up.
+
+``mxpass::act_quant_triton(x, up, fmt)`` quantizes the rows of ``x`` [M, K] (``up`` None) or of
+``silu(x) * up`` (the input of a SwiGLU MLP's down projection, never written to memory) to
+the activation encoding of ``fmt``: dynamic per-token e4m3 (``fp8-dynamic``), 1 x 128 e4m3
+groups (``fp8-block``) or per-token int8 (``int8``). One program per row; the whole row stays in
+registers (K <= MAX_K), so the input is read once: Inductor's fused kernel for the same
+math reads a row twice when the row is longer than its persistent-reduction limit, and
+spends ~25 integer instructions per element emulating the dtype roundings that
+a hardware conversion does in one.
+
+Numerics: ``mxpass.quant.quantize_activation`` of ``x`` (or of ``F.silu(gate) * up`` computed
+in the input dtype: SiLU rounded to it, then the product rounded to it), element for element:
+
+    amax  = max |y| over the group; a group holding NaN/Inf gets a NaN scale
+    s     = rnd_T(amax / R) (R = 448 e4m3, 127.5 int8; correctly rounded division), 0 -> eps_T
+    q     = rnd_T(y / s): for bf16, y * (1 / s) rounded to bf16 equals the rounded quotient (y
+            and s carry 8 significant bits, so y / s is never closer than 2**-17 (relative) to a
+            bf16 rounding midpoint, and the product errs by at most 2**-23); fp16 divides.
+    e4m3  clamp(q, +/-448), -0 -> +0, NaN -> 0x7F          int8  rint(clamp(q, -128, 127)), NaN -> 0
+
+Instructions per element decide its speed (it is issue-bound, not memory-bound, once
+SiLU*mul is in it): the amax reduction keeps NaN (max.NaN) instead of a second reduction
+for NaN/Inf, -0 becomes +0 by adding +0, and the e4m3 conversion's saturation does the
+clamp and the NaN encoding (measurements in docs/performance.md).
+
+Two differences from the ATen math, both outside what a model produces: Triton flushes fp32
+subnormals, so a group whose scale is subnormal (amax < 448 * 2**-126) quantizes as if
+its amax were 0 (Inductor's code for the ATen math flushes the same way); and SiLU uses
+the GPU's fast ``exp``, whose last-bit differences can move a bf16 rounding of SiLU(x)
+(measured on random inputs: see tests/gpu/test_act_quant.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from mxpass.formats import Format, get_format
+
+MAX_K = 32768  # longest row held in registers (one row per program)
+GROUP = 128    # fp8-block activation groups
+# activation encodings (format family, granularity) -> kernel KIND
+KINDS = {("fp8", "token"): 0, ("fp8", "group"): 1, ("int8", "token"): 2}
+
+
+@triton.jit
+def _round(v, HALF: tl.constexpr, BIT_MATH: tl.constexpr):
+    """float32 v rounded (nearest-even) to the input dtype (bf16, or fp16 when HALF), kept in
+    float32. BIT_MATH: bf16 by integer math (Triton's interpreter truncates instead)."""
+    if HALF:
+        return v.to(tl.float16).to(tl.float32)
+    if BIT_MATH:
+        bits = v.to(tl.int32, bitcast=True)
+        r = ((bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536).to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, r)
+    return v.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up,
+                      SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr):
+    row = tl.program_id(0)
+    if row >= M:
+        return
+    row = row.to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    offs = g[:, None] * GS + tl.arange(0, GS)[None, :]  # [groups, group size]; token: one group
+    mask = offs < K
+    y = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _round(_round(y / (1.0 + tl.exp(-y)), HALF, BIT_MATH) * up, HALF, BIT_MATH)
+    amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
+    if KIND == 2:
+        s = _round(tl.math.div_rn(amax, 127.5), HALF, BIT_MATH)
+    else:
+        s = _round(tl.math.div_rn(amax, 448.0), HALF, BIT_MATH)
+    if HALF:
+        s = tl.where(s == 0.0, 0.0009765625, s)  # torch.finfo(T).eps
+    else:
+        s = tl.where(s == 0.0, 0.0078125, s)
+    s = tl.where(amax == float("inf"), float("nan"), s)  # NaN amax gave a NaN s already
+    if HALF:
+        q = _round(tl.math.div_rn(y, s[:, None]), HALF, BIT_MATH)
+    else:
+        q = _round(y * tl.math.div_rn(1.0, s)[:, None], HALF, BIT_MATH)
+    if KIND == 2:
+        nan = q != q  # before the clamps: min/max return the non-NaN operand
+        # nearest-even to an integer: adding 1.5 * 2**23 leaves no fraction bits in float32
+        q = (tl.minimum(tl.maximum(q, -128.0), 127.0) + 12582912.0) - 12582912.0
+        q = tl.where(nan, 0.0, q)
+        if STORE_F32:
+            tl.store(q_ptr + row * K + offs, q, mask=mask)
+        else:
+            tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    else:
+        q = q + 0.0  # -0 -> +0, compressed-tensors' zero-point add
+        if STORE_F32:
+            # what the conversion below does on the GPU: clamp to +/-448, every NaN one NaN
+            q = tl.where(q != q, float("nan"), tl.minimum(tl.maximum(q, -448.0), 448.0))
+            tl.store(q_ptr + row * K + offs, q, mask=mask)
+        else:
+            # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
+            tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptr + row * NG + g, s, mask=g < NG)
+
+
+def supports(fmt: Format, k: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether ``act_quant_triton`` encodes this format's activation (the reason when not)."""
+    if (fmt.family, fmt.activation) not in KINDS:
+        return False, (f"{fmt.name} ({fmt.family} {fmt.activation} activations) is not one it encodes "
+                       f"(dynamic fp8 per token or 1x128, int8 per token)")
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False, f"activation dtype {dtype} (it takes bf16 or fp16)"
+    if k > MAX_K:
+        return False, f"K={k} > {MAX_K} (it holds a row in registers)"
+    if fmt.activation == "group" and k % GROUP:
+        return False, f"K={k} is not a multiple of {GROUP}"
+    return True, ""
+
+
+def _check(x: torch.Tensor, up: torch.Tensor | None, fmt: Format) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"act_quant_triton: x must be [M, K], got shape {tuple(x.shape)}")
+    ok, reason = supports(fmt, int(x.shape[1]), x.dtype)
+    if not ok:
+        raise ValueError(f"act_quant_triton: {reason}")
+    if x.stride(1) != 1:
+        raise ValueError(f"act_quant_triton: x needs unit stride along K, got strides {tuple(x.stride())}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(1) != 1):
+        raise ValueError(f"act_quant_triton: up {tuple(up.shape)} {up.dtype} strides {tuple(up.stride())} must "
+                         f"match x {tuple(x.shape)} {x.dtype} with unit stride along K")
+
+
+def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's body (``fmt``: a format name). ``store_f32``: data as the float32 values before
+    the final cast to e4m3/int8 (Triton's interpreter converts to e4m3 wrongly; its tests check these)."""
+    f = get_format(fmt)
+    _check(x, up, f)
+    M, K = x.shape
+    kind = KINDS[(f.family, f.activation)]
+    gs = GROUP if kind == 1 else triton.next_power_of_2(int(K))
+    ng = int(K) // GROUP if kind == 1 else 1
+    dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
+    data = torch.empty((M, K), dtype=dtype, device=x.device)
+    scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(int(K))
+    wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
+        x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
+        SILU_MUL=up is not None, KIND=kind, HALF=x.dtype == torch.float16,
+        BLOCK_G=triton.next_power_of_2(ng), GS=gs, BIT_MATH=x.device.type == "cpu", STORE_F32=store_f32,
+        num_warps=8 if block >= 8192 else 4)
+    return data, scale
+
+
+@triton_op("mxpass::act_quant_triton", mutates_args=())
+def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data [M, K], float32 scale [M, 1] or [M, K // 128]) of x, or of silu(x) * up when up is
+    given, in the activation encoding of the format named ``fmt``.
+
+    Same values as ``mxpass.quant.quantize_activation(get_format(fmt), y, None)`` (module
+    docstring). Rows may be strided (a slice of a wider tensor); M may be symbolic.
+    """
+    return launch(x, up, fmt)
