@@ -197,8 +197,9 @@ class ScaledMMBlockwiseLinear:
         """``run`` for an activation quantized elsewhere: its rows padded here (data 0, scale 1)."""
         m = xq.shape[0]
         pad = (self.ROWS - m % self.ROWS) % self.ROWS
-        xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)
-        xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
+        if not (isinstance(pad, int) and pad == 0):  # a static M that needs none: no copy of xq
+            xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)
+            xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
         return self._gemm(xq, xs, qweight, wscale, bias, m, out_dtype)
 
     @staticmethod

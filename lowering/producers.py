@@ -1,18 +1,24 @@
-"""Activation quantization fused with the SiLU*mul that produces it (SwiGLU down projections).
+"""Activation quantization in one pass for the inputs Inductor serves worst.
 
-Inductor fuses the ATen math of a per-token quantization into the SiLU*mul kernel before it,
-but that kernel reads gate and up twice when the row is longer than its persistent
-reductions (amax pass, then quantize pass) and emulates the dtype roundings with ~25 integer
-instructions per element: on an H200 at 4096 x 14336 it took 186 us against 86 us for
-SiLU*mul alone (docs/performance.md). ``mxpass::act_quant_triton`` does both in one pass at
-the rate of SiLU*mul alone.
+- The SiLU*mul of a SwiGLU down projection: Inductor fuses a per-token quantization into
+  the SiLU*mul kernel, but that kernel reads gate and up twice when the row is longer than
+  its persistent reductions (amax pass, then quantize pass) and spends its time on
+  instructions: on an H200 at 4096 x 14336 it took 186 us against 86 us for SiLU*mul alone.
+  ``mxpass::act_quant_triton`` does SiLU*mul and the quantization in one read.
+- An attention output (cuDNN / flash SDPA, reached through views, transposes and contiguous
+  copies): no Inductor kernel to fuse into, so its quantization was a kernel of its own
+  (34 us for 4096 x 4096, where moving the bytes takes ~12).
+- Every input of a format with 1 x 128 activation groups (fp8-block): Inductor splits an
+  RMSNorm (a row reduction) from the group reductions after it and re-reads the row.
 
-``fuse_silu_mul_inputs`` runs on the graph after the mxpass passes, before lowering: an
-``mxpass::linear`` node whose input is ``silu(gate) * up`` (either operand order; the
-product used only by that linear) becomes a call of :func:`linear_silu_mul_lowered`, when the
+``fuse_input_quantization`` runs on the graph after the mxpass passes, before lowering: such
+an ``mxpass::linear`` node becomes a call of :func:`linear_quantized_input` on the output of
+one :func:`quantize_input` per distinct input (shared by q/k/v, by gate/up), when the
 format's activation is one act_quant_triton encodes and the registry's kernel for the
-layer takes a quantized activation (``run_quantized``). The report says which layers take
-this path and, for the other SiLU*mul inputs, why not.
+layer takes a quantized activation (``run_quantized``). Every other input keeps the ATen
+math that Inductor fuses into its producer (an RMSNorm with per-token scales: one kernel).
+The report says which layers take this path and, for the other such inputs, why not.
+Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from mxpass.report import Report
 KERNEL = "act_quant_triton"
 _SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
 _MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+_ATTENTION = (torch.nn.functional.scaled_dot_product_attention,)
+_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "flatten")
+_VIEW_FUNCTIONS = (torch.reshape, torch.transpose, torch.permute, torch.flatten)
 
 
 def fusion_problem(problem: Problem, choice: Choice) -> str | None:
@@ -66,23 +75,55 @@ def _silu_mul(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+def _from_attention(x: fx.Node) -> bool:
+    """``x`` is an attention output, seen through views, transposes and contiguous copies."""
+    while True:
+        if x.op == "call_function" and x.target in _ATTENTION:
+            return True
+        if (x.op == "call_method" and x.target in _VIEW_METHODS) or (
+                x.op == "call_function" and x.target in _VIEW_FUNCTIONS):
+            if not isinstance(x.args[0], fx.Node):
+                return False
+            x = x.args[0]
+            continue
+        return False
+
+
 def _value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def fuse_silu_mul_inputs(gm: fx.GraphModule, report: Report) -> int:
-    """Rewrite the ``mxpass::linear`` nodes fed by a SiLU*mul (module docstring); returns how many."""
+def _source(x: fx.Node, fmt) -> tuple[fx.Node, fx.Node | None, str] | None:
+    """(x or gate, up or None, what) when the input ``x`` of a ``fmt`` linear goes to act_quant_triton."""
+    pair = _silu_mul(x)
+    if pair is not None and len(x.users) == 1:
+        return pair[0], pair[1], "silu*mul"
+    if _from_attention(x):
+        return x, None, "attention output"
+    if fmt.activation == "group":
+        # 1 x 128 groups: Inductor splits an RMSNorm (row reduction) from the group
+        # reductions after it, and its group kernels ran at a third of copy speed
+        return x, None, "activation"
+    return None
+
+
+def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
+    """Rewrite the ``mxpass::linear`` nodes whose inputs act_quant_triton quantizes (module
+    docstring): one quantization per distinct input, shared by the linears that read it
+    (q/k/v, gate/up). Returns how many linears were rewritten."""
     n_fused = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.mxpass.linear.default)):
+    shared: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.mxpass.linear.default]:
         x, qweight, wscale, bias, act_scale, fmt_name = node.args
-        pair = _silu_mul(x) if isinstance(x, fx.Node) else None
-        if pair is None or len(x.users) != 1:
-            continue
-        gate, up = pair
-        g, u, w = _value(gate), _value(up), _value(qweight)
-        if g is None or u is None or w is None or g.shape != u.shape or g.dtype != u.dtype:
-            continue
         fmt = get_format(fmt_name)
+        found = _source(x, fmt) if isinstance(x, fx.Node) else None
+        if found is None:
+            continue
+        src, up, what = found
+        g, w = _value(src), _value(qweight)
+        if g is None or w is None or (up is not None and (_value(up) is None or _value(up).shape != g.shape
+                                                          or _value(up).dtype != g.dtype)):
+            continue
         k = w.shape[1]
         rows = g.shape[:-1]
         m = math.prod(rows) if all(isinstance(r, int) for r in rows) else None
@@ -91,34 +132,48 @@ def fuse_silu_mul_inputs(gm: fx.GraphModule, report: Report) -> int:
         index = node.meta.get("mxpass_report_index")
         if index is not None:
             entry = report.rewritten[index]
-            note = f"input silu*mul quantized by {KERNEL}" if why_not is None else (
-                f"input silu*mul quantized in Inductor's kernel ({KERNEL}: {why_not})")
+            note = f"input {what} quantized by {KERNEL}" if why_not is None else (
+                f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")
             report.rewritten[index] = dataclasses.replace(entry, input_quant=note)
         if why_not is not None:
             continue
-        node.target = linear_silu_mul_lowered
-        node.args = (gate, up, qweight, wscale, bias, act_scale, fmt_name)
-        silu = x.args[0] if x.args[1] is up else x.args[1]
-        gm.graph.erase_node(x)
-        if not silu.users:
-            gm.graph.erase_node(silu)
+        key = (src, up, fmt_name)
+        if key not in shared:
+            with gm.graph.inserting_before(node):
+                q = gm.graph.call_function(quantize_input, (src, up, k, fmt_name))
+                shared[key] = (gm.graph.call_function(operator.getitem, (q, 0)),
+                               gm.graph.call_function(operator.getitem, (q, 1)))
+        node.target = linear_quantized_input
+        node.args = (*shared[key], src, qweight, wscale, bias, fmt_name)
+        if up is not None:
+            silu = x.args[0] if x.args[1] is up else x.args[1]
+            gm.graph.erase_node(x)
+            if not silu.users:
+                gm.graph.erase_node(silu)
         n_fused += 1
     gm.recompile()
     return n_fused
 
 
-def linear_silu_mul_lowered(gate, up, qweight, wscale, bias, act_scale, fmt: str):
-    """``mxpass::linear(silu(gate) * up, ...)`` with the input quantized by act_quant_triton."""
+def quantize_input(x, up, k: int, fmt: str):
+    """(data [M, K], scale) of ``x`` [..., K], or of ``silu(x) * up``, by act_quant_triton."""
     from mxpass.kernels.triton import act_quant  # noqa: F401  (registers the op)
 
+    x2 = x.reshape(-1, k)
+    u2 = None if up is None else up.reshape(-1, k)
+    x2, u2 = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x2, u2))
+    return torch.ops.mxpass.act_quant_triton(x2, u2, fmt)
+
+
+def linear_quantized_input(xq, xs, x, qweight, wscale, bias, fmt: str):
+    """``mxpass::linear(x, ...)`` on the input ``quantize_input`` gave (``x``: for the
+    output's leading dimensions and dtype)."""
     f = get_format(fmt)
     n, k = qweight.shape
-    g2, u2 = gate.reshape(-1, k), up.reshape(-1, k)
-    problem = Problem("linear", f, gate.device, k, n, gate.dtype, static_rows(g2))
+    problem = Problem("linear", f, x.device, k, n, x.dtype, static_rows(xq))
     choice = choose(problem)
     why_not = fusion_problem(problem, choice)
     if why_not is not None:  # the pass checked the same problem
-        raise RuntimeError(f"mxpass: SiLU*mul input of a {fmt} linear cannot be fused: {why_not}")
-    xq, xs = torch.ops.mxpass.act_quant_triton(g2, u2, f.name)
-    y = choice.kernel.run_quantized(xq, xs, qweight, wscale, bias, f, gate.dtype)
-    return y.reshape(*gate.shape[:-1], n)
+        raise RuntimeError(f"mxpass: the input of a {fmt} linear cannot be quantized by {KERNEL}: {why_not}")
+    y = choice.kernel.run_quantized(xq, xs, qweight, wscale, bias, f, x.dtype)
+    return y.reshape(*x.shape[:-1], n)

@@ -49,7 +49,7 @@ class MxpassBackend:
         from mxpass.lowering.cse import MergeIdenticalNodes
         from mxpass.lowering.linear import decompositions
         from mxpass.lowering.nodes import lower_mxpass_nodes
-        from mxpass.lowering.producers import fuse_silu_mul_inputs
+        from mxpass.lowering.producers import fuse_input_quantization
 
         import mxpass.ops  # noqa: F401  (defines the mxpass ops before the passes emit them)
 
@@ -60,7 +60,7 @@ class MxpassBackend:
                               functools.partial(_choose_kernel, op="moe"))
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         if self.compiler == "inductor":
-            fuse_silu_mul_inputs(gm, report)
+            fuse_input_quantization(gm, report)
         report.warnings.extend(self.notes)
         if not self.config.explicit and report.rewritten:
             # no scheme given: loaded layers keep their checkpoint's formats

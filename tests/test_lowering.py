@@ -226,17 +226,27 @@ def test_silu_mul_inputs_report_why_they_stay_in_inductor_on_cpu():
     assert "layers.0.mlp.down_proj: input silu*mul quantized in Inductor's kernel" in str(mxpass.last_report())
 
 
-def test_silu_mul_input_becomes_one_quantizing_call(monkeypatch):
-    """Where act_quant_triton applies, each down projection takes (gate, up) and the SiLU and
-    mul nodes leave the graph; formats it does not encode keep their SiLU*mul."""
+def _tiny_llama():
+    import transformers
+
+    # K multiples of 128 (fp8-block's activation groups)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_quantizing_inputs_become_one_call(monkeypatch):
+    """Where act_quant_triton applies, each down projection takes (gate, up), the SiLU and mul
+    nodes leave the graph, and each o_proj takes the attention output; formats it does not
+    encode keep Inductor's quantization, and the report says which path each input takes."""
     from torch._inductor import compile_fx as inductor
 
     from mxpass.lowering import producers
+    from mxpass.lowering.linear import linear_lowered
 
     monkeypatch.setattr(producers, "fusion_problem",
                         lambda problem, choice: None if problem.fmt.activation == "token" else "not this one")
-    from mxpass.lowering.linear import linear_lowered
-
     graphs = []
 
     class Captured(Exception):
@@ -251,19 +261,38 @@ def test_silu_mul_input_becomes_one_quantizing_call(monkeypatch):
         return stop
 
     monkeypatch.setattr(inductor, "compile_fx", capture)
-    for scheme, fused in (("fp8-dynamic", 2), ("fp8-block", 0)):
+    model, ids = _tiny_llama(), torch.randint(0, 128, (1, 6))
+    def compile_graph(scheme):
         torch._dynamo.reset()
         graphs.clear()
         with torch.no_grad(), pytest.raises(Captured):
-            torch.compile(MLPStack().eval(), backend=mxpass.backend(scheme=scheme))(torch.randn(5, 64))
-        (gm,) = graphs
-        calls = [n for n in gm.graph.nodes if n.target is producers.linear_silu_mul_lowered]
+            torch.compile(model, backend=mxpass.backend(scheme=scheme))(ids, use_cache=False)
+        return graphs[0], {r.fqn.split(".")[-1]: r.input_quant for r in mxpass.last_report().rewritten}
+
+    for scheme in ("fp8-dynamic",):
+        gm, notes = compile_graph(scheme)
+        linears = [n for n in gm.graph.nodes if n.target is producers.linear_quantized_input]
+        quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
         silus = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.silu]
-        assert len(calls) == fused and len(silus) == 2 - fused, (scheme, gm.graph)
-        for n in calls:
-            gate, up = n.args[:2]
-            assert gate.target is linear_lowered and up.target is linear_lowered and gate is not up
-        notes = [r.input_quant for r in mxpass.last_report().rewritten if r.input_quant]
-        want = "input silu*mul quantized by act_quant_triton" if fused else (
-            "input silu*mul quantized in Inductor's kernel (act_quant_triton: not this one)")
-        assert notes == [want, want], notes
+        assert len(linears) == 4 and len(quantized) == 4 and not silus, (scheme, gm.graph)
+        for q in quantized:
+            src, up = q.args[:2]
+            if up is None:  # o_proj: the attention output (through its views)
+                assert src.op in ("call_method", "call_function") and src.target is not linear_lowered
+            else:  # down_proj: gate and up, two linears
+                assert src.target is linear_lowered and up.target is linear_lowered and src is not up
+        assert notes["down_proj"] == "input silu*mul quantized by act_quant_triton", notes
+        assert notes["o_proj"] == "input attention output quantized by act_quant_triton", notes
+        assert notes["q_proj"] == notes["gate_proj"] == ""  # token scales: fused into the RMSNorm
+
+    # 1 x 128 groups: every input; kept in Inductor when act_quant_triton cannot take it ...
+    gm, notes = compile_graph("fp8-block")
+    assert not [n for n in gm.graph.nodes if n.target is producers.quantize_input]
+    assert notes["q_proj"] == "input activation quantized in Inductor's kernel (act_quant_triton: not this one)"
+    # ... else one quantization shared by q/k/v and one by gate/up
+    monkeypatch.setattr(producers, "fusion_problem", lambda problem, choice: None)
+    gm, notes = compile_graph("fp8-block")
+    linears = [n for n in gm.graph.nodes if n.target is producers.linear_quantized_input]
+    quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
+    assert len(linears) == 14 and len(quantized) == 8, gm.graph  # 2 layers x (qkv, o, gate/up, down)
+    assert notes["q_proj"] == notes["gate_proj"] == "input activation quantized by act_quant_triton", notes

@@ -3,33 +3,33 @@
 import torch
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_FP16_MIN_NORMAL = 2.0**-14
-_FP16_SUBNORMAL_STEP = 2.0**-24
 
 
-def round_to(v: torch.Tensor, dtype: torch.dtype, keep_nan: bool = True) -> torch.Tensor:
+def round_to(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 v rounded (nearest-even) to dtype's precision, kept in float32.
 
     Equals ``v.to(dtype).float()`` for every v whose dtype value is finite (fp16 values
     from 65520 up stay finite here instead of becoming Inf; every caller clamps them to
-    the same end of the quantized range). Integer bit math, so Inductor cannot drop it.
-    ``keep_nan=False``: a NaN comes out as an arbitrary value, for callers that replace
-    NaN positions themselves (three fewer instructions per element in a fused kernel).
+    the same end of the quantized range); a NaN stays NaN (its payload may differ). Not
+    written as ``.to(dtype).float()``: Inductor drops that round trip inside a fused kernel
+    (``pointless_convert``; its Triton code keeps bf16 values in float32), and a bitcast to
+    int16 and back is folded away too. bf16: the hardware conversion, then float32 from its
+    bits by a 16-bit shift (three instructions); fp16: integer emulation of the rounding.
     """
     if dtype == torch.float32:
         return v
-    drop = 16 if dtype == torch.bfloat16 else 13  # float32 mantissa bits the dtype lacks
-    nan = v.isnan() if keep_nan else None
-    bits = (torch.where(nan, 0.0, v) if keep_nan else v).view(torch.int32)
-    # c10::BFloat16's round_to_nearest_even: add 0x7FFF plus the lowest kept bit, truncate.
-    # No int32 overflow for non-NaN bits: +/-Inf and the largest finite values stay below.
-    bias = ((bits >> drop) & 1) + ((1 << (drop - 1)) - 1)
-    r = ((bits + bias) & -(1 << drop)).view(torch.float32)
-    if dtype == torch.float16:
-        # below fp16's smallest normal the step is fixed: round to a multiple of 2**-24
-        sub = torch.round(v * (1 / _FP16_SUBNORMAL_STEP)) * _FP16_SUBNORMAL_STEP
-        r = torch.where(v.abs() < _FP16_MIN_NORMAL, sub, r)
-    return torch.where(nan, v, r) if keep_nan else r
+    if dtype == torch.bfloat16:
+        return (v.to(torch.bfloat16).view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    nan = v.isnan()
+    bits = torch.where(nan, 0.0, v).view(torch.int32)
+    # round_to_nearest_even on the 13 float32 mantissa bits fp16 lacks: add 0xFFF plus the
+    # lowest kept bit, truncate (no int32 overflow for non-NaN bits)
+    bias = ((bits >> 13) & 1) + 0xFFF
+    r = ((bits + bias) & -(1 << 13)).view(torch.float32)
+    # below fp16's smallest normal the step is fixed: round to a multiple of 2**-24
+    sub = torch.round(v * 2.0**24) * 2.0**-24
+    r = torch.where(v.abs() < 2.0**-14, sub, r)
+    return torch.where(nan, v, r)
 
 
 def check_dtype(x: torch.Tensor, what: str, family: str) -> None:

@@ -33,10 +33,11 @@ clamps to +/-448 and casts, round-to-nearest-even)
     rnd_T is a real second rounding: for bf16, x / s is first rounded to 8 significant
     bits, then to e4m3's 4 (1.1953125 / 1.0078125 = 1.18605 -> bf16 1.1875, the midpoint
     of 1.125 and 1.25 -> 1.25; rounded once it gives 1.125). For bf16 x and s in [1, 2)
-    and x in [1, 512), 3.3% of the pairs differ. The rounding to T is done with integer bit math
-    (``_round_to``), not ``.to(T).float()``: Inductor elides a float32 -> bf16/fp16 ->
-    float32 round trip inside a fused kernel (``pointless_convert`` and the C++ backend's
-    convert cache, unless ``config.emulate_precision_casts``; torch 2.13).
+    and x in [1, 512), 3.3% of the pairs differ. The rounding to T is ``round_to`` (the bf16
+    conversion and a 16-bit shift back; integer math for fp16), not ``.to(T).float()``:
+    Inductor elides a float32 -> bf16/fp16 -> float32 round trip inside a fused kernel
+    (``pointless_convert`` and the C++ backend's convert cache, unless
+    ``config.emulate_precision_casts``; torch 2.13).
 
 128 x 128 weight blocks when N or K is not a multiple of 128 (compressed-tensors'
 ``maybe_pad_tensor_for_block_quant``, llm-compressor's block observer): the weight is
@@ -106,7 +107,7 @@ def _dynamic_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """e4m3(clamp(rnd_T(x / scale), +/-448)) for float32 x and a broadcastable scale."""
     t = x / scale
-    q = round_to(t, dtype, keep_nan=False)  # NaN positions are set below
+    q = round_to(t, dtype)
     q = torch.where(q == 0, 0.0, q)  # compressed-tensors' "+ zero_point": -0 -> +0
     q = q.clamp(-E4M3_MAX, E4M3_MAX)
     # One NaN (0x7F) for every NaN: Inductor's AVX-512 clamp sets a NaN's sign bit.

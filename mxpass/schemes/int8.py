@@ -76,7 +76,7 @@ def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _elements(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8(round(clamp(rnd_T(x / scale), -128, 127))); NaN -> 0."""
     t = x / scale
-    q = round_to(t, dtype, keep_nan=False).clamp(INT8_MIN, INT8_MAX).round()  # NaN positions set below
+    q = round_to(t, dtype).clamp(INT8_MIN, INT8_MAX).round()
     return torch.where(t.isnan(), 0.0, q).to(torch.int8)
 
 

@@ -87,11 +87,14 @@ def _llama_mlp(hidden=512, inter=1536):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_down_proj_input_is_quantized_by_the_kernel(monkeypatch, scheme):
-    """An HF Llama compiled by the backend: every down_proj takes SiLU*mul quantized by
-    act_quant_triton (report and generated code), the RMSNorm + quantize kernels are
-    persistent reductions, and logits match the reference kernel's graph (same quantized
-    values up to the SiLU last-bit differences above; bf16 GEMM outputs: 2**-7 is generous)."""
+def test_llama_inputs_are_quantized_by_the_kernel(monkeypatch, scheme):
+    """An HF Llama compiled by the backend: every down_proj takes SiLU*mul and every o_proj the
+    attention output quantized by act_quant_triton (report and generated code), with fp8-block
+    every input; the RMSNorm + quantize kernels are persistent reductions. Logits against the mxpass reference run op by
+    op (compiler="eager", bf16 roundings as in eager PyTorch): no farther than the same graph
+    with Inductor's quantization, which quantizes SiLU*mul without rounding it to bf16 first."""
+    from mxpass.lowering import producers
+
     model = _llama_mlp()
     ids = torch.randint(0, 512, (1, 300), device="cuda")
     with torch.inference_mode():
@@ -99,17 +102,29 @@ def test_down_proj_input_is_quantized_by_the_kernel(monkeypatch, scheme):
         out, code = run_and_get_code(torch.compile(model, backend=mxpass.backend(scheme=scheme)), ids,
                                      use_cache=False)
         report = mxpass.last_report()
-        monkeypatch.setenv("MXPASS_KERNEL", "reference")
         torch._dynamo.reset()
-        ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(ids, use_cache=False)
-    downs = [r for r in report.rewritten if r.fqn.endswith("down_proj")]
-    assert len(downs) == 2 and all(r.input_quant == "input silu*mul quantized by act_quant_triton" for r in downs)
+        ref = torch.compile(model, backend=mxpass.backend(scheme=scheme, compiler="eager"))(ids, use_cache=False)
+        monkeypatch.setattr(producers, "fusion_problem", lambda problem, choice: "off")
+        torch._dynamo.reset()
+        inductor = torch.compile(model, backend=mxpass.backend(scheme=scheme))(ids, use_cache=False)
+    notes = [r.input_quant for r in report.rewritten]
+    assert notes.count("input silu*mul quantized by act_quant_triton") == 2, notes
+    assert notes.count("input attention output quantized by act_quant_triton") == 2, notes
+    # 1 x 128 groups: every input (shared by q/k/v and by gate/up); per token: RMSNorm fuses it
+    others = 10 if scheme == "fp8-block" else 0
+    assert notes.count("input activation quantized by act_quant_triton") == others, notes
     src = code[0]
-    assert re.search(r"_act_quant_kernel\w*\.run\(", src), "act_quant_triton is not launched from the generated code"
+    launches = len(re.findall(r"_act_quant_kernel\w*\.run\(", src))
+    assert launches == (8 if scheme == "fp8-block" else 4), launches
     bodies = dict(re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S))
     quantizing = [n for n, b in bodies.items() if n.startswith("triton_") and ("float8e4nv" in b or "tl.int8" in b)]
     # the first layer's RMSNorm fused with the embedding gather stays a looped reduction
     looped = [n for n in quantizing if n.startswith("triton_red_") and "embedding" not in n]
-    assert quantizing and not looped, quantizing
-    err = ((out.logits.float() - ref.logits.float()).norm() / ref.logits.float().norm()).item()
-    assert err < 2**-7, err
+    assert not looped and (quantizing or scheme == "fp8-block"), quantizing  # fp8-block: none left
+
+    def rel(a, b):
+        return ((a.logits.float() - b.logits.float()).norm() / b.logits.float().norm()).item()
+
+    err, err_inductor = rel(out, ref), rel(inductor, ref)
+    print(f"{scheme}: logits vs eager reference: act_quant {err:.4f}, Inductor's quantization {err_inductor:.4f}")
+    assert err <= err_inductor * 1.1 + 1e-4, (err, err_inductor)
