@@ -45,7 +45,7 @@ _VIEW_FUNCTIONS = (torch.reshape, torch.transpose, torch.permute, torch.flatten)
 
 
 def fusion_problem(problem: Problem, choice: Choice) -> str | None:
-    """None when the input of ``problem`` (a SiLU*mul) is quantized by act_quant_triton, else why not."""
+    """None when act_quant_triton quantizes the input of ``problem``, else why not."""
     if problem.fmt.activation is None:
         return f"{problem.fmt.name} keeps activations unquantized"
     if problem.device.type != "cuda":
