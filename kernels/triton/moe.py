@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from mxpass.kernels.triton.mxfp8_linear import _at_least, _dequant_tile, _e8m0_to_fp32, _in_range
+from mxpass.kernels.triton.mxfp8_linear import _dequant_tile, _e8m0_to_fp32, _in_range
 from mxpass.kernels.triton.w8_linear import _w8_to_float
 
 __all__ = [
@@ -88,6 +88,7 @@ __all__ = [
     "Grouped",
     "Plan",
     "Regime",
+    "build_plan",
     "default_plan",
     "moe_down_with_plan",
     "moe_gate_up_with_plan",
@@ -104,6 +105,7 @@ MX_BLOCK = 32  # "mx32": OCP MX v1.0, one E8M0 scale per 32 along K
 CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load of fp8/int8)
 COUNT_BLOCK = 1024  # slots per program of the count kernel
 CAST_BLOCK = 1024
+FILL_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -231,30 +233,16 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
-def _moe_gate_up_kernel(
-    # pointers
-    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
-    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
-    A, E, H, I, S_STRIDE, KB,
-    # meta
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
-):
-    """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
+def _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, tok, hrow, m_mask, e, pid_n, H, I, S_STRIDE, KB,
+                  SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+                  QACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[hrow[m], n] = silu(Wg[e] x[tok[m]]) * (Wu[e] x[tok[m]]) for the BLOCK_N rows n of block pid_n.
 
     The W tiles are the left MMA operands (dequantized in registers), the gathered x^T
-    tile the right one, as in the linear dot kernels; tiles of one expert are neighbours
-    in launch order, so a weight tile comes from DRAM about once."""
-    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
-    if e >= E:
-        return
+    tile the right one, as in the linear dot kernels."""
     dtype = h_ptr.dtype.element_ty
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
-    m_mask = pos < p_end
-    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < I
     e64 = e.to(tl.int64)
     w_base = w_ptr + e64 * (2 * I) * H
@@ -290,7 +278,63 @@ def _moe_gate_up_kernel(
         acc_g = acc_g * xs
         acc_u = acc_u * xs
     h = _silu_mul(acc_g, acc_u)
-    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
+    tl.store(h_ptr + hrow.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    # pointers
+    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
+    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
+
+    Tiles of one expert are neighbours in launch order, so a weight tile comes from DRAM
+    about once; h row p = sorted position p."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    pos = p0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < p_end
+    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, tok, pos, m_mask, e, tl.program_id(1), H, I, S_STRIDE, KB,
+                  SCALE, IS_INT8, ASM, EVEN_K, QACT, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, hrow, slot, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
+               SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+               QACT: tl.constexpr, DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """tw[slot[m]] * (W2[e] @ h[hrow[m]])[n]: the fp32 tile [BLOCK_N, BLOCK_M] of rows n."""
+    rk = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    s_off = e64 * S_STRIDE
+    x_ptrs = h_ptr + hrow.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
+    w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    KG = I // 32
+    if QACT and IS_INT8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + rk) < I
+            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, DTYPE, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K, QACT)
+    acc = _out_scale(acc.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)
+    if QACT:  # per-row activation scale of h
+        tw = tw * tl.load(hs_ptr + hrow, mask=m_mask, other=0.0)
+    return acc * tw[None, :]
 
 
 @triton.jit
@@ -310,41 +354,173 @@ def _moe_down_kernel(
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
+    pos = p0 + tl.arange(0, BLOCK_M)
     m_mask = pos < p_end
     slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
-    e64 = e.to(tl.int64)
-    s_off = e64 * S_STRIDE
-    x_ptrs = h_ptr + pos.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
-    w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
-    KG = I // 32
-    if QACT and IS_INT8:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            q = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + rk) < I
-            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-            q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, DTYPE, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K, QACT)
-    acc = _out_scale(acc.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
-    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)
-    if QACT:  # per-row activation scale of h
-        tw = tw * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
-    acc = acc * tw[None, :]
+    acc = _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, pos, slot, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
+                     SCALE, IS_INT8, ASM, EVEN_K, QACT, DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = n_mask[:, None] & m_mask[None, :]
     if ATOMIC:
         tl.atomic_add(y_ptr + (slot // A).to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_ptr + slot.to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask)
+
+
+# --------------------------------------------------------------------------- direct (unsorted) grouped GEMMs
+
+
+@triton.jit
+def _leader_expert(ids_ptr, S, E, p, SCAN: tl.constexpr):
+    """(expert of the p-th distinct valid id in slot order, number of distinct valid ids); S <= SCAN."""
+    r = tl.arange(0, SCAN)
+    in_s = r < S
+    idv = tl.load(ids_ptr + r, mask=in_s, other=-1)
+    ok = in_s & (idv >= 0) & (idv < E)
+    dup = (idv[:, None] == idv[None, :]) & (r[None, :] < r[:, None])  # an earlier slot has the same id
+    lead = ok & (tl.sum(dup.to(tl.int32), 1) == 0)
+    li = lead.to(tl.int32)
+    rank = tl.cumsum(li, 0) - 1
+    e = tl.sum(tl.where(lead & (rank == p), idv, 0), 0).to(tl.int32)
+    return e, tl.sum(li, 0)
+
+
+@triton.jit
+def _expert_count(ids_ptr, S, e, SCAN: tl.constexpr):
+    """Number of slots routed to expert e."""
+    cnt = 0
+    for s0 in range(0, S, SCAN):
+        r = s0 + tl.arange(0, SCAN)
+        idv = tl.load(ids_ptr + r, mask=r < S, other=-1)
+        cnt += tl.sum(((idv == e) & (r < S)).to(tl.int32), 0)
+    return cnt
+
+
+@triton.jit
+def _expert_slots(ids_ptr, S, e, m0, BLOCK_M: tl.constexpr, SCAN: tl.constexpr):
+    """(slots, mask) [BLOCK_M]: the slots routed to expert e of ranks m0 .. m0 + BLOCK_M - 1 in slot order."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    slots = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    found = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    seen = 0
+    for s0 in range(0, S, SCAN):
+        r = s0 + tl.arange(0, SCAN)
+        idv = tl.load(ids_ptr + r, mask=r < S, other=-1)
+        mi = ((idv == e) & (r < S)).to(tl.int32)
+        rank = seen + tl.cumsum(mi, 0) - 1
+        sel = (mi[None, :] > 0) & (rank[None, :] == rm[:, None])  # [BLOCK_M, SCAN]
+        slots += tl.sum(tl.where(sel, r[None, :], 0), 1)
+        found += tl.sum(sel.to(tl.int32), 1)
+        seen += tl.sum(mi, 0)
+    return slots, found > 0
+
+
+@triton.jit
+def _moe_gate_up_direct_kernel(
+    # pointers (arr: the down kernel's arrival counters, zeroed here when ZERO_ARR)
+    x_ptr, xs_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, arr_ptr,
+    # sizes (x [T, H], ids [S], w [E, 2I, H], h [S, I], arr [T, NB_ARR])
+    S, T, A, E, H, I, S_STRIDE, KB, NB_ARR,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
+    LEADER: tl.constexpr, ZERO_ARR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, NB_P2: tl.constexpr,
+):
+    """h[s] for the slots s of one expert, with no routing alignment: grid (cdiv(I, BLOCK_N), P).
+
+    Program p serves expert p (P = E), or with LEADER the p-th distinct expert in slot order
+    (P = S <= SCAN); it finds its slots by scanning the ids and loops over them BLOCK_M at a
+    time. h row = slot."""
+    pid_n = tl.program_id(0)
+    p = tl.program_id(1)
+    if ZERO_ARR:
+        if pid_n == 0:
+            rb = tl.arange(0, NB_P2)
+            for t in range(p, T, tl.num_programs(1)):
+                tl.store(arr_ptr + t * NB_ARR + rb, tl.zeros((NB_P2,), dtype=tl.int32), mask=rb < NB_ARR)
+    if LEADER:
+        e, n_e = _leader_expert(ids_ptr, S, E, p, SCAN)
+        if p >= n_e:
+            return
+    else:
+        e = p
+    cnt = _expert_count(ids_ptr, S, e, SCAN)
+    for m0 in range(0, cnt, BLOCK_M):
+        slots, m_mask = _expert_slots(ids_ptr, S, e, m0, BLOCK_M, SCAN)
+        _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, slots // A, slots, m_mask, e, pid_n, H, I, S_STRIDE, KB,
+                      SCALE, IS_INT8, ASM, EVEN_K, QACT, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _moe_down_direct_kernel(
+    # pointers (ys: fp32 rows [S, H] per slot; y [T, H]; arr [T, cdiv(H, BLOCK_N)] zeroed counters)
+    h_ptr, hs_ptr, tw_ptr, ids_ptr, w_ptr, s_ptr, ys_ptr, y_ptr, arr_ptr,
+    # sizes
+    S, T, A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
+    DTYPE: tl.constexpr, LEADER: tl.constexpr, FUSED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, A_P2: tl.constexpr,
+):
+    """ys[s] = tw[s] * W2[e] h[s] for the slots s of one expert (programs as the direct gate/up
+    kernel's): grid (cdiv(H, BLOCK_N), P).
+
+    FUSED: the top-k sum too. Each program counts, per token of its tile and block of H, one
+    arrival (acq_rel atomic, after a barrier that orders the tile's stores); the program that
+    brings a token's count to its number of valid slots sums the token's rows in slot order
+    (what ``_moe_sum_kernel`` does, bit for bit) into y and puts the counter back to 0.
+    Tokens with no valid slot get a zero row."""
+    pid_n = tl.program_id(0)
+    p = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H
+    ra = tl.arange(0, A_P2)
+    if FUSED:  # no program arrives for a token without a valid slot
+        for t in range(p, T, tl.num_programs(1)):
+            tid = tl.load(ids_ptr + t * A + ra, mask=ra < A, other=-1)
+            if tl.sum(((tid >= 0) & (tid < E)).to(tl.int32), 0) == 0:
+                tl.store(y_ptr + t * H + n, tl.zeros((BLOCK_N,), dtype=tl.float32).to(DTYPE),
+                         mask=n_mask)
+    if LEADER:
+        e, n_e = _leader_expert(ids_ptr, S, E, p, SCAN)
+        if p >= n_e:
+            return
+    else:
+        e = p
+    cnt = _expert_count(ids_ptr, S, e, SCAN)
+    for m0 in range(0, cnt, BLOCK_M):
+        slots, m_mask = _expert_slots(ids_ptr, S, e, m0, BLOCK_M, SCAN)
+        acc = _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, slots, slots, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
+                         SCALE, IS_INT8, ASM, EVEN_K, QACT, DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(ys_ptr + slots.to(tl.int64)[None, :] * H + n[:, None], acc, mask=n_mask[:, None] & m_mask[None, :])
+        if FUSED:
+            tok = slots // A
+            cptr = arr_ptr + tok * tl.num_programs(0) + pid_n
+            tl.debug_barrier()  # every thread's stores of the tile come before the arrivals
+            old = tl.atomic_add(cptr, 1, mask=m_mask, sem="acq_rel")
+            tid = tl.load(ids_ptr + tok[:, None] * A + ra[None, :], mask=m_mask[:, None] & (ra < A)[None, :], other=-1)
+            valid = tl.sum(((tid >= 0) & (tid < E)).to(tl.int32), 1)
+            last = m_mask & (old == valid - 1)
+            tl.debug_barrier()
+            if tl.sum(last.to(tl.int32), 0) > 0:
+                out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for a in range(0, A):
+                    sa = tok * A + a
+                    ea = tl.load(ids_ptr + sa, mask=last, other=-1)
+                    ok = last & (ea >= 0) & (ea < E)
+                    out += tl.load(ys_ptr + sa.to(tl.int64)[None, :] * H + n[:, None],
+                                   mask=n_mask[:, None] & ok[None, :], other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], out.to(DTYPE),
+                         mask=n_mask[:, None] & last[None, :])
+                tl.store(cptr, tl.zeros((BLOCK_M,), dtype=tl.int32), mask=last)
+
+
+@triton.jit
+def _moe_fill_kernel(ptr, numel, BLOCK: tl.constexpr):
+    """ptr[0 .. numel) = 0: grid (cdiv(numel, BLOCK),)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros((BLOCK,), dtype=ptr.dtype.element_ty), mask=offs < numel)
 
 
 @triton.jit
@@ -505,24 +681,31 @@ class Grouped(NamedTuple):
 
 
 class Regime(NamedTuple):
-    """Slots S in [s_lo, s_hi) take these grouped tiles; s_hi None means no upper end."""
+    """Slots S in [s_lo, s_hi) take these grouped tiles; s_hi None means no upper end.
+
+    ``direct``: the unsorted grouped kernels (no routing alignment: each program scans the
+    ids for its expert's slots; h and the down products are indexed by slot)."""
 
     s_lo: int
     s_hi: int | None
     gate_up: Grouped
     down: Grouped
+    direct: bool = False
 
 
 class Plan(NamedTuple):
     """S <= decode_slots: the decode kernels; above, the regimes (consecutive, covering
-    decode_slots + 1 .. inf). ``atomic``: the grouped down kernel adds into fp32 y with
-    atomics (else per-slot fp32 rows and an ordered sum)."""
+    decode_slots + 1 .. inf). ``atomic``: the sorted grouped down kernel adds into fp32 y with
+    atomics (else per-slot fp32 rows and an ordered sum). ``fused_sum``: the direct down
+    kernel sums each token's rows itself (last arrival, module docstring) instead of
+    ``_moe_sum_kernel``."""
 
     decode_slots: int
     gate_up_gemv: Gemv
     down_gemv: Gemv
     regimes: tuple[Regime, ...]
     atomic: bool = True
+    fused_sum: bool = False
 
 
 def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the intermediate size)
@@ -544,23 +727,36 @@ def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the
         T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
     """
     decode_slots = max(A, 16) if E >= 32 else A  # few slots on many experts: mostly distinct experts
-    gemv = Gemv(block_n=4, block_k=512, num_warps=4)
-    tiles = [(Grouped(16, 64, 128), Grouped(16, 64, 128)),
-             (Grouped(32, 64, 128), Grouped(32, 64, 128)),
-             (Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
-             (Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
-             (Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8))]
-    bounds = [decode_slots + 1, 8 * E, 32 * E, 128 * E, 512 * E]
-    regimes = []
-    for i, (gu, dn) in enumerate(tiles):
-        lo = max(bounds[i], decode_slots + 1)
-        hi = bounds[i + 1] if i + 1 < len(bounds) else None
-        if regimes and lo != regimes[-1].s_hi:
-            lo = regimes[-1].s_hi
-        if hi is not None and hi <= lo:
-            continue
-        regimes.append(Regime(lo, hi, gu, dn))
-    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=True)
+    return build_plan(E, decode_slots, 8 * E, DIRECT_TILES, fused_sum=True)
+
+
+GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
+DIRECT_TILES = (Grouped(16, 64, 128), Grouped(16, 64, 128))
+SORTED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
+                (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
+                (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
+                (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+                (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
+
+
+def build_plan(E: int, decode_slots: int, direct_slots: int, direct_tiles=DIRECT_TILES, *, fused_sum: bool = True,
+               sorted_tiles=SORTED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
+    """decode for S <= decode_slots, the direct kernels (``direct_tiles``: gate/up, down) for S <
+    direct_slots (split at S = E + 1, so that below it a program serves one distinct expert),
+    then the sorted regimes ``sorted_tiles``: (upper end in slots per expert, gate/up, down)."""
+    regimes: list[Regime] = []
+
+    def add(hi, gu, dn, direct=False):
+        lo = regimes[-1].s_hi if regimes else decode_slots + 1
+        if hi is None or hi > lo:
+            regimes.append(Regime(lo, hi, gu, dn, direct))
+
+    if direct_slots > E + 1:
+        add(E + 1, *direct_tiles, direct=True)
+    add(direct_slots, *direct_tiles, direct=True)
+    for per_expert, gu, dn in sorted_tiles:
+        add(None if per_expert is None else per_expert * E, gu, dn)
+    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=atomic, fused_sum=fused_sum)
 
 
 def _check_plan(plan: Plan, mode: int) -> None:
@@ -581,6 +777,14 @@ def _check_plan(plan: Plan, mode: int) -> None:
     for g in (plan.gate_up_gemv, plan.down_gemv):
         if g.block_k % MX_BLOCK:
             raise ValueError(f"moe: gemv BLOCK_K {g.block_k} must be a multiple of 32")
+
+
+def _direct_launch(r: Regime, E: int):
+    """(LEADER, SCAN) of a direct regime: programs per expert (P = E) or per distinct id
+    (P = S, when S < E + 1 throughout the regime), and the ids read per scan step."""
+    leader = r.s_hi is not None and r.s_hi - 1 <= E
+    scan = 1024 if r.s_hi is None else max(16, triton.next_power_of_2(r.s_hi - 1))
+    return leader, (scan if leader else min(scan, 1024))
 
 
 # --------------------------------------------------------------------------- launch
@@ -661,10 +865,13 @@ def _operands(a, a_scale, out_dtype, w, w_scale, granularity: str, plan: Plan, a
 
 
 def _regime_sizes(S, plan: Plan):
-    """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of any grouped)."""
+    """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of
+    the sorted grouped regimes, indicator of the direct ones)."""
     on_decode = _in_range(S, 0, plan.decode_slots + 1)
     grouped = [(_in_range(S, r.s_lo, r.s_hi), r) for r in plan.regimes]
-    return on_decode, grouped, _at_least(S, plan.decode_slots + 1)
+    on_sorted = sum(ind for ind, r in grouped if not r.direct)
+    on_direct = sum(ind for ind, r in grouped if r.direct)
+    return on_decode, grouped, on_sorted, on_direct
 
 
 def _tile_bound(S_r, ind, block_m: int, E: int):
@@ -672,13 +879,20 @@ def _tile_bound(S_r, ind, block_m: int, E: int):
     return triton.cdiv(S_r, block_m) + E * ind
 
 
+def _arrival_blocks(plan: Plan, H: int) -> int:
+    """Columns of the arrival counters [T, .]: the most H blocks of a direct down regime (fused sum)."""
+    return max([triton.cdiv(H, r.down.block_n) for r in plan.regimes if r.direct] or [1])
+
+
 def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: Plan, x_scale=None,
                           out_dtype=None, *, asm: bool = True):
-    """(h [S, I], sorted_slots [S] int32, offsets [E + 1] int32) for an explicit plan.
+    """(h [S, I], sorted_slots [S] int32, offsets [E + 1] int32, arrivals int32) for an explicit plan.
 
     h is in x.dtype (or ``out_dtype`` when x is quantized, see ``_activation``). h row p is
-    slot p on the decode path and sorted position p on the grouped path (where sorted_slots
-    / offsets say which slot and expert; on the decode path they are unused)."""
+    slot p on the decode and direct paths and sorted position p on the sorted grouped path
+    (where sorted_slots / offsets say which slot and expert; elsewhere they are unused).
+    arrivals: the direct down kernel's counters [T, cdiv(H, its BLOCK_N)], zeroed here when it
+    sums itself (``fused_sum``; else unused)."""
     _check_routing(topk_ids)
     if w13.dim() != 3 or x.dim() != 2 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
         raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
@@ -701,7 +915,7 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
     h = torch.empty((S, I), dtype=dtype, device=x.device)
     sorted_slots = torch.empty((S,), dtype=torch.int32, device=x.device)
     offsets = torch.empty((E + 1,), dtype=torch.int32, device=x.device)
-    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
+    on_decode, grouped, on_sorted, on_direct = _regime_sizes(S, plan)
 
     g = plan.gate_up_gemv
     wrap_triton(_moe_gate_up_gemv_kernel)[(S * on_decode, triton.cdiv(I, g.block_n))](
@@ -710,29 +924,46 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
         num_warps=g.num_warps,
     )
 
-    # routing alignment (grouped path only; its grids are empty otherwise)
-    counters = torch.zeros((2 * E,), dtype=torch.int32, device=x.device)
-    S_g = S * on_grouped
+    # routing alignment (sorted grouped path only; its grids are empty otherwise)
+    counters = torch.empty((2 * E,), dtype=torch.int32, device=x.device)
+    wrap_triton(_moe_fill_kernel)[(triton.cdiv(2 * E * on_sorted, FILL_BLOCK),)](
+        counters, 2 * E, BLOCK=FILL_BLOCK, num_warps=4)
+    S_g = S * on_sorted
     wrap_triton(_moe_count_kernel)[(triton.cdiv(S_g, COUNT_BLOCK),)](ids, counters, S, E, BLOCK=COUNT_BLOCK, num_warps=4)
     scatter_block = max(16, min(1024, 8192 // e_p2))
     wrap_triton(_moe_scatter_kernel)[(triton.cdiv(S_g, scatter_block),)](
         ids, counters, sorted_slots, offsets, S, E, BLOCK=scatter_block, E_P2=e_p2, num_warps=4,
     )
+    nb_arr = _arrival_blocks(plan, H)
+    fused = on_direct if plan.fused_sum else 0
+    arrivals = torch.empty((torch.sym_max(T * nb_arr * fused, 32),), dtype=torch.int32, device=x.device)
     for ind, r in grouped:
         c = r.gate_up
+        if r.direct:
+            leader, scan = _direct_launch(r, E)
+            wrap_triton(_moe_gate_up_direct_kernel)[(triton.cdiv(I, c.block_n), (S if leader else E) * ind)](
+                x, xs, ids, w13, s13, h, arrivals, S, T, A, E, H, I, s_stride, kb,
+                triton.cdiv(H, r.down.block_n),
+                SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0, QACT=qact,
+                LEADER=leader, ZERO_ARR=plan.fused_sum,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SCAN=scan, NB_P2=triton.next_power_of_2(nb_arr),
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )
+            continue
         wrap_triton(_moe_gate_up_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
             x, xs, sorted_slots, offsets, w13, s13, h, A, E, H, I, s_stride, kb,
             SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0, QACT=qact,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
-    return h, sorted_slots, offsets
+    return h, sorted_slots, offsets, arrivals
 
 
-def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity: str,
+def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, arrivals, w2, w2_scale, granularity: str,
                        plan: Plan, h_scale=None, out_dtype=None, *, asm: bool = True):
     """y [T, H] from the gate/up op's outputs (h fake-quantized, or quantized with ``h_scale``,
-    since) for an explicit plan; y in h.dtype (or ``out_dtype`` when h is quantized)."""
+    since) for an explicit plan; y in h.dtype (or ``out_dtype`` when h is quantized).
+    arrivals: zero where the direct regime's fused sum reads it; it is zero again afterwards."""
     _check_routing(topk_ids)
     if w2.dim() != 3 or h.dim() != 2 or w2.shape[2] != h.shape[1]:
         raise ValueError(f"moe: h {tuple(h.shape)} and w2 {tuple(w2.shape)} must be [S, I] and [E, H, I]")
@@ -755,31 +986,43 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_
     e_p2 = triton.next_power_of_2(E + 1)
 
     y = torch.empty((T, H), dtype=dtype, device=h.device)
-    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
+    on_decode, grouped, on_sorted, on_direct = _regime_sizes(S, plan)
     g = plan.down_gemv
     wrap_triton(_moe_down_gemv_kernel)[(T * on_decode, triton.cdiv(H, g.block_n))](
         h, hs, ids, tw, w2, s2, y, A, E, H, I, s_stride, kb,
         SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
         num_warps=g.num_warps,
     )
-    rows = T if plan.atomic else S
-    # fp32 accumulator of the grouped path; never 0 or 1 elements (see the module docstring)
-    acc = torch.zeros if plan.atomic else torch.empty
-    y32 = acc((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
+    # fp32 scratch of the grouped paths: y32 [T, H] (sorted, atomic) or per-slot rows [S, H]
+    # (sorted ordered sum, direct); never 0 or 1 elements (see the module docstring)
+    on_atomic = on_sorted if plan.atomic else 0
+    on_rows = on_direct + (0 if plan.atomic else on_sorted)
+    on_fused = on_direct if plan.fused_sum else 0
+    acc32 = torch.empty((torch.sym_max(H * (T * on_atomic + S * on_rows), 32),), dtype=torch.float32, device=h.device)
+    wrap_triton(_moe_fill_kernel)[(triton.cdiv(T * H * on_atomic, FILL_BLOCK),)](
+        acc32, T * H * on_atomic, BLOCK=FILL_BLOCK, num_warps=4)
     for ind, r in grouped:
         c = r.down
+        if r.direct:
+            leader, scan = _direct_launch(r, E)
+            wrap_triton(_moe_down_direct_kernel)[(triton.cdiv(H, c.block_n), (S if leader else E) * ind)](
+                h, hs, tw, ids, w2, s2, acc32, y, arrivals, S, T, A, E, H, I, s_stride, kb,
+                SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, QACT=qact,
+                DTYPE=_TL_DTYPE[dtype], LEADER=leader, FUSED=plan.fused_sum,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SCAN=scan, A_P2=triton.next_power_of_2(A),
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )
+            continue
         wrap_triton(_moe_down_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
-            h, hs, tw, sorted_slots, offsets, w2, s2, y32, A, E, H, I, s_stride, kb,
+            h, hs, tw, sorted_slots, offsets, w2, s2, acc32, A, E, H, I, s_stride, kb,
             SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, ATOMIC=plan.atomic, QACT=qact,
             DTYPE=_TL_DTYPE[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
-    if plan.atomic:
-        wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_grouped, CAST_BLOCK),)](
-            y32, y, T * H * on_grouped, BLOCK=CAST_BLOCK, num_warps=4)
-    else:
-        wrap_triton(_moe_sum_kernel)[(T * on_grouped, triton.cdiv(H, CAST_BLOCK))](
-            y32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
+    wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_atomic, CAST_BLOCK),)](
+        acc32, y, T * H * on_atomic, BLOCK=CAST_BLOCK, num_warps=4)
+    wrap_triton(_moe_sum_kernel)[(T * (on_rows - on_fused), triton.cdiv(H, CAST_BLOCK))](
+        acc32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
     return y
 
 
@@ -804,8 +1047,8 @@ def moe_gate_up_triton(
     granularity: str,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h [T*A, I], sorted_slots [T*A], offsets [E+1]): the gate/up half of the MoE (module docstring).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h [T*A, I], sorted_slots [T*A], offsets [E+1], arrivals): the gate/up half of the MoE (module docstring).
 
     x: bf16/fp16 [T, H], or quantized (e4m3 / int8, like w13) with ``x_scale`` [T] or [T, 1]
     float32 and h's ``out_dtype``. Under torch.compile Inductor traces into this body and
@@ -821,6 +1064,7 @@ def moe_down_triton(
     topk_weights: torch.Tensor,
     sorted_slots: torch.Tensor,
     offsets: torch.Tensor,
+    arrivals: torch.Tensor,
     w2: torch.Tensor,
     w2_scale: torch.Tensor,
     granularity: str,
@@ -829,7 +1073,7 @@ def moe_down_triton(
 ) -> torch.Tensor:
     """y [T, H]: the down half, routed-weight multiply and top-k sum (module docstring); h
     bf16/fp16, or quantized with ``h_scale`` [T*A] / [T*A, 1] float32 and y's ``out_dtype``."""
-    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity,
+    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, arrivals, w2, w2_scale, granularity,
                               _plan_for(topk_ids, w2, False), h_scale, out_dtype)
 
 
@@ -866,14 +1110,14 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
     elif fmt is not None:
         x = quant.fake_quantize_activation(fmt, x, None)
     if plan is None:
-        h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran, x_scale, dtype)
+        h, *routing = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran, x_scale, dtype)
     else:
-        h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan, x_scale, dtype)
+        h, *routing = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan, x_scale, dtype)
     if quantized_activations:
         h, h_scale = quant.quantize_activation(fmt, h, None)
     elif fmt is not None:
         h = quant.fake_quantize_activation(fmt, h, None)
-    args = (h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
+    args = (h, topk_ids, topk_weights, *routing, w2, w2_scale, gran)
     if plan is None:
         return torch.ops.mxpass.moe_down_triton(*args, h_scale, dtype)
     return moe_down_with_plan(*args, plan, h_scale, dtype)
