@@ -4,14 +4,12 @@ Shape legend: T tokens, A active experts per token, E experts, H hidden, I exper
 
 The interpreter is chosen when the kernels are defined, so the checks run in a child
 process. fp16 inputs: with triton 3.9 the interpreter's ``tl.dot`` on bf16 operands is
-wrong, fp16 is right. Tiny shapes; every path (decode GEMV, sorted grouped with atomic or
-ordered top-k sum, direct grouped with its fused or a separate top-k sum, the ops' default
-plan) is compared with ``mxpass.ops.moe_reference`` for every weight granularity, and the
-unquantized path with ``experts_reference``, on fresh random routing: T = 0, T = 1,
-experts that receive no token, every token on one expert (19 slots: two 16-row tiles),
-duplicate ids, and ids outside [0, E) (which must contribute nothing; a token with none
-valid gets a zero row); and the quantized-activation variant of the per-token formats
-(its own tolerance, below).
+wrong, fp16 is right. Tiny shapes; every path (decode GEMV, grouped with atomic or ordered
+top-k sum, the ops' default plan) is compared with ``mxpass.ops.moe_reference`` for every
+weight granularity, and the unquantized path with ``experts_reference``, on fresh random
+routing: T = 0, T = 1, experts that receive no token, every token on one expert,
+duplicate ids, and ids outside [0, E) (which must contribute nothing); and the
+quantized-activation variant of the per-token formats (its own tolerance, below).
 
 Tolerance 2**-10 (relative Frobenius): y is rounded to fp16 once in both (2**-11), and h
 is rounded to fp16 in both before the down projection; the fp32 sums differ only in
@@ -52,18 +50,13 @@ _CHILD = textwrap.dedent(
         "grouped": mk.Plan(0, gemv, gemv, (mk.Regime(1, 9, g16, mk.Grouped(16, 64, 32)),
                                            mk.Regime(9, None, mk.Grouped(32, 64, 64, num_warps=2), g16))),
         "grouped-sum": mk.Plan(0, gemv, gemv, (mk.Regime(1, None, g16, g16),), atomic=False),
-        # direct kernels: one program per distinct expert for S <= E, per expert above; the
-        # down kernel's fused top-k sum, or the sum kernel
-        "direct": mk.build_plan(E, 0, 10**6, (g16, mk.Grouped(16, 64, 32)), gemv=gemv),
-        "direct-sum": mk.build_plan(E, 0, 10**6, (mk.Grouped(16, 64, 64, num_warps=2), g16), fused_sum=False,
-                                    gemv=gemv),
     }
 
     def routings():
         yield "T=0", torch.zeros(0, A, dtype=torch.long)
         yield "T=1", torch.randint(0, E, (1, A))
         yield "empty experts", torch.tensor([0, 2, 3])[torch.randint(0, 3, (6, A))]  # 1 and 4 get none
-        one = torch.randint(0, E, (19, A)); one[:, 0] = 3  # 19 slots on expert 3: two 16-row tiles
+        one = torch.randint(0, E, (7, A)); one[:, 0] = 3
         yield "all on expert 3", one
         yield "duplicates", torch.full((3, A), 4)
 
@@ -89,7 +82,7 @@ _CHILD = textwrap.dedent(
             tw = torch.rand(T, A)
             ref = ref_fn(x, ids, tw)
             outs = {p: mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan) for p, plan in plans.items()
-                    if (p != "decode" or T <= 3) and (name in full or p not in ("grouped-sum", "direct-sum"))}
+                    if (p != "decode" or T <= 3) and (name in full or p != "grouped-sum")}
             # the two triton_ops with their default plan; int32 ids, fp16 routing weights
             outs["op"] = mk.moe_triton(x, ids.int(), tw.half(), q13, s13, q2, s2, fmt)
             for p, y in outs.items():
@@ -116,15 +109,11 @@ _CHILD = textwrap.dedent(
         for p, plan in plans.items():
             err = rel(mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan), ref)
             assert err <= 2.0**-10, (name, "out of range", p, err)
-        # a token with no valid slot gets a zero row (the direct kernels' fused sum writes it)
-        ids2 = torch.tensor([[1, 2], [-1, E], [3, 3]])
-        y = mk.moe_triton(x[:3], ids2, tw[:3], q13, s13, q2, s2, fmt, plans["direct"])
-        assert torch.equal(y[1], torch.zeros_like(y[1])), y[1]
 
     # the alignment: offsets = exclusive prefix sum of the valid ids' counts; each expert's
     # segment of sorted_slots holds exactly its slots
     ids = torch.tensor([0, 2, 3, 3, 7, 2, -2, 3, 0, 3]).view(5, 2)
-    _, sorted_slots, offsets, _ = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids, w13f[:, :64, :64].contiguous(),
+    _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids, w13f[:, :64, :64].contiguous(),
                                                         torch.empty(0), "none", plans["grouped"])
     flat = ids.view(-1)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
@@ -139,3 +128,17 @@ _CHILD = textwrap.dedent(
 
 def test_moe_kernels_under_triton_interpreter():
     run_under_triton_interpreter(_CHILD, timeout=300)
+
+
+def test_default_plan_regimes():
+    """The default plan's paths by slot count for the benchmark shapes: decode up to max(A, 16, E / 4)
+    slots on E >= 32 experts (Qwen3-30B: T <= 4), else up to A (Mixtral: T = 1); consecutive
+    grouped regimes above, the last without an upper end."""
+    import mxpass.kernels.triton.moe as mk
+
+    for (E, A, H, I), decode in (((128, 8, 2048, 768), 32), ((8, 2, 4096, 14336), 2), ((16, 4, 1056, 352), 4),
+                                 ((64, 8, 2048, 768), 16), ((256, 8, 7168, 2048), 64)):
+        plan = mk.default_plan(E, A, H, I)
+        mk._check_plan(plan, 2)  # consecutive from decode_slots + 1, last open-ended
+        assert plan.decode_slots == decode, (E, plan.decode_slots)
+        assert plan.regimes[0].gate_up.block_m == 16 and plan.regimes[0].s_hi == 8 * E

@@ -33,6 +33,7 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               routed-weight multiply and top-k sum in registers; writes y.
                               Deterministic.
   grouped, S > plan.decode_slots (tensor cores):
+    _moe_fill_kernel          zeroes the alignment's counters [2E] (and, below, y32)
     _moe_count_kernel         per-expert slot counts (atomic increments of a zeroed int32 [E])
     _moe_scatter_kernel       exclusive prefix sum of the counts -> offsets [E + 1]; each slot's
                               position = offsets[e] + rank (rank: an atomic increment of a second
@@ -50,8 +51,11 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
 Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
 sorted_slots [S], offsets [E + 1], h [S, I], counters [2E], and, grouped only, y32 [T, H]
 or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 makes the
-tracer guard on T). Tile grids use the bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E;
-programs past the real tile count return at once. So the ops run under CUDA-graph capture,
+tracer guard on T). Every buffer is ``torch.empty``; the grouped path zeroes what it needs
+with ``_moe_fill_kernel``, whose grid is empty on the decode path, so a decode call is two
+kernels and no memset (two memsets were two more CUDA-graph nodes). Tile grids use the
+bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past the real tile count
+return at once. So the ops run under CUDA-graph capture,
 and one compiled graph serves every T.
 
 Routing ids outside [0, E) (the eager op raises on them): such a slot is never counted,
@@ -79,7 +83,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from mxpass.kernels.triton.mxfp8_linear import _dequant_tile, _e8m0_to_fp32, _in_range
+from mxpass.kernels.triton.mxfp8_linear import _at_least, _dequant_tile, _e8m0_to_fp32, _in_range
 from mxpass.kernels.triton.w8_linear import _w8_to_float
 
 __all__ = [
@@ -233,16 +237,30 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, tok, hrow, m_mask, e, pid_n, H, I, S_STRIDE, KB,
-                  SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
-                  QACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[hrow[m], n] = silu(Wg[e] x[tok[m]]) * (Wu[e] x[tok[m]]) for the BLOCK_N rows n of block pid_n.
+def _moe_gate_up_kernel(
+    # pointers
+    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
+    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
+    A, E, H, I, S_STRIDE, KB,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
 
     The W tiles are the left MMA operands (dequantized in registers), the gathered x^T
-    tile the right one, as in the linear dot kernels."""
+    tile the right one, as in the linear dot kernels; tiles of one expert are neighbours
+    in launch order, so a weight tile comes from DRAM about once."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
     dtype = h_ptr.dtype.element_ty
+    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos = p0 + rm
+    m_mask = pos < p_end
+    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < I
     e64 = e.to(tl.int64)
     w_base = w_ptr + e64 * (2 * I) * H
@@ -278,63 +296,7 @@ def _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, tok, hrow, m_mask, e, pid_
         acc_g = acc_g * xs
         acc_u = acc_u * xs
     h = _silu_mul(acc_g, acc_u)
-    tl.store(h_ptr + hrow.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
-
-
-@triton.jit
-def _moe_gate_up_kernel(
-    # pointers
-    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
-    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
-    A, E, H, I, S_STRIDE, KB,
-    # meta
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
-):
-    """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
-
-    Tiles of one expert are neighbours in launch order, so a weight tile comes from DRAM
-    about once; h row p = sorted position p."""
-    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
-    if e >= E:
-        return
-    pos = p0 + tl.arange(0, BLOCK_M)
-    m_mask = pos < p_end
-    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
-    _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, tok, pos, m_mask, e, tl.program_id(1), H, I, S_STRIDE, KB,
-                  SCALE, IS_INT8, ASM, EVEN_K, QACT, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, hrow, slot, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
-               SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
-               QACT: tl.constexpr, DTYPE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """tw[slot[m]] * (W2[e] @ h[hrow[m]])[n]: the fp32 tile [BLOCK_N, BLOCK_M] of rows n."""
-    rk = tl.arange(0, BLOCK_K)
-    e64 = e.to(tl.int64)
-    s_off = e64 * S_STRIDE
-    x_ptrs = h_ptr + hrow.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
-    w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
-    KG = I // 32
-    if QACT and IS_INT8:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            q = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + rk) < I
-            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-            q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, DTYPE, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K, QACT)
-    acc = _out_scale(acc.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
-    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)
-    if QACT:  # per-row activation scale of h
-        tw = tw * tl.load(hs_ptr + hrow, mask=m_mask, other=0.0)
-    return acc * tw[None, :]
+    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
@@ -354,166 +316,41 @@ def _moe_down_kernel(
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
-    pos = p0 + tl.arange(0, BLOCK_M)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + rm
     m_mask = pos < p_end
     slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
-    acc = _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, pos, slot, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
-                     SCALE, IS_INT8, ASM, EVEN_K, QACT, DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+    e64 = e.to(tl.int64)
+    s_off = e64 * S_STRIDE
+    x_ptrs = h_ptr + pos.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
+    w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    KG = I // 32
+    if QACT and IS_INT8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + rk) < I
+            xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+            q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, DTYPE, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K, QACT)
+    acc = _out_scale(acc.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)
+    if QACT:  # per-row activation scale of h
+        tw = tw * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
+    acc = acc * tw[None, :]
     mask = n_mask[:, None] & m_mask[None, :]
     if ATOMIC:
         tl.atomic_add(y_ptr + (slot // A).to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask, sem="relaxed")
     else:
         tl.store(y_ptr + slot.to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask)
-
-
-# --------------------------------------------------------------------------- direct (unsorted) grouped GEMMs
-
-
-@triton.jit
-def _leader_expert(ids_ptr, S, E, p, SCAN: tl.constexpr):
-    """(expert of the p-th distinct valid id in slot order, number of distinct valid ids); S <= SCAN."""
-    r = tl.arange(0, SCAN)
-    in_s = r < S
-    idv = tl.load(ids_ptr + r, mask=in_s, other=-1)
-    ok = in_s & (idv >= 0) & (idv < E)
-    dup = (idv[:, None] == idv[None, :]) & (r[None, :] < r[:, None])  # an earlier slot has the same id
-    lead = ok & (tl.sum(dup.to(tl.int32), 1) == 0)
-    li = lead.to(tl.int32)
-    rank = tl.cumsum(li, 0) - 1
-    e = tl.sum(tl.where(lead & (rank == p), idv, 0), 0).to(tl.int32)
-    return e, tl.sum(li, 0)
-
-
-@triton.jit
-def _expert_count(ids_ptr, S, e, SCAN: tl.constexpr):
-    """Number of slots routed to expert e."""
-    cnt = 0
-    for s0 in range(0, S, SCAN):
-        r = s0 + tl.arange(0, SCAN)
-        idv = tl.load(ids_ptr + r, mask=r < S, other=-1)
-        cnt += tl.sum(((idv == e) & (r < S)).to(tl.int32), 0)
-    return cnt
-
-
-@triton.jit
-def _expert_slots(ids_ptr, S, e, m0, BLOCK_M: tl.constexpr, SCAN: tl.constexpr):
-    """(slots, mask) [BLOCK_M]: the slots routed to expert e of ranks m0 .. m0 + BLOCK_M - 1 in slot order."""
-    rm = m0 + tl.arange(0, BLOCK_M)
-    slots = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    found = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    seen = 0
-    for s0 in range(0, S, SCAN):
-        r = s0 + tl.arange(0, SCAN)
-        idv = tl.load(ids_ptr + r, mask=r < S, other=-1)
-        mi = ((idv == e) & (r < S)).to(tl.int32)
-        rank = seen + tl.cumsum(mi, 0) - 1
-        sel = (mi[None, :] > 0) & (rank[None, :] == rm[:, None])  # [BLOCK_M, SCAN]
-        slots += tl.sum(tl.where(sel, r[None, :], 0), 1)
-        found += tl.sum(sel.to(tl.int32), 1)
-        seen += tl.sum(mi, 0)
-    return slots, found > 0
-
-
-@triton.jit
-def _moe_gate_up_direct_kernel(
-    # pointers (arr: the down kernel's arrival counters, zeroed here when ZERO_ARR)
-    x_ptr, xs_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, arr_ptr,
-    # sizes (x [T, H], ids [S], w [E, 2I, H], h [S, I], arr [T, NB_ARR])
-    S, T, A, E, H, I, S_STRIDE, KB, NB_ARR,
-    # meta
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    LEADER: tl.constexpr, ZERO_ARR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, NB_P2: tl.constexpr,
-):
-    """h[s] for the slots s of one expert, with no routing alignment: grid (cdiv(I, BLOCK_N), P).
-
-    Program p serves expert p (P = E), or with LEADER the p-th distinct expert in slot order
-    (P = S <= SCAN); it finds its slots by scanning the ids and loops over them BLOCK_M at a
-    time. h row = slot."""
-    pid_n = tl.program_id(0)
-    p = tl.program_id(1)
-    if ZERO_ARR:
-        if pid_n == 0:
-            rb = tl.arange(0, NB_P2)
-            for t in range(p, T, tl.num_programs(1)):
-                tl.store(arr_ptr + t * NB_ARR + rb, tl.zeros((NB_P2,), dtype=tl.int32), mask=rb < NB_ARR)
-    if LEADER:
-        e, n_e = _leader_expert(ids_ptr, S, E, p, SCAN)
-        if p >= n_e:
-            return
-    else:
-        e = p
-    cnt = _expert_count(ids_ptr, S, e, SCAN)
-    for m0 in range(0, cnt, BLOCK_M):
-        slots, m_mask = _expert_slots(ids_ptr, S, e, m0, BLOCK_M, SCAN)
-        _gate_up_tile(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, slots // A, slots, m_mask, e, pid_n, H, I, S_STRIDE, KB,
-                      SCALE, IS_INT8, ASM, EVEN_K, QACT, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _moe_down_direct_kernel(
-    # pointers (ys: fp32 rows [S, H] per slot; y [T, H]; arr [T, cdiv(H, BLOCK_N)] zeroed counters)
-    h_ptr, hs_ptr, tw_ptr, ids_ptr, w_ptr, s_ptr, ys_ptr, y_ptr, arr_ptr,
-    # sizes
-    S, T, A, E, H, I, S_STRIDE, KB,
-    # meta
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    DTYPE: tl.constexpr, LEADER: tl.constexpr, FUSED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr, A_P2: tl.constexpr,
-):
-    """ys[s] = tw[s] * W2[e] h[s] for the slots s of one expert (programs as the direct gate/up
-    kernel's): grid (cdiv(H, BLOCK_N), P).
-
-    FUSED: the top-k sum too. Each program counts, per token of its tile and block of H, one
-    arrival (acq_rel atomic, after a barrier that orders the tile's stores); the program that
-    brings a token's count to its number of valid slots sums the token's rows in slot order
-    (what ``_moe_sum_kernel`` does, bit for bit) into y and puts the counter back to 0.
-    Tokens with no valid slot get a zero row."""
-    pid_n = tl.program_id(0)
-    p = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < H
-    ra = tl.arange(0, A_P2)
-    if FUSED:  # no program arrives for a token without a valid slot
-        for t in range(p, T, tl.num_programs(1)):
-            tid = tl.load(ids_ptr + t * A + ra, mask=ra < A, other=-1)
-            if tl.sum(((tid >= 0) & (tid < E)).to(tl.int32), 0) == 0:
-                tl.store(y_ptr + t * H + n, tl.zeros((BLOCK_N,), dtype=tl.float32).to(DTYPE),
-                         mask=n_mask)
-    if LEADER:
-        e, n_e = _leader_expert(ids_ptr, S, E, p, SCAN)
-        if p >= n_e:
-            return
-    else:
-        e = p
-    cnt = _expert_count(ids_ptr, S, e, SCAN)
-    for m0 in range(0, cnt, BLOCK_M):
-        slots, m_mask = _expert_slots(ids_ptr, S, e, m0, BLOCK_M, SCAN)
-        acc = _down_tile(h_ptr, hs_ptr, tw_ptr, w_ptr, s_ptr, slots, slots, m_mask, e, n, n_mask, H, I, S_STRIDE, KB,
-                         SCALE, IS_INT8, ASM, EVEN_K, QACT, DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.store(ys_ptr + slots.to(tl.int64)[None, :] * H + n[:, None], acc, mask=n_mask[:, None] & m_mask[None, :])
-        if FUSED:
-            tok = slots // A
-            cptr = arr_ptr + tok * tl.num_programs(0) + pid_n
-            tl.debug_barrier()  # every thread's stores of the tile come before the arrivals
-            old = tl.atomic_add(cptr, 1, mask=m_mask, sem="acq_rel")
-            tid = tl.load(ids_ptr + tok[:, None] * A + ra[None, :], mask=m_mask[:, None] & (ra < A)[None, :], other=-1)
-            valid = tl.sum(((tid >= 0) & (tid < E)).to(tl.int32), 1)
-            last = m_mask & (old == valid - 1)
-            tl.debug_barrier()
-            if tl.sum(last.to(tl.int32), 0) > 0:
-                out = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for a in range(0, A):
-                    sa = tok * A + a
-                    ea = tl.load(ids_ptr + sa, mask=last, other=-1)
-                    ok = last & (ea >= 0) & (ea < E)
-                    out += tl.load(ys_ptr + sa.to(tl.int64)[None, :] * H + n[:, None],
-                                   mask=n_mask[:, None] & ok[None, :], other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], out.to(DTYPE),
-                         mask=n_mask[:, None] & last[None, :])
-                tl.store(cptr, tl.zeros((BLOCK_M,), dtype=tl.int32), mask=last)
 
 
 @triton.jit
@@ -681,43 +518,40 @@ class Grouped(NamedTuple):
 
 
 class Regime(NamedTuple):
-    """Slots S in [s_lo, s_hi) take these grouped tiles; s_hi None means no upper end.
-
-    ``direct``: the unsorted grouped kernels (no routing alignment: each program scans the
-    ids for its expert's slots; h and the down products are indexed by slot)."""
+    """Slots S in [s_lo, s_hi) take these grouped tiles; s_hi None means no upper end."""
 
     s_lo: int
     s_hi: int | None
     gate_up: Grouped
     down: Grouped
-    direct: bool = False
 
 
 class Plan(NamedTuple):
     """S <= decode_slots: the decode kernels; above, the regimes (consecutive, covering
-    decode_slots + 1 .. inf). ``atomic``: the sorted grouped down kernel adds into fp32 y with
-    atomics (else per-slot fp32 rows and an ordered sum). ``fused_sum``: the direct down
-    kernel sums each token's rows itself (last arrival, module docstring) instead of
-    ``_moe_sum_kernel``."""
+    decode_slots + 1 .. inf). ``atomic``: the grouped down kernel adds into fp32 y with
+    atomics (else per-slot fp32 rows and an ordered sum)."""
 
     decode_slots: int
     gate_up_gemv: Gemv
     down_gemv: Gemv
     regimes: tuple[Regime, ...]
     atomic: bool = True
-    fused_sum: bool = False
 
 
 def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the intermediate size)
     """The plan for one MoE layer's static shapes.
 
-    Fastest of ``python -m mxpass.benchmarks.moe --sweep`` on H200 (torch 2.11, triton 3.6;
-    fp8-w weights; notes/moe-kernel-notes.md), regimes by slots per expert S / E:
-      decode (S <= 16 on E >= 32 experts, else S <= A): gemv 4 rows x 512, 4 warps: Qwen3-30B
-        T = 1 30.5 us (grouped 49.1); Mixtral T = 1 119.5 us (grouped 186.5); at T = 8 the
-        grouped path wins (105 vs 124 us, 394 vs 772 us)
-      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 106.6, 205.4 us; 32-wide 240 us at
-        T = 64; 16 x 32, 4 stages, BLOCK_K 256, down 16 x 128: no gain over 1%)
+    Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
+    H200 (torch 2.11, triton 3.6; fp8-w weights; notes/moe-kernel-notes.md), regimes by slots per
+    expert S / E:
+      decode (S <= max(A, 16, E / 4) on E >= 32 experts, else S <= A): gemv 4 rows x 512, 4
+        warps: Qwen3-30B T = 1 27.8 us (grouped 49.1), T = 4 66.8 us (grouped 76.1: few
+        duplicate experts, so decode's re-reads cost less than the grouped path's five more
+        kernels); Mixtral T = 1 117.3 us (grouped 186.5); at T = 8 the grouped path wins
+        (106.1 vs 121.5 us; Mixtral 399.6 vs 767.2 us)
+      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 106.1, 204.8 us; 32-wide 240 us at
+        T = 64; 16 x 32, 4 stages, BLOCK_K 256, down 16 x 128: no gain over 1%; unsorted
+        "direct" kernels without the alignment 142.9, 318.6 us)
       8 <= S / E < 32: 32 x 64 x 128 (Mixtral T = 64: 512 us; 16-wide 548 us)
       32 <= S / E < 128: 64-wide (gate/up 64 x 64 x 64, down 64 x 128 x 64)
       128 <= S / E < 512: gate/up 64 x 64 x 64, down 128 x 128 x 128, 8 warps (Qwen3 T = 4096:
@@ -726,37 +560,31 @@ def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the
       S / E >= 512: gate/up 128 x 128 x 64, 8 warps, 4 stages, down 128 x 128 x 128 (Mixtral
         T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
     """
-    decode_slots = max(A, 16) if E >= 32 else A  # few slots on many experts: mostly distinct experts
-    return build_plan(E, decode_slots, 8 * E, DIRECT_TILES, fused_sum=True)
+    # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
+    decode_slots = max(A, 16, E // 4) if E >= 32 else A
+    return build_plan(E, decode_slots)
 
 
 GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
-DIRECT_TILES = (Grouped(16, 64, 128), Grouped(16, 64, 128))
-SORTED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
-                (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
-                (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
-                (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
-                (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
+# (upper end of the regime in slots per expert S / E, gate/up tiles, down tiles)
+GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
+                 (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
+                 (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
+                 (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+                 (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
 
 
-def build_plan(E: int, decode_slots: int, direct_slots: int, direct_tiles=DIRECT_TILES, *, fused_sum: bool = True,
-               sorted_tiles=SORTED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
-    """decode for S <= decode_slots, the direct kernels (``direct_tiles``: gate/up, down) for S <
-    direct_slots (split at S = E + 1, so that below it a program serves one distinct expert),
-    then the sorted regimes ``sorted_tiles``: (upper end in slots per expert, gate/up, down)."""
+def build_plan(E: int, decode_slots: int, tiles=GROUPED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
+    """decode for S <= decode_slots, then the grouped regimes ``tiles`` ((upper end in slots per
+    expert or None, gate/up tiles, down tiles), consecutive); regimes that the decode range
+    covers entirely are left out."""
     regimes: list[Regime] = []
-
-    def add(hi, gu, dn, direct=False):
+    for per_expert, gu, dn in tiles:
         lo = regimes[-1].s_hi if regimes else decode_slots + 1
+        hi = None if per_expert is None else per_expert * E
         if hi is None or hi > lo:
-            regimes.append(Regime(lo, hi, gu, dn, direct))
-
-    if direct_slots > E + 1:
-        add(E + 1, *direct_tiles, direct=True)
-    add(direct_slots, *direct_tiles, direct=True)
-    for per_expert, gu, dn in sorted_tiles:
-        add(None if per_expert is None else per_expert * E, gu, dn)
-    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=atomic, fused_sum=fused_sum)
+            regimes.append(Regime(lo, hi, gu, dn))
+    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=atomic)
 
 
 def _check_plan(plan: Plan, mode: int) -> None:
@@ -777,14 +605,6 @@ def _check_plan(plan: Plan, mode: int) -> None:
     for g in (plan.gate_up_gemv, plan.down_gemv):
         if g.block_k % MX_BLOCK:
             raise ValueError(f"moe: gemv BLOCK_K {g.block_k} must be a multiple of 32")
-
-
-def _direct_launch(r: Regime, E: int):
-    """(LEADER, SCAN) of a direct regime: programs per expert (P = E) or per distinct id
-    (P = S, when S < E + 1 throughout the regime), and the ids read per scan step."""
-    leader = r.s_hi is not None and r.s_hi - 1 <= E
-    scan = 1024 if r.s_hi is None else max(16, triton.next_power_of_2(r.s_hi - 1))
-    return leader, (scan if leader else min(scan, 1024))
 
 
 # --------------------------------------------------------------------------- launch
@@ -865,13 +685,10 @@ def _operands(a, a_scale, out_dtype, w, w_scale, granularity: str, plan: Plan, a
 
 
 def _regime_sizes(S, plan: Plan):
-    """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of
-    the sorted grouped regimes, indicator of the direct ones)."""
+    """(indicator of the decode path, [(indicator, regime) of each grouped regime], indicator of any grouped)."""
     on_decode = _in_range(S, 0, plan.decode_slots + 1)
     grouped = [(_in_range(S, r.s_lo, r.s_hi), r) for r in plan.regimes]
-    on_sorted = sum(ind for ind, r in grouped if not r.direct)
-    on_direct = sum(ind for ind, r in grouped if r.direct)
-    return on_decode, grouped, on_sorted, on_direct
+    return on_decode, grouped, _at_least(S, plan.decode_slots + 1)
 
 
 def _tile_bound(S_r, ind, block_m: int, E: int):
@@ -879,20 +696,13 @@ def _tile_bound(S_r, ind, block_m: int, E: int):
     return triton.cdiv(S_r, block_m) + E * ind
 
 
-def _arrival_blocks(plan: Plan, H: int) -> int:
-    """Columns of the arrival counters [T, .]: the most H blocks of a direct down regime (fused sum)."""
-    return max([triton.cdiv(H, r.down.block_n) for r in plan.regimes if r.direct] or [1])
-
-
 def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: Plan, x_scale=None,
                           out_dtype=None, *, asm: bool = True):
-    """(h [S, I], sorted_slots [S] int32, offsets [E + 1] int32, arrivals int32) for an explicit plan.
+    """(h [S, I], sorted_slots [S] int32, offsets [E + 1] int32) for an explicit plan.
 
     h is in x.dtype (or ``out_dtype`` when x is quantized, see ``_activation``). h row p is
-    slot p on the decode and direct paths and sorted position p on the sorted grouped path
-    (where sorted_slots / offsets say which slot and expert; elsewhere they are unused).
-    arrivals: the direct down kernel's counters [T, cdiv(H, its BLOCK_N)], zeroed here when it
-    sums itself (``fused_sum``; else unused)."""
+    slot p on the decode path and sorted position p on the grouped path (where sorted_slots
+    / offsets say which slot and expert; on the decode path they are unused)."""
     _check_routing(topk_ids)
     if w13.dim() != 3 or x.dim() != 2 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
         raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
@@ -915,7 +725,7 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
     h = torch.empty((S, I), dtype=dtype, device=x.device)
     sorted_slots = torch.empty((S,), dtype=torch.int32, device=x.device)
     offsets = torch.empty((E + 1,), dtype=torch.int32, device=x.device)
-    on_decode, grouped, on_sorted, on_direct = _regime_sizes(S, plan)
+    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
 
     g = plan.gate_up_gemv
     wrap_triton(_moe_gate_up_gemv_kernel)[(S * on_decode, triton.cdiv(I, g.block_n))](
@@ -924,46 +734,31 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
         num_warps=g.num_warps,
     )
 
-    # routing alignment (sorted grouped path only; its grids are empty otherwise)
+    # routing alignment (grouped path only; its grids are empty otherwise)
     counters = torch.empty((2 * E,), dtype=torch.int32, device=x.device)
-    wrap_triton(_moe_fill_kernel)[(triton.cdiv(2 * E * on_sorted, FILL_BLOCK),)](
+    wrap_triton(_moe_fill_kernel)[(triton.cdiv(2 * E * on_grouped, FILL_BLOCK),)](
         counters, 2 * E, BLOCK=FILL_BLOCK, num_warps=4)
-    S_g = S * on_sorted
+    S_g = S * on_grouped
     wrap_triton(_moe_count_kernel)[(triton.cdiv(S_g, COUNT_BLOCK),)](ids, counters, S, E, BLOCK=COUNT_BLOCK, num_warps=4)
     scatter_block = max(16, min(1024, 8192 // e_p2))
     wrap_triton(_moe_scatter_kernel)[(triton.cdiv(S_g, scatter_block),)](
         ids, counters, sorted_slots, offsets, S, E, BLOCK=scatter_block, E_P2=e_p2, num_warps=4,
     )
-    nb_arr = _arrival_blocks(plan, H)
-    fused = on_direct if plan.fused_sum else 0
-    arrivals = torch.empty((torch.sym_max(T * nb_arr * fused, 32),), dtype=torch.int32, device=x.device)
     for ind, r in grouped:
         c = r.gate_up
-        if r.direct:
-            leader, scan = _direct_launch(r, E)
-            wrap_triton(_moe_gate_up_direct_kernel)[(triton.cdiv(I, c.block_n), (S if leader else E) * ind)](
-                x, xs, ids, w13, s13, h, arrivals, S, T, A, E, H, I, s_stride, kb,
-                triton.cdiv(H, r.down.block_n),
-                SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0, QACT=qact,
-                LEADER=leader, ZERO_ARR=plan.fused_sum,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SCAN=scan, NB_P2=triton.next_power_of_2(nb_arr),
-                num_warps=c.num_warps, num_stages=c.num_stages,
-            )
-            continue
         wrap_triton(_moe_gate_up_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
             x, xs, sorted_slots, offsets, w13, s13, h, A, E, H, I, s_stride, kb,
             SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0, QACT=qact,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
-    return h, sorted_slots, offsets, arrivals
+    return h, sorted_slots, offsets
 
 
-def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, arrivals, w2, w2_scale, granularity: str,
+def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity: str,
                        plan: Plan, h_scale=None, out_dtype=None, *, asm: bool = True):
     """y [T, H] from the gate/up op's outputs (h fake-quantized, or quantized with ``h_scale``,
-    since) for an explicit plan; y in h.dtype (or ``out_dtype`` when h is quantized).
-    arrivals: zero where the direct regime's fused sum reads it; it is zero again afterwards."""
+    since) for an explicit plan; y in h.dtype (or ``out_dtype`` when h is quantized)."""
     _check_routing(topk_ids)
     if w2.dim() != 3 or h.dim() != 2 or w2.shape[2] != h.shape[1]:
         raise ValueError(f"moe: h {tuple(h.shape)} and w2 {tuple(w2.shape)} must be [S, I] and [E, H, I]")
@@ -986,43 +781,33 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, arrival
     e_p2 = triton.next_power_of_2(E + 1)
 
     y = torch.empty((T, H), dtype=dtype, device=h.device)
-    on_decode, grouped, on_sorted, on_direct = _regime_sizes(S, plan)
+    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
     g = plan.down_gemv
     wrap_triton(_moe_down_gemv_kernel)[(T * on_decode, triton.cdiv(H, g.block_n))](
         h, hs, ids, tw, w2, s2, y, A, E, H, I, s_stride, kb,
         SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
         num_warps=g.num_warps,
     )
-    # fp32 scratch of the grouped paths: y32 [T, H] (sorted, atomic) or per-slot rows [S, H]
-    # (sorted ordered sum, direct); never 0 or 1 elements (see the module docstring)
-    on_atomic = on_sorted if plan.atomic else 0
-    on_rows = on_direct + (0 if plan.atomic else on_sorted)
-    on_fused = on_direct if plan.fused_sum else 0
-    acc32 = torch.empty((torch.sym_max(H * (T * on_atomic + S * on_rows), 32),), dtype=torch.float32, device=h.device)
-    wrap_triton(_moe_fill_kernel)[(triton.cdiv(T * H * on_atomic, FILL_BLOCK),)](
-        acc32, T * H * on_atomic, BLOCK=FILL_BLOCK, num_warps=4)
+    rows = T if plan.atomic else S
+    # fp32 accumulator of the grouped path; never 0 or 1 elements (see the module docstring)
+    y32 = torch.empty((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
+    if plan.atomic:
+        wrap_triton(_moe_fill_kernel)[(triton.cdiv(T * H * on_grouped, FILL_BLOCK),)](
+            y32, T * H * on_grouped, BLOCK=FILL_BLOCK, num_warps=4)
     for ind, r in grouped:
         c = r.down
-        if r.direct:
-            leader, scan = _direct_launch(r, E)
-            wrap_triton(_moe_down_direct_kernel)[(triton.cdiv(H, c.block_n), (S if leader else E) * ind)](
-                h, hs, tw, ids, w2, s2, acc32, y, arrivals, S, T, A, E, H, I, s_stride, kb,
-                SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, QACT=qact,
-                DTYPE=_TL_DTYPE[dtype], LEADER=leader, FUSED=plan.fused_sum,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SCAN=scan, A_P2=triton.next_power_of_2(A),
-                num_warps=c.num_warps, num_stages=c.num_stages,
-            )
-            continue
         wrap_triton(_moe_down_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
-            h, hs, tw, sorted_slots, offsets, w2, s2, acc32, A, E, H, I, s_stride, kb,
+            h, hs, tw, sorted_slots, offsets, w2, s2, y32, A, E, H, I, s_stride, kb,
             SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, ATOMIC=plan.atomic, QACT=qact,
             DTYPE=_TL_DTYPE[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
-    wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_atomic, CAST_BLOCK),)](
-        acc32, y, T * H * on_atomic, BLOCK=CAST_BLOCK, num_warps=4)
-    wrap_triton(_moe_sum_kernel)[(T * (on_rows - on_fused), triton.cdiv(H, CAST_BLOCK))](
-        acc32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
+    if plan.atomic:
+        wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_grouped, CAST_BLOCK),)](
+            y32, y, T * H * on_grouped, BLOCK=CAST_BLOCK, num_warps=4)
+    else:
+        wrap_triton(_moe_sum_kernel)[(T * on_grouped, triton.cdiv(H, CAST_BLOCK))](
+            y32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
     return y
 
 
@@ -1047,8 +832,8 @@ def moe_gate_up_triton(
     granularity: str,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h [T*A, I], sorted_slots [T*A], offsets [E+1], arrivals): the gate/up half of the MoE (module docstring).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h [T*A, I], sorted_slots [T*A], offsets [E+1]): the gate/up half of the MoE (module docstring).
 
     x: bf16/fp16 [T, H], or quantized (e4m3 / int8, like w13) with ``x_scale`` [T] or [T, 1]
     float32 and h's ``out_dtype``. Under torch.compile Inductor traces into this body and
@@ -1064,7 +849,6 @@ def moe_down_triton(
     topk_weights: torch.Tensor,
     sorted_slots: torch.Tensor,
     offsets: torch.Tensor,
-    arrivals: torch.Tensor,
     w2: torch.Tensor,
     w2_scale: torch.Tensor,
     granularity: str,
@@ -1073,7 +857,7 @@ def moe_down_triton(
 ) -> torch.Tensor:
     """y [T, H]: the down half, routed-weight multiply and top-k sum (module docstring); h
     bf16/fp16, or quantized with ``h_scale`` [T*A] / [T*A, 1] float32 and y's ``out_dtype``."""
-    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, arrivals, w2, w2_scale, granularity,
+    return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity,
                               _plan_for(topk_ids, w2, False), h_scale, out_dtype)
 
 
@@ -1110,14 +894,14 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
     elif fmt is not None:
         x = quant.fake_quantize_activation(fmt, x, None)
     if plan is None:
-        h, *routing = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran, x_scale, dtype)
+        h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran, x_scale, dtype)
     else:
-        h, *routing = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan, x_scale, dtype)
+        h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan, x_scale, dtype)
     if quantized_activations:
         h, h_scale = quant.quantize_activation(fmt, h, None)
     elif fmt is not None:
         h = quant.fake_quantize_activation(fmt, h, None)
-    args = (h, topk_ids, topk_weights, *routing, w2, w2_scale, gran)
+    args = (h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
     if plan is None:
         return torch.ops.mxpass.moe_down_triton(*args, h_scale, dtype)
     return moe_down_with_plan(*args, plan, h_scale, dtype)

@@ -136,13 +136,13 @@ def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
         dtype = x.dtype
         xq, xs = fq(x) if fq else (x, None)
         if plan is None:
-            h, *routing = torch.ops.mxpass.moe_gate_up_triton(xq, ids, q13, s13, gran, xs, dtype)
+            h, srt, off = torch.ops.mxpass.moe_gate_up_triton(xq, ids, q13, s13, gran, xs, dtype)
         else:
-            h, *routing = km.moe_gate_up_with_plan(xq, ids, q13, s13, gran, plan, xs, dtype)
+            h, srt, off = km.moe_gate_up_with_plan(xq, ids, q13, s13, gran, plan, xs, dtype)
         hq, hs = fq(h) if fq else (h, None)
         if plan is None:
-            return torch.ops.mxpass.moe_down_triton(hq, ids, tw, *routing, q2, s2, gran, hs, dtype)
-        return km.moe_down_with_plan(hq, ids, tw, *routing, q2, s2, gran, plan, hs, dtype)
+            return torch.ops.mxpass.moe_down_triton(hq, ids, tw, srt, off, q2, s2, gran, hs, dtype)
+        return km.moe_down_with_plan(hq, ids, tw, srt, off, q2, s2, gran, plan, hs, dtype)
 
     return run
 
@@ -355,7 +355,7 @@ def kernel_stats() -> list[dict]:
     import mxpass.kernels.triton.moe as km
 
     out = []
-    for fn in (km._moe_gate_up_kernel, km._moe_down_kernel, km._moe_gate_up_direct_kernel, km._moe_down_direct_kernel):
+    for fn in (km._moe_gate_up_kernel, km._moe_down_kernel):
         try:
             for cache in getattr(fn, "device_caches", {}).values():
                 for key, k in cache[0].items():

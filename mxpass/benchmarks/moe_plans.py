@@ -6,19 +6,22 @@ S = T * A slots.
     python -m mxpass.benchmarks.moe_plans [--json out.json] [--before old_moe.py] [--tokens ...] [--workers N]
 
 For each (shape, T) of ``CASES`` it times ``candidates(shape, T)``: the default plan, the
-decode / direct / sorted paths forced, and the direct kernels' tiles varied one at a time
-(gate/up with down at the default, down with gate/up at the default), then the pairing of
-the fastest of each; every plan on the fp8-w weights, the default (and the best pairing)
-also on fp8-dynamic, and the peers of ``mxpass.benchmarks.moe`` (HF grouped_mm bf16,
-torch._scaled_grouped_mm) as baselines. ``--before FILE``: a previous version of
-``kernels/triton/moe.py``, loaded under the op namespace ``mxpass_before`` and timed the same
-way (the "before" rows of a change, in the same run). ``--breakdown``: the default plan's two
-ops timed alone too.
+decode or grouped path forced, other GEMV tiles, the ordered top-k sum, and (level "full")
+the grouped tiles of the regime T falls in varied one at a time (gate/up with down at the
+default, down with gate/up at the default), then the pairing of the fastest of each; every
+plan on the fp8-w weights, the default (and the best pairing) also on fp8-dynamic, and the
+peers of ``mxpass.benchmarks.moe`` (HF grouped_mm bf16, torch._scaled_grouped_mm) as
+baselines. ``--before FILE``: a previous version of ``kernels/triton/moe.py`` (e.g. ``git
+show REV:kernels/triton/moe.py > FILE``, a file inside the working tree to reach the GPU
+machine), loaded under the op namespace ``mxpass_before`` and timed the same way: the
+"before" rows of a change, in the same run. ``--breakdown``: the default plan's two ops
+timed alone too (level "full").
 
 Triton compiles every configuration once per process; the kernels are compiled first in
-``--workers`` processes (on dummy weights of the same shapes, which gives the same cache
-keys), so the timing process finds them in Triton's cache. Times, errors and method are
-those of ``mxpass.benchmarks.moe`` (CUDA-graph replays of 4 calls on 4 routings, medians).
+``--workers`` processes (on dummy weights of the same shapes and dtypes, which gives the
+same cache keys: 85 jobs in 27 s on the 16-core H200 machine), so the timing process finds
+them in Triton's cache. Times, errors and method are those of ``mxpass.benchmarks.moe``
+(CUDA-graph replays of 4 calls on 4 routings, medians).
 """
 
 from __future__ import annotations
@@ -43,50 +46,65 @@ from mxpass.benchmarks.moe import (
     scaled_grouped_mm_moe,
 )
 
-# (shape, tokens): which T each shape is timed at; "full" adds the tile variations
-CASES = {"qwen3-30b-a3b": {1: "paths", 2: "paths", 4: "paths", 8: "full", 16: "paths", 32: "paths", 64: "full",
-                           128: "paths", 4096: "default"},
-         "mixtral-8x7b": {1: "paths", 8: "paths", 64: "paths", 4096: "default"}}
+# shape -> {T: level}; level "default" (the default plan only), "paths", "full" (tile variations)
+CASES = {"qwen3-30b-a3b": {1: "paths", 2: "paths", 4: "paths", 8: "full", 16: "paths", 64: "full", 4096: "default"},
+         "mixtral-8x7b": {1: "paths", 8: "paths", 4096: "default"}}
 PEERS_AT = {"qwen3-30b-a3b": (1, 8, 64, 4096), "mixtral-8x7b": (1, 4096)}
 DYNAMIC_AT = {"qwen3-30b-a3b": (1, 8, 64, 4096), "mixtral-8x7b": (1, 4096)}
 
 
 def candidates(s: MoEShape, T: int, level: str):
     """[(name, plan or None (the default), part, tiles)]: part "gu" / "dn" for the one-at-a-time tile
-    variations of the direct kernels, else "path"."""
+    variations of the grouped regime that S = T * A falls in, else "path"."""
     import mxpass.kernels.triton.moe as km
 
     G = km.Grouped
     base = km.default_plan(s.E, s.A, s.H, s.I)
-    gu0, dn0 = km.DIRECT_TILES
     dec = base.decode_slots
+    S = T * s.A
     out = [("default", None, "path", None)]
     if level == "default":
         return out
-    S = T * s.A
-    on_direct = any(r.direct and r.s_lo <= S and (r.s_hi is None or S < r.s_hi) for r in base.regimes)
-    if on_direct:
-        out.append(("sorted (no direct regime)", km.build_plan(s.E, dec, 0), "path", None))
-    if S > dec:
-        out.append(("direct, sum kernel", km.build_plan(s.E, dec, 10**9, fused_sum=False), "path", None))
-        if T <= 8:
-            out.append(("decode forced", km.build_plan(s.E, 10**9, 10**9 + 1), "path", None))
-    if not on_direct:
-        out.append(("direct forced", km.build_plan(s.E, 0, 10**9), "path", None))
-    if T <= 2:
-        for g in (km.Gemv(2, 1024, 4), km.Gemv(8, 256, 4)):
-            out.append((f"decode gemv {g.block_n}x{g.block_k}", km.build_plan(s.E, 10**9, 10**9 + 1, gemv=g), "path", None))
-        out.append(("direct forced gu 16x32x128 s4 dn 16x32x128",
-                    km.build_plan(s.E, 0, 10**9, (G(16, 32, 128, 4, 4), G(16, 32, 128, 4, 3))), "path", None))
+    if S <= dec:
+        out.append(("grouped forced", km.build_plan(s.E, 0), "path", None))
+        if T <= 2:
+            for g in (km.Gemv(2, 1024, 4), km.Gemv(8, 256, 4)):
+                out.append((f"decode gemv {g.block_n}x{g.block_k}", km.build_plan(s.E, dec, gemv=g), "path", None))
+        return out
+    if T <= 8:
+        out.append(("decode forced", km.build_plan(s.E, 10**9), "path", None))
+    out.append(("ordered sum", km.build_plan(s.E, dec, atomic=False), "path", None))
     if level != "full":
         return out
-    gus = (G(16, 64, 128, 4, 4), G(16, 64, 64, 4, 4), G(16, 64, 64, 4, 6), G(16, 32, 128, 4, 4), G(16, 128, 64, 8, 4),
-           G(16, 128, 128, 8, 3), G(16, 32, 256, 4, 3))
-    dns = (G(16, 128, 128, 8, 3), G(16, 128, 128, 4, 3), G(16, 64, 64, 4, 4), G(16, 128, 64, 4, 4), G(16, 64, 256, 4, 2),
-           G(16, 32, 128, 4, 3), G(16, 256, 128, 8, 3))
-    out += [(f"direct gu {_tiles(g)}", km.build_plan(s.E, dec, 10**9, (g, dn0)), "gu", g) for g in gus if g != gu0]
-    out += [(f"direct dn {_tiles(g)}", km.build_plan(s.E, dec, 10**9, (gu0, g)), "dn", g) for g in dns if g != dn0]
+    i = _regime_index(s, S)
+    _, gu0, dn0 = km.GROUPED_TILES[i]
+    gus = (G(16, 64, 128, 4, 4), G(16, 64, 64, 4, 4), G(16, 32, 128, 4, 4), G(16, 128, 64, 8, 4), G(16, 128, 128, 8, 3))
+    dns = (G(16, 128, 128, 4, 3), G(16, 128, 128, 8, 3), G(16, 64, 64, 4, 4), G(16, 128, 64, 4, 4), G(16, 256, 128, 8, 3))
+    m = gu0.block_m
+    out += [(f"grouped gu {_tiles(g)}", _with_tiles(s, i, g, dn0), "gu", g) for g in (g._replace(block_m=m) for g in gus)
+            if g != gu0]
+    out += [(f"grouped dn {_tiles(g)}", _with_tiles(s, i, gu0, g), "dn", g) for g in (g._replace(block_m=m) for g in dns)
+            if g != dn0]
     return out
+
+
+def _regime_index(s: MoEShape, S: int) -> int:
+    """Index in GROUPED_TILES of the regime that S slots fall in (above the decode range)."""
+    import mxpass.kernels.triton.moe as km
+
+    for i, (per_expert, _, _) in enumerate(km.GROUPED_TILES):
+        if per_expert is None or S < per_expert * s.E:
+            return i
+    raise AssertionError("the last regime has no upper end")
+
+
+def _with_tiles(s: MoEShape, i: int, gu, dn):
+    """The default plan with regime i's tiles replaced."""
+    import mxpass.kernels.triton.moe as km
+
+    tiles = list(km.GROUPED_TILES)
+    tiles[i] = (tiles[i][0], gu, dn)
+    return km.build_plan(s.E, km.default_plan(s.E, s.A, s.H, s.I).decode_slots, tuple(tiles))
 
 
 def _tiles(g) -> str:
@@ -94,7 +112,8 @@ def _tiles(g) -> str:
 
 
 def load_before(path: str):
-    """The module in ``path`` (an earlier kernels/triton/moe.py) with its ops renamed to mxpass_before::."""
+    """The module in ``path`` (an earlier kernels/triton/moe.py whose ops have today's signatures)
+    with its ops renamed to mxpass_before::."""
     with open(path) as fh:
         src = fh.read()
     src = src.replace('"mxpass::moe_', '"mxpass_before::moe_')
@@ -289,7 +308,7 @@ def _time_tokens(sh, s: MoEShape, T: int, level: str, g, weights, hf, before, br
             us = measure(f"mxpass_{fmt.name}", name, _mxpass_fn(fmt, q13, s13, q2, s2, plan), refs[fmt.name])
             if us is not None and fmt is fp8w:
                 timed[(part, tiles)] = us
-    best = _best_pair(s, timed)
+    best = _best_pair(s, T * s.A, timed)
     if best is not None:
         for fmt in schemes:
             measure(f"mxpass_{fmt.name}", best[0], _mxpass_fn(fmt, q13, s13, q2, s2, best[1]), refs[fmt.name])
@@ -297,10 +316,8 @@ def _time_tokens(sh, s: MoEShape, T: int, level: str, g, weights, hf, before, br
         _breakdown(sh, s, T, inputs, q13, s13, q2, s2, emit)
 
 
-def _best_pair(s: MoEShape, timed: dict):
-    """(name, plan) pairing the fastest direct gate/up and down tiles, when both beat the default."""
-    import mxpass.kernels.triton.moe as km
-
+def _best_pair(s: MoEShape, S: int, timed: dict):
+    """(name, plan) pairing the fastest gate/up and down tiles of the sweep, when both beat the default."""
     ref = timed.get(("path", None))
     best = {}
     for part in ("gu", "dn"):
@@ -309,9 +326,8 @@ def _best_pair(s: MoEShape, timed: dict):
             best[part] = min(c, key=lambda t: t[0])[1]
     if len(best) < 2:
         return None
-    base = km.default_plan(s.E, s.A, s.H, s.I)
-    return (f"direct best gu {_tiles(best['gu'])} dn {_tiles(best['dn'])}",
-            km.build_plan(s.E, base.decode_slots, 10**9, (best["gu"], best["dn"])))
+    return (f"grouped best gu {_tiles(best['gu'])} dn {_tiles(best['dn'])}",
+            _with_tiles(s, _regime_index(s, S), best["gu"], best["dn"]))
 
 
 def _breakdown(sh, s, T, inputs, q13, s13, q2, s2, emit):

@@ -37,8 +37,7 @@ TOLERANCE = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 # H = 1056: 33 MX blocks, not a multiple of 64 / 128 (K tails, partial 128-wide scale
 # columns); I = 352: 2I = 704 rows, the up rows start inside a 128-row scale block.
 E, A, H, I = 16, 4, 1056, 352  # noqa: E741
-# default plan for E = 16: decode for T * A <= 4 (T = 1), direct regimes from T = 2 (one program per
-# distinct expert) and 5 (per expert), sorted grouped regimes from T = 32, 128, 512, 2048
+# default plan for E = 16: decode for T * A <= 4 (T = 1), grouped regimes from T = 2, 32, 128, 512, 2048
 TS = [0, 1, 3, 17, 64, 300]
 FULL = [None, "mxfp8", "fp8-w-block", "int8"]  # one scheme per scale kind, every T and routing
 OTHER = ["mxfp8-w", "fp8-dynamic", "fp8-w", "fp8-w-tensor"]
@@ -119,20 +118,15 @@ def test_fp16(scheme):
 
 
 def test_every_path_alone(weights):
-    """Decode forced at T = 64, each grouped regime's tiles forced alone (T = 1, 5, 64), the ordered top-k
-    sum instead of atomics, and the direct kernels alone (one program per distinct expert up to
-    S = E, then per expert) with and without their fused top-k sum."""
+    """Decode forced at T = 64, each grouped regime's tiles forced alone (T = 1, 5, 64), and the ordered top-k sum instead of atomics."""
     base = km.default_plan(E, A, H, I)
     last = base.regimes[-1]
     plans = {
         "decode": km.Plan(10**9, base.gate_up_gemv, base.down_gemv, (km.Regime(10**9 + 1, None, last.gate_up, last.down),)),
         "grouped-sum": base._replace(atomic=False),
-        "direct": km.build_plan(E, 0, 10**9),
-        "direct-sum-kernel": km.build_plan(E, 0, 10**9, fused_sum=False),
     }
     for i, r in enumerate(base.regimes):  # every regime's tiles forced alone, from 16 x 64 x 128 to 128 x 128 x 128
-        plans[f"grouped-{i}"] = km.Plan(0, base.gate_up_gemv, base.down_gemv,
-                                        (km.Regime(1, None, r.gate_up, r.down, r.direct),), fused_sum=base.fused_sum)
+        plans[f"grouped-{i}"] = km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, r.gate_up, r.down),))
     for scheme in ("mxfp8", "int8"):
         fmt, w, ref_fn = weights[scheme]
         for T in (1, 5, 64):
@@ -145,25 +139,22 @@ def test_every_path_alone(weights):
 
 def test_e4m3_without_inline_ptx(weights):
     fmt, (q13, s13, q2, s2), ref_fn = weights["fp8-w"]
+    ids, tw = _routing(40, "random")
+    x = _x(40)
     plan = km.default_plan(E, A, H, I)
-    for T in (3, 40):  # direct, sorted
-        ids, tw = _routing(T, "random", seed=T)
-        x = _x(T, seed=T)
-        h, *routing = km.moe_gate_up_with_plan(x, ids, q13, s13, "channel", plan, asm=False)
-        y = km.moe_down_with_plan(h, ids, tw, *routing, q2, s2, "channel", plan, asm=False)
-        _close(y, ref_fn(x, ids, tw), TOLERANCE[x.dtype])
+    h, srt, off = km.moe_gate_up_with_plan(x, ids, q13, s13, "channel", plan, asm=False)
+    y = km.moe_down_with_plan(h, ids, tw, srt, off, q2, s2, "channel", plan, asm=False)
+    _close(y, ref_fn(x, ids, tw), TOLERANCE[x.dtype])
 
 
 def test_out_of_range_ids_contribute_nothing(weights):
     """Ids < 0 or >= E: no fault, no write outside the output, those slots add nothing."""
     fmt, w, ref_fn = weights["mxfp8"]
-    for T in (1, 3, 9, 70):  # decode, direct (per distinct expert, per expert), sorted
+    for T in (1, 70):
         ids, tw = _routing(T, "random", seed=T)
         ids[0, 0] = -1
         ids[-1, -1] = E
         ids[T // 2, 1] = 2**40
-        if T == 9:
-            ids[2] = -5  # a token with no valid slot: its row of y is zero
         bad = (ids < 0) | (ids >= E)
         x = _x(T, seed=T)
         y = km.moe_triton(x, ids, tw, *w, fmt)
@@ -175,7 +166,7 @@ def test_writes_every_element_and_repeats(weights):
     """Output memory poisoned with NaN by the allocator's previous tenant; two runs equal
     (the atomic top-k sum may differ in the last bit of fp32, so compared at the tolerance)."""
     fmt, w, ref_fn = weights["int8"]
-    for T in (1, 3, 9, 300):
+    for T in (1, 9, 300):
         ids, tw = _routing(T, "random", seed=T)
         x = _x(T, seed=T)
         torch.full((T * H * 8,), float("nan"), device="cuda")
@@ -183,8 +174,8 @@ def test_writes_every_element_and_repeats(weights):
         y2 = km.moe_triton(x, ids, tw, *w, fmt)
         assert torch.isfinite(y1).all()
         _close(y2, y1, 2.0**-9)
-    # the decode path, the direct path (fused sum in slot order) and the ordered sum are deterministic
-    for T, plan in ((1, None), (3, None), (9, None), (300, km.default_plan(E, A, H, I)._replace(atomic=False))):
+    # the decode path and the ordered sum are deterministic
+    for T, plan in ((1, None), (300, km.default_plan(E, A, H, I)._replace(atomic=False))):
         ids, tw = _routing(T, "random", seed=T)
         x = _x(T, seed=T)
         assert torch.equal(km.moe_triton(x, ids, tw, *w, fmt, plan), km.moe_triton(x, ids, tw, *w, fmt, plan))
@@ -195,9 +186,7 @@ def _opcheck(op, args):
 
     Not test_aot_dispatch_dynamic: it compares two runs' outputs, and the gate/up op's
     sorted_slots (and h, stored in that order) list an expert's slots in an order that
-    varies between runs (atomic ranks), and are left unwritten on the decode and direct
-    paths, as are the arrival counters except where the direct path's fused sum uses them
-    (zero before and after the down op, which the raw-bytes check below covers); y does
+    varies between runs (atomic ranks), and are left unwritten on the decode path; y does
     not depend on that order. AOT dispatch with dynamic T is what
     test_compiles_once_and_inductor_launches_the_kernels runs. (test_schema needs a
     float8 allclose, which torch has no CUDA kernel for: tests/conftest.py.)"""
@@ -212,18 +201,18 @@ def _opcheck(op, args):
 
 def test_opcheck(weights):
     fmt, (q13, s13, q2, s2), _ = weights["fp8-w-block"]
-    for T in (1, 3, 20, 40):  # decode, direct (per distinct expert, per expert), sorted
+    for T in (1, 20):
         ids, tw = _routing(T, "random", seed=T)
         x = _x(T, seed=T)
-        h, *routing = _opcheck(torch.ops.mxpass.moe_gate_up_triton.default, (x, ids, q13, s13, "block"))
-        _opcheck(torch.ops.mxpass.moe_down_triton.default, (h, ids, tw, *routing, q2, s2, "block"))
+        h, srt, off = _opcheck(torch.ops.mxpass.moe_gate_up_triton.default, (x, ids, q13, s13, "block"))
+        _opcheck(torch.ops.mxpass.moe_down_triton.default, (h, ids, tw, srt, off, q2, s2, "block"))
 
 
 def test_no_host_sync_and_cuda_graph_capture(weights):
-    """Decode, direct and sorted grouped paths (activation quantization included) run with sync
-    debug mode "error", are captured in a CUDA graph, and replays with new inputs match the reference."""
+    """Decode and grouped paths (activation quantization included) run with sync debug mode
+    "error", are captured in a CUDA graph, and replays with new inputs match the reference."""
     fmt, w, ref_fn = weights["fp8-dynamic"]
-    for T in (1, 3, 10, 48):
+    for T in (1, 48):
         ids, tw = _routing(T, "random", seed=T)
         x = _x(T, seed=T)
         km.moe_triton(x, ids, tw, *w, fmt)  # warm: compile outside the checks
@@ -255,10 +244,9 @@ def _lowering_backend(gm, example_inputs):
 
 
 def test_compiles_once_and_inductor_launches_the_kernels(weights):
-    """``mxpass::moe`` through the lowering: one Inductor graph for T in {3, 17, 64, 300} (the
-    direct regimes and the sorted ones but the last, which is forced in test_every_path_alone;
-    the decode path's compiled run is test_tiny_qwen3_moe_compiled's), whose code launches our
-    kernels, not the ops."""
+    """``mxpass::moe`` through the lowering: one Inductor graph for T in {3, 17, 64, 300} (decode
+    and every grouped regime but the last, which is forced in test_every_path_alone), whose
+    code launches our kernels, not the ops."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -278,8 +266,7 @@ def test_compiles_once_and_inductor_launches_the_kernels(weights):
             code = code or "\n".join(codes)
     assert backend.graphs == 1
     for name in ("_moe_count_kernel", "_moe_scatter_kernel", "_moe_gate_up_kernel", "_moe_down_kernel",
-                 "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel", "_moe_cast_kernel", "_moe_fill_kernel",
-                 "_moe_gate_up_direct_kernel", "_moe_down_direct_kernel"):
+                 "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel", "_moe_cast_kernel", "_moe_fill_kernel"):
         assert name in code, name
     assert "mxpass.moe_gate_up_triton" not in code and "mxpass.moe_down_triton" not in code
     assert "mxpass.moe.default" not in code
