@@ -3,7 +3,8 @@
 Each kernel's ``run`` receives the raw activation [M, K] and applies the format's
 activation quantization itself (as ATen math, which Inductor fuses into the producer):
 fake-quantized for kernels that compute on dequantized values, really quantized for the
-cuBLAS FP8 kernels. MoE kernels (op "moe") take the ``mxpass::moe`` arguments and apply
+W8A8 kernels (``_QuantizedInput``), which also take it quantized elsewhere through
+``run_quantized``. MoE kernels (op "moe") take the ``mxpass::moe`` arguments and apply
 the activation quantization of both expert inputs themselves. Order is decided by measurement (docs/performance.md); the reference is
 always last and always available.
 """
@@ -94,7 +95,17 @@ class TritonW8Linear(TritonMXFP8Linear):
         return torch.ops.mxpass.w8_linear_triton(x, qweight, wscale, bias, fmt.weight_granularity)
 
 
-class ScaledMMLinear:
+class _QuantizedInput:
+    """A kernel on the activation really quantized. ``run`` quantizes it (ATen math that
+    Inductor fuses into its producer); ``run_quantized`` takes ``quant.quantize_activation``'s
+    outputs computed elsewhere (``lowering/producers.py``: act_quant_triton)."""
+
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        xq, xs = quant.quantize_activation(fmt, x, act_scale)
+        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
+
+
+class ScaledMMLinear(_QuantizedInput):
     """cuBLAS FP8 GEMM through ``torch._scaled_mm``: rowwise (per-token x per-channel) or
     tensorwise (per-tensor x per-tensor) scales; the activation is really quantized to e4m3."""
 
@@ -113,12 +124,7 @@ class ScaledMMLinear:
             return False, f"K={problem.k} and N={problem.n} must be multiples of 16"
         return True, ""
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
-
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
-        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         if self.mode == "rowwise":
             scale_a, scale_b = xs.reshape(-1, 1), wscale.reshape(1, -1)
         else:
@@ -143,7 +149,7 @@ def _cuda_toolkit_at_least(major: int, minor: int) -> bool:
     return got >= (major, minor)
 
 
-class ScaledMMBlockwiseLinear:
+class ScaledMMBlockwiseLinear(_QuantizedInput):
     """cuBLAS FP8 GEMM with DeepSeek-style block scales through ``torch._scaled_mm``: the
     activation really quantized in 1 x 128 groups (scale [M, K/128], passed outer-dim-major,
     strides (1, M)), the weight's 128 x 128 block scales [N/128, K/128] passed as their
@@ -187,16 +193,20 @@ class ScaledMMBlockwiseLinear:
                            f"block scales otherwise)")
         return True, ""
 
+    def _pad(self, m):
+        """Rows to add to M for a multiple of ``ROWS`` (guard-free for a symbolic M)."""
+        return (self.ROWS - m % self.ROWS) % self.ROWS
+
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
         m = x.shape[0]
-        pad = (self.ROWS - m % self.ROWS) % self.ROWS
+        pad = self._pad(m)
         xq, xs = quant.quantize_activation(fmt, torch.nn.functional.pad(x, (0, 0, 0, pad)), act_scale)
         return self._gemm(xq, xs, qweight, wscale, bias, m, x.dtype)
 
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
         """``run`` for an activation quantized elsewhere: its rows padded here (data 0, scale 1)."""
         m = xq.shape[0]
-        pad = (self.ROWS - m % self.ROWS) % self.ROWS
+        pad = self._pad(m)
         if not (isinstance(pad, int) and pad == 0):  # a static M that needs none: no copy of xq
             xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)
             xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
@@ -245,7 +255,7 @@ class DequantMMLinear:
         return y if bias is None else y + bias
 
 
-class IntMMLinear:
+class IntMMLinear(_QuantizedInput):
     """cuBLAS INT8 GEMM through ``torch._int_mm`` (int32 accumulation, exact), then the
     per-token x per-channel (or per-tensor) rescale in fp32. ``_int_mm`` needs more than 16
     rows: smaller batches are zero-padded to 17 rows with guard-free size arithmetic."""
@@ -261,12 +271,7 @@ class IntMMLinear:
             return False, f"K={problem.k} and N={problem.n} must be multiples of 8"
         return True, ""
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
-
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
-        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         m = xq.shape[0]
         pad = torch.sym_max(self.MIN_ROWS - m, 0)
         acc = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, pad)), qweight.t())
@@ -276,7 +281,7 @@ class IntMMLinear:
         return y.to(out_dtype)
 
 
-class TritonInt8MM:
+class TritonInt8MM(_QuantizedInput):
     """W8A8 INT8 GEMM in Triton (kernels/triton/int8_gemm.py): the activation really quantized
     to int8 (per token, or per tensor for ``int8-static``; ATen math that Inductor fuses into
     the producer), int8 x int8 -> int32 on the tensor cores, scales / bias / cast fused in the
@@ -312,18 +317,13 @@ class TritonInt8MM:
                            f"(no vector loads; cublas_int_mm needs a multiple of 8)")
         return True, ""
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
-
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
-        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         from mxpass.kernels.triton import int8_gemm  # noqa: F401  (registers the op)
 
         return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, out_dtype)
 
 
-class CudaW8A8Gemv:
+class CudaW8A8Gemv(_QuantizedInput):
     """Small-M W8A8 linear on FP8 / INT8 tensor cores (kernels/cuda/w8a8_gemv.cu): the weight
     streams straight into ``mma.sync`` operands, the activation is really quantized (fused
     into its producer). Taken only when the graph's M is static and at most 16 (decode
@@ -361,12 +361,7 @@ class CudaW8A8Gemv:
         why = shape_problem(problem.k, group)
         return (False, why) if why else (True, "")
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        xq, xs = quant.quantize_activation(fmt, x, act_scale)
-        return self.run_quantized(xq, xs, qweight, wscale, bias, fmt, x.dtype)
-
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
-        """``run`` for an activation quantized elsewhere (``quant.quantize_activation``'s outputs)."""
         from mxpass.kernels.cuda import w8a8_gemv  # noqa: F401  (registers the op)
 
         b = None if bias is None else bias.to(out_dtype)
