@@ -120,9 +120,8 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         if found is None:
             continue
         src, up, what = found
-        g, w = _value(src), _value(qweight)
-        if g is None or w is None or (up is not None and (_value(up) is None or _value(up).shape != g.shape
-                                                          or _value(up).dtype != g.dtype)):
+        g, w, u = _value(src), _value(qweight), None if up is None else _value(up)
+        if g is None or w is None or (up is not None and (u is None or u.shape != g.shape or u.dtype != g.dtype)):
             continue
         k = w.shape[1]
         rows = g.shape[:-1]

@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from mxpass.formats import Format, get_format
+from mxpass.schemes import fp8, int8
 
 MAX_K = 32768  # longest row held in registers (one row per program)
 GROUP = 128    # fp8-block activation groups
@@ -67,6 +68,7 @@ def _max_keeping_nan(a, b):
 @triton.jit
 def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up,
                       SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
+                      RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                       BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr):
     row = tl.program_id(0)
     if row >= M:
@@ -80,14 +82,8 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
         up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
         y = _round(_round(y / (1.0 + tl.exp(-y)), HALF, BIT_MATH) * up, HALF, BIT_MATH)
     amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
-    if KIND == 2:
-        s = _round(tl.math.div_rn(amax, 127.5), HALF, BIT_MATH)
-    else:
-        s = _round(tl.math.div_rn(amax, 448.0), HALF, BIT_MATH)
-    if HALF:
-        s = tl.where(s == 0.0, 0.0009765625, s)  # torch.finfo(T).eps
-    else:
-        s = tl.where(s == 0.0, 0.0078125, s)
+    s = _round(tl.math.div_rn(amax, RANGE), HALF, BIT_MATH)
+    s = tl.where(s == 0.0, EPS, s)
     s = tl.where(amax == float("inf"), float("nan"), s)  # NaN amax gave a NaN s already
     if HALF:
         q = _round(tl.math.div_rn(y, s[:, None]), HALF, BIT_MATH)
@@ -96,7 +92,7 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
     if KIND == 2:
         nan = q != q  # before the clamps: min/max return the non-NaN operand
         # nearest-even to an integer: adding 1.5 * 2**23 leaves no fraction bits in float32
-        q = (tl.minimum(tl.maximum(q, -128.0), 127.0) + 12582912.0) - 12582912.0
+        q = (tl.minimum(tl.maximum(q, QMIN), QMAX) + 12582912.0) - 12582912.0
         q = tl.where(nan, 0.0, q)
         if STORE_F32:
             tl.store(q_ptr + row * K + offs, q, mask=mask)
@@ -106,7 +102,7 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
         q = q + 0.0  # -0 -> +0, compressed-tensors' zero-point add
         if STORE_F32:
             # what the conversion below does on the GPU: clamp to +/-448, every NaN one NaN
-            q = tl.where(q != q, float("nan"), tl.minimum(tl.maximum(q, -448.0), 448.0))
+            q = tl.where(q != q, float("nan"), tl.minimum(tl.maximum(q, QMIN), QMAX))
             tl.store(q_ptr + row * K + offs, q, mask=mask)
         else:
             # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
@@ -148,15 +144,19 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     _check(x, up, f)
     M, K = x.shape
     kind = KINDS[(f.family, f.activation)]
-    gs = GROUP if kind == 1 else triton.next_power_of_2(int(K))
+    block = triton.next_power_of_2(int(K))
+    gs = GROUP if kind == 1 else block
     ng = int(K) // GROUP if kind == 1 else 1
     dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
     scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(int(K))
+    # the scheme's scale rule: s = rnd_T(amax / RANGE), 0 -> eps_T; codes in [QMIN, QMAX]
+    rng, qmin, qmax = (int8.HALF_RANGE, int8.INT8_MIN, int8.INT8_MAX) if kind == 2 else (
+        fp8.E4M3_MAX, -fp8.E4M3_MAX, fp8.E4M3_MAX)
     wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
         SILU_MUL=up is not None, KIND=kind, HALF=x.dtype == torch.float16,
+        RANGE=float(rng), EPS=torch.finfo(x.dtype).eps, QMIN=float(qmin), QMAX=float(qmax),
         BLOCK_G=triton.next_power_of_2(ng), GS=gs, BIT_MATH=x.device.type == "cpu", STORE_F32=store_f32,
         num_warps=8 if block >= 8192 else 4)
     return data, scale
