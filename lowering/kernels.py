@@ -418,6 +418,8 @@ class TritonMoEW8A8(TritonMoE):
 #: Smallest static M at which the W8A16 formats take dequant_cublas_mm before triton_w8
 #: (measured on H200, docs/performance.md).
 W8A16_DEQUANT_MIN_M = 512
+#: The same for the MXFP8 formats before triton_mxfp8 (H200: docs/performance.md).
+MX_DEQUANT_MIN_M = 512
 
 
 def candidates() -> dict[RegistryKey, list[Kernel]]:
@@ -429,8 +431,13 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
     # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
     w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")
     w8 = [w8_large, TritonW8Linear()]
+    # MXFP8 on sm_90 has no MX tensor cores: triton_mxfp8 dequantizes into scratch at M >= 256
+    # and runs a Triton GEMM; where the graph fixed a large M, cuBLAS bf16 on the dequantized
+    # weight is faster (docs/performance.md, "MXFP8 at large M")
+    mx_large = DequantMMLinear(min_static_m=MX_DEQUANT_MIN_M, faster_than="triton_mxfp8")
+    mx = [mx_large, TritonMXFP8Linear()]
     first = {
-        "mxfp8": [TritonMXFP8Linear()], "mxfp8-w": [TritonMXFP8Linear()],
+        "mxfp8": mx, "mxfp8-w": mx,
         "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
         "int8": int8, "int8-static": int8,
         "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8,

@@ -44,7 +44,8 @@ def test_registry_reasons_and_overrides(monkeypatch):
     cpu = Problem("linear", fmt, torch.device("cpu"), 64, 32, torch.bfloat16)
     choice = registry.choose(cpu)
     assert choice.kernel.name == "reference"
-    assert choice.rejected == (("triton_mxfp8", "needs a CUDA device, got cpu"),
+    assert choice.rejected == (("dequant_cublas_mm", "needs a CUDA device, got cpu"),
+                               ("triton_mxfp8", "needs a CUDA device, got cpu"),
                                ("dequant_cublas_mm", "needs a CUDA device, got cpu"))
 
     monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "reference")
@@ -52,8 +53,9 @@ def test_registry_reasons_and_overrides(monkeypatch):
         registry.choose(cpu)
     monkeypatch.delenv("MXPASS_DISABLE_KERNELS")
     monkeypatch.setenv("MXPASS_KERNEL", "triton_mxfp8")
-    with pytest.raises(NoKernelError, match="triton_mxfp8: needs a CUDA device.*dequant_cublas_mm: "
-                                            "MXPASS_KERNEL=triton_mxfp8; reference: MXPASS_KERNEL=triton_mxfp8"):
+    with pytest.raises(NoKernelError, match="dequant_cublas_mm: MXPASS_KERNEL=triton_mxfp8; triton_mxfp8: needs "
+                                            "a CUDA device.*dequant_cublas_mm: MXPASS_KERNEL=triton_mxfp8; "
+                                            "reference: MXPASS_KERNEL=triton_mxfp8"):
         registry.choose(cpu)
 
 
@@ -62,7 +64,8 @@ def test_kernel_choice_is_in_the_report(monkeypatch):
     with torch.no_grad():
         torch.compile(lin, backend=mxpass.backend(compiler="eager"))(torch.randn(2, 64))
     (entry,) = mxpass.last_report().rewritten
-    assert entry.kernel == ("reference (not picked: triton_mxfp8: needs a CUDA device, got cpu; "
+    assert entry.kernel == ("reference (not picked: dequant_cublas_mm: needs a CUDA device, got cpu; "
+                            "triton_mxfp8: needs a CUDA device, got cpu; "
                             "dequant_cublas_mm: needs a CUDA device, got cpu)")
 
 
@@ -103,7 +106,8 @@ def test_capability_is_checked(monkeypatch):
         assert choice.kernel.name == "dequant_cublas_mm"
         assert skipped in dict(choice.rejected)
         for name, reason in choice.rejected:
-            assert reason.endswith("device has 8.0"), (name, reason)
+            if not reason.startswith("M is dynamic"):  # the large-static-M entry of mxfp8
+                assert reason.endswith("device has 8.0"), (name, reason)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     choice = registry.choose(Problem("linear", mxpass.get_format("int8"), gpu, 4096, 4096, torch.bfloat16))
     assert choice.kernel.name == "dequant_cublas_mm" and "INT8 tensor cores" in dict(choice.rejected)["cublas_int_mm"]
@@ -172,23 +176,27 @@ def test_blockwise_scaled_mm_is_offered_on_hopper_only(monkeypatch):
     assert choice.kernel.name == "triton_w8" and "N=200" in dict(choice.rejected)["cublas_scaled_mm_blockwise"]
 
 
-def test_w8a16_takes_dequant_cublas_for_a_large_static_m(monkeypatch):
-    """W8A16 formats: dequant_cublas_mm first only where the graph fixed M at or above the
-    measured threshold; a dynamic or smaller M keeps triton_w8, and the report says why."""
-    from mxpass.lowering.kernels import W8A16_DEQUANT_MIN_M as T
+def test_w8a16_and_mx_take_dequant_cublas_for_a_large_static_m(monkeypatch):
+    """W8A16 and MXFP8 formats: dequant_cublas_mm first only where the graph fixed M at or above
+    the measured threshold; a dynamic or smaller M keeps the Triton kernel, and the report says why."""
+    from mxpass.lowering.kernels import MX_DEQUANT_MIN_M, W8A16_DEQUANT_MIN_M
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     gpu = torch.device("cuda", 0)
-    for scheme in ("fp8-w", "fp8-w-tensor", "fp8-w-block"):
+    for scheme, T, triton in (("fp8-w", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                              ("fp8-w-tensor", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                              ("fp8-w-block", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                              ("mxfp8", MX_DEQUANT_MIN_M, "triton_mxfp8"),
+                              ("mxfp8-w", MX_DEQUANT_MIN_M, "triton_mxfp8")):
         fmt = mxpass.get_format(scheme)
         assert registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, T)).kernel.name == \
             "dequant_cublas_mm"
         small = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, T - 1))
-        assert small.kernel.name == "triton_w8"
+        assert small.kernel.name == triton
         assert small.rejected == (("dequant_cublas_mm", f"M={T - 1} < {T} (picked first for a static M >= {T}, "
-                                                        "where it measured faster than triton_w8)"),)
+                                                        f"where it measured faster than {triton})"),)
         dyn = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16))
-        assert dyn.kernel.name == "triton_w8" and dyn.rejected[0][1].startswith("M is dynamic in this graph")
+        assert dyn.kernel.name == triton and dyn.rejected[0][1].startswith("M is dynamic in this graph")
     # forcing the kernel still works for a dynamic M (its later, unconditional entry)
     monkeypatch.setenv("MXPASS_KERNEL", "dequant_cublas_mm")
     fmt = mxpass.get_format("fp8-w")

@@ -128,3 +128,17 @@ _CHILD = textwrap.dedent(
 
 def test_moe_kernels_under_triton_interpreter():
     run_under_triton_interpreter(_CHILD, timeout=300)
+
+
+def test_default_plan_regimes():
+    """The default plan's paths by slot count for the benchmark shapes: decode up to max(A, 16, E / 4)
+    slots on E >= 32 experts (Qwen3-30B: T <= 4), else up to A (Mixtral: T = 1); consecutive
+    grouped regimes above, the last without an upper end."""
+    import mxpass.kernels.triton.moe as mk
+
+    for (E, A, H, I), decode in (((128, 8, 2048, 768), 32), ((8, 2, 4096, 14336), 2), ((16, 4, 1056, 352), 4),
+                                 ((64, 8, 2048, 768), 16), ((256, 8, 7168, 2048), 64)):
+        plan = mk.default_plan(E, A, H, I)
+        mk._check_plan(plan, 2)  # consecutive from decode_slots + 1, last open-ended
+        assert plan.decode_slots == decode, (E, plan.decode_slots)
+        assert plan.regimes[0].gate_up.block_m == 16 and plan.regimes[0].s_hi == 8 * E

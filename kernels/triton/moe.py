@@ -33,6 +33,7 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               routed-weight multiply and top-k sum in registers; writes y.
                               Deterministic.
   grouped, S > plan.decode_slots (tensor cores):
+    _moe_fill_kernel          zeroes the alignment's counters [2E] (and, below, y32)
     _moe_count_kernel         per-expert slot counts (atomic increments of a zeroed int32 [E])
     _moe_scatter_kernel       exclusive prefix sum of the counts -> offsets [E + 1]; each slot's
                               position = offsets[e] + rank (rank: an atomic increment of a second
@@ -50,8 +51,11 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
 Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
 sorted_slots [S], offsets [E + 1], h [S, I], counters [2E], and, grouped only, y32 [T, H]
 or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 makes the
-tracer guard on T). Tile grids use the bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E;
-programs past the real tile count return at once. So the ops run under CUDA-graph capture,
+tracer guard on T). Every buffer is ``torch.empty``; the grouped path zeroes what it needs
+with ``_moe_fill_kernel``, whose grid is empty on the decode path, so a decode call is two
+kernels and no memset (two memsets were two more CUDA-graph nodes). Tile grids use the
+bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past the real tile count
+return at once. So the ops run under CUDA-graph capture,
 and one compiled graph serves every T.
 
 Routing ids outside [0, E) (the eager op raises on them): such a slot is never counted,
@@ -88,6 +92,7 @@ __all__ = [
     "Grouped",
     "Plan",
     "Regime",
+    "build_plan",
     "default_plan",
     "moe_down_with_plan",
     "moe_gate_up_with_plan",
@@ -104,6 +109,7 @@ MX_BLOCK = 32  # "mx32": OCP MX v1.0, one E8M0 scale per 32 along K
 CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load of fp8/int8)
 COUNT_BLOCK = 1024  # slots per program of the count kernel
 CAST_BLOCK = 1024
+FILL_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -348,6 +354,13 @@ def _moe_down_kernel(
 
 
 @triton.jit
+def _moe_fill_kernel(ptr, numel, BLOCK: tl.constexpr):
+    """ptr[0 .. numel) = 0: grid (cdiv(numel, BLOCK),)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros((BLOCK,), dtype=ptr.dtype.element_ty), mask=offs < numel)
+
+
+@triton.jit
 def _moe_cast_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr):
     """dst = src (fp32) in dst's dtype: grid (cdiv(numel, BLOCK),)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -528,13 +541,17 @@ class Plan(NamedTuple):
 def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the intermediate size)
     """The plan for one MoE layer's static shapes.
 
-    Fastest of ``python -m mxpass.benchmarks.moe --sweep`` on H200 (torch 2.11, triton 3.6;
-    fp8-w weights; notes/moe-kernel-notes.md), regimes by slots per expert S / E:
-      decode (S <= 16 on E >= 32 experts, else S <= A): gemv 4 rows x 512, 4 warps: Qwen3-30B
-        T = 1 30.5 us (grouped 49.1); Mixtral T = 1 119.5 us (grouped 186.5); at T = 8 the
-        grouped path wins (105 vs 124 us, 394 vs 772 us)
-      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 106.6, 205.4 us; 32-wide 240 us at
-        T = 64; 16 x 32, 4 stages, BLOCK_K 256, down 16 x 128: no gain over 1%)
+    Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
+    H200 (torch 2.11, triton 3.6; fp8-w weights; notes/moe-kernel-notes.md), regimes by slots per
+    expert S / E:
+      decode (S <= max(A, 16, E / 4) on E >= 32 experts, else S <= A): gemv 4 rows x 512, 4
+        warps: Qwen3-30B T = 1 27.8 us (grouped 49.1), T = 4 66.8 us (grouped 76.1: few
+        duplicate experts, so decode's re-reads cost less than the grouped path's five more
+        kernels); Mixtral T = 1 117.3 us (grouped 186.5); at T = 8 the grouped path wins
+        (106.1 vs 121.5 us; Mixtral 399.6 vs 767.2 us)
+      S / E < 8: 16 x 64 x 128 tiles (Qwen3 T = 8, 64: 106.1, 204.8 us; 32-wide 240 us at
+        T = 64; 16 x 32, 4 stages, BLOCK_K 256, down 16 x 128: no gain over 1%; unsorted
+        "direct" kernels without the alignment 142.9, 318.6 us)
       8 <= S / E < 32: 32 x 64 x 128 (Mixtral T = 64: 512 us; 16-wide 548 us)
       32 <= S / E < 128: 64-wide (gate/up 64 x 64 x 64, down 64 x 128 x 64)
       128 <= S / E < 512: gate/up 64 x 64 x 64, down 128 x 128 x 128, 8 warps (Qwen3 T = 4096:
@@ -543,24 +560,31 @@ def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the
       S / E >= 512: gate/up 128 x 128 x 64, 8 warps, 4 stages, down 128 x 128 x 128 (Mixtral
         T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
     """
-    decode_slots = max(A, 16) if E >= 32 else A  # few slots on many experts: mostly distinct experts
-    gemv = Gemv(block_n=4, block_k=512, num_warps=4)
-    tiles = [(Grouped(16, 64, 128), Grouped(16, 64, 128)),
-             (Grouped(32, 64, 128), Grouped(32, 64, 128)),
-             (Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
-             (Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
-             (Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8))]
-    bounds = [decode_slots + 1, 8 * E, 32 * E, 128 * E, 512 * E]
-    regimes = []
-    for i, (gu, dn) in enumerate(tiles):
-        lo = max(bounds[i], decode_slots + 1)
-        hi = bounds[i + 1] if i + 1 < len(bounds) else None
-        if regimes and lo != regimes[-1].s_hi:
-            lo = regimes[-1].s_hi
-        if hi is not None and hi <= lo:
-            continue
-        regimes.append(Regime(lo, hi, gu, dn))
-    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=True)
+    # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
+    decode_slots = max(A, 16, E // 4) if E >= 32 else A
+    return build_plan(E, decode_slots)
+
+
+GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
+# (upper end of the regime in slots per expert S / E, gate/up tiles, down tiles)
+GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
+                 (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
+                 (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
+                 (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+                 (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
+
+
+def build_plan(E: int, decode_slots: int, tiles=GROUPED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
+    """decode for S <= decode_slots, then the grouped regimes ``tiles`` ((upper end in slots per
+    expert or None, gate/up tiles, down tiles), consecutive); regimes that the decode range
+    covers entirely are left out."""
+    regimes: list[Regime] = []
+    for per_expert, gu, dn in tiles:
+        lo = regimes[-1].s_hi if regimes else decode_slots + 1
+        hi = None if per_expert is None else per_expert * E
+        if hi is None or hi > lo:
+            regimes.append(Regime(lo, hi, gu, dn))
+    return Plan(decode_slots, gemv, gemv, tuple(regimes), atomic=atomic)
 
 
 def _check_plan(plan: Plan, mode: int) -> None:
@@ -711,7 +735,9 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
     )
 
     # routing alignment (grouped path only; its grids are empty otherwise)
-    counters = torch.zeros((2 * E,), dtype=torch.int32, device=x.device)
+    counters = torch.empty((2 * E,), dtype=torch.int32, device=x.device)
+    wrap_triton(_moe_fill_kernel)[(triton.cdiv(2 * E * on_grouped, FILL_BLOCK),)](
+        counters, 2 * E, BLOCK=FILL_BLOCK, num_warps=4)
     S_g = S * on_grouped
     wrap_triton(_moe_count_kernel)[(triton.cdiv(S_g, COUNT_BLOCK),)](ids, counters, S, E, BLOCK=COUNT_BLOCK, num_warps=4)
     scatter_block = max(16, min(1024, 8192 // e_p2))
@@ -764,8 +790,10 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_
     )
     rows = T if plan.atomic else S
     # fp32 accumulator of the grouped path; never 0 or 1 elements (see the module docstring)
-    acc = torch.zeros if plan.atomic else torch.empty
-    y32 = acc((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
+    y32 = torch.empty((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
+    if plan.atomic:
+        wrap_triton(_moe_fill_kernel)[(triton.cdiv(T * H * on_grouped, FILL_BLOCK),)](
+            y32, T * H * on_grouped, BLOCK=FILL_BLOCK, num_warps=4)
     for ind, r in grouped:
         c = r.down
         wrap_triton(_moe_down_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](

@@ -50,21 +50,25 @@ def test_kernel_matches_reference_kernel(monkeypatch, scheme, kernel, tokens):
     assert rel_err(out, ref) < 2**-7
 
 
-def test_w8a16_choice_follows_static_m(monkeypatch):
-    """W8A16: a graph with a static M >= W8A16_DEQUANT_MIN_M takes dequant_cublas_mm, a smaller
-    static M and a dynamic M take triton_w8 (the report says why); every output matches the
-    reference kernel on the same quantized values."""
-    from mxpass.lowering.kernels import W8A16_DEQUANT_MIN_M
+def test_w8a16_and_mx_choice_follows_static_m(monkeypatch):
+    """W8A16 and MXFP8: a graph with a static M >= the threshold takes dequant_cublas_mm, a
+    smaller static M and a dynamic M take the Triton kernel (the report says why); every
+    output matches the reference kernel on the same quantized values."""
+    from mxpass.lowering.kernels import MX_DEQUANT_MIN_M, W8A16_DEQUANT_MIN_M
 
     torch.manual_seed(0)
     # K differs from every M here: Dynamo gives equal sizes one symbol (duck sizing), so an M
     # equal to K would be specialized with K even under dynamic=True
     lin = torch.nn.Linear(1024, 384, bias=False).cuda().bfloat16()
-    assert W8A16_DEQUANT_MIN_M not in (1024, 384)
-    big = torch.randn(W8A16_DEQUANT_MIN_M, 1024, device="cuda", dtype=torch.bfloat16)
-    small = torch.randn(W8A16_DEQUANT_MIN_M - 1, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        for scheme in ("fp8-w", "fp8-w-tensor", "fp8-w-block"):
+        for scheme, T, triton in (("fp8-w", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                                  ("fp8-w-tensor", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                                  ("fp8-w-block", W8A16_DEQUANT_MIN_M, "triton_w8"),
+                                  ("mxfp8", MX_DEQUANT_MIN_M, "triton_mxfp8"),
+                                  ("mxfp8-w", MX_DEQUANT_MIN_M, "triton_mxfp8")):
+            assert T not in (1024, 384)
+            big = torch.randn(T, 1024, device="cuda", dtype=torch.bfloat16)
+            small = torch.randn(T - 1, 1024, device="cuda", dtype=torch.bfloat16)
             monkeypatch.setenv("MXPASS_KERNEL", "reference")
             torch._dynamo.reset()
             ref = torch.compile(lin, backend=mxpass.backend(scheme=scheme), dynamic=True)
@@ -72,8 +76,8 @@ def test_w8a16_choice_follows_static_m(monkeypatch):
             monkeypatch.delenv("MXPASS_KERNEL")
             for x, r, dynamic, kernel, reason in (
                     (big, refs[0], False, "dequant_cublas_mm", None),
-                    (small, refs[1], False, "triton_w8", f"M={W8A16_DEQUANT_MIN_M - 1} < {W8A16_DEQUANT_MIN_M}"),
-                    (big, refs[0], True, "triton_w8", "M is dynamic in this graph")):
+                    (small, refs[1], False, triton, f"M={T - 1} < {T}"),
+                    (big, refs[0], True, triton, "M is dynamic in this graph")):
                 torch._dynamo.reset()
                 out = torch.compile(lin, backend=mxpass.backend(scheme=scheme), dynamic=dynamic)(x)
                 chosen = mxpass.last_report().rewritten[0].kernel

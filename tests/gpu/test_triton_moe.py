@@ -266,7 +266,7 @@ def test_compiles_once_and_inductor_launches_the_kernels(weights):
             code = code or "\n".join(codes)
     assert backend.graphs == 1
     for name in ("_moe_count_kernel", "_moe_scatter_kernel", "_moe_gate_up_kernel", "_moe_down_kernel",
-                 "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel", "_moe_cast_kernel"):
+                 "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel", "_moe_cast_kernel", "_moe_fill_kernel"):
         assert name in code, name
     assert "mxpass.moe_gate_up_triton" not in code and "mxpass.moe_down_triton" not in code
     assert "mxpass.moe.default" not in code
