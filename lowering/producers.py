@@ -54,6 +54,11 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
         return "triton is not installed"
     if not hasattr(choice.kernel, "run_quantized"):
         return f"{choice.kernel.name} takes the activation unquantized or fake-quantized"
+    if problem.m is None:
+        # torch 2.11's Inductor fails to decompose the kernel's call when its buffers have
+        # symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional, seen on
+        # an HF Llama compiled with dynamic=True): a dynamic M keeps Inductor's quantization
+        return "M is dynamic in this graph (Inductor cannot yet decompose the kernel call with symbolic sizes)"
     from mxpass.kernels.triton.act_quant import supports
 
     ok, reason = supports(problem.fmt, problem.k, problem.dtype)
@@ -129,11 +134,10 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         problem = Problem("linear", fmt, g.device, k, w.shape[0], g.dtype, m)
         why_not = fusion_problem(problem, choose(problem))
         index = node.meta.get("mxpass_report_index")
-        if index is not None:
-            entry = report.rewritten[index]
-            note = f"input {what} quantized by {KERNEL}" if why_not is None else (
-                f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")
-            report.rewritten[index] = dataclasses.replace(entry, input_quant=note)
+        note = f"input {what} quantized by {KERNEL}" if why_not is None else (
+            f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")
+        for i in ([] if index is None else index if isinstance(index, list) else [index]):
+            report.rewritten[i] = dataclasses.replace(report.rewritten[i], input_quant=note)
         if why_not is not None:
             continue
         key = (src, up, fmt_name)

@@ -123,7 +123,8 @@ def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: tor
 def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | None = None, *,
             scheme: str | None = None, ignore: Sequence[str] | str = (), quantize_lm_head: bool = False,
             cudagraphs: bool = False, inductor_options: dict[str, Any] | None = None,
-            compiler: str = "inductor", activation_scales: dict[str, float] | None = None):
+            compiler: str = "inductor", activation_scales: dict[str, float] | None = None,
+            merge: bool = True):
     """The mxpass backend, usable directly or configured.
 
     ``backend=mxpass.backend`` compiles with the defaults: MXFP8 on every eligible linear of an
@@ -138,10 +139,11 @@ def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | No
     ``compiler="eager"`` runs the rewritten graph without Inductor (every mxpass op
     runs its pure-PyTorch reference): the numerical definition compiled code is tested against.
     ``cudagraphs=True`` is the equivalent of ``mode="reduce-overhead"`` (torch.compile
-    does not accept a mode together with a custom backend).
+    does not accept a mode together with a custom backend). ``merge=False`` keeps every
+    layer its own GEMM (by default layers reading the same input, such as q/k/v, run as one).
     """
     config = QuantConfig(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head,
-                         activation_scales=activation_scales or {})
+                         activation_scales=activation_scales or {}, merge=merge)
     be = MxpassBackend(config, cudagraphs=cudagraphs, inductor_options=inductor_options,
                        compiler=compiler)
     if gm is None:
@@ -153,7 +155,7 @@ def backend(gm: fx.GraphModule | None = None, example_inputs: Sequence[Any] | No
 
 def compile(fn: Callable | None = None, *, scheme: str | None = None, ignore: Sequence[str] | str = (),
             quantize_lm_head: bool = False, cudagraphs: bool = False, dynamic: bool | None = None,
-            fullgraph: bool = False, activation_scales: dict[str, float] | None = None):
+            fullgraph: bool = False, activation_scales: dict[str, float] | None = None, merge: bool = True):
     """Decorator form: ``@mxpass.compile(scheme="mxfp8")`` on a model's forward (or any function).
 
     Given a model (or a bound method of one) whose MoE experts run transformers' eager loop,
@@ -161,7 +163,7 @@ def compile(fn: Callable | None = None, *, scheme: str | None = None, ignore: Se
     (the eager loop graph-breaks); the change is noted in the report.
     """
     be = backend(scheme=scheme, ignore=ignore, quantize_lm_head=quantize_lm_head, cudagraphs=cudagraphs,
-                 activation_scales=activation_scales)
+                 activation_scales=activation_scales, merge=merge)
 
     def wrap(f: Callable) -> Callable:
         model = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)

@@ -27,12 +27,15 @@ class QuantConfig:
     quantize_lm_head -- quantize the output embedding too (off by default)
     activation_scales -- static per-tensor activation scales by module path, for the static
                 schemes ("fp8", "int8-static"); a layer without one is an error
+    merge    -- run quantized layers that read the same input (q/k/v, gate/up) as one GEMM on
+                their stacked weights (on by default; the report says which were merged)
     """
 
     scheme: str | None = None
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     activation_scales: tuple[tuple[str, float], ...] = ()
+    merge: bool = True
 
     def __post_init__(self):
         if isinstance(self.ignore, str):

@@ -13,6 +13,7 @@ class Rewritten:
     kernel: str       # registry choice, with the reasons other kernels were not picked
     shape: tuple[int, int]  # (N, K)
     input_quant: str = ""   # where the activation is quantized, when not in Inductor's fused producer
+    merged: str = ""        # run as one GEMM with the layers that read the same input, or why not
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Report:
         # why each kernel was chosen over the others, once per distinct choice
         tail = [f"kernel {c}" for c in dict.fromkeys(r.kernel for r in self.rewritten) if " (" in c]
         tail += [f"{r.fqn}: {r.input_quant}" for r in self.rewritten if r.input_quant]
+        tail += [f"{r.fqn}: {r.merged}" for r in self.rewritten if r.merged]
         tail += [f"warning: {w}" for w in self.warnings]
         return "\n".join([head, *lines, *tail])
 

@@ -11,6 +11,7 @@ layer's format when the backend was given no scheme.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from mxpass.formats import Format
 from mxpass import quant
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MERGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ORIGIN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -73,6 +75,49 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
         return quant.quantize_weight(fmt, (w.t() if transposed else w).contiguous(), name)
 
     return _cached(param, (fmt.name, transposed), name, compute)
+
+
+def merged_weight(params: list[torch.Tensor], fmt: Format, transposed: list[bool],
+                  names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of several weights that read the same input (q/k/v, gate/up), their
+    quantized rows stacked in order: one [sum N, K] weight for one GEMM.
+
+    Only for formats whose scales belong to output rows (per channel, MX, 128-row blocks
+    that each weight fills). Each weight's own entry (:func:`quantized_weight`) becomes
+    its rows of the stacked tensors, so the quantized bytes exist once. Cached on the first
+    Parameter, recomputed when any of them changed in place.
+    """
+    first, others = params[0], params[1:]
+    key = (fmt.name, tuple(transposed), tuple(id(p) for p in others))
+    versions = tuple(p._version for p in params)
+    hit = _MERGED.get(first, {}).get(key)
+    if hit is not None and hit[0] == versions and all(r() is p for r, p in zip(hit[1], others)):
+        return hit[2]
+    parts = [quantized_weight(p, fmt, t, n) for p, t, n in zip(params, transposed, names)]
+    data = torch.cat([d for d, _ in parts])
+    scale = torch.cat([s for _, s in parts])
+    row = srow = 0
+    for p, t, (d, sc) in zip(params, transposed, parts):
+        _CACHE[p][(fmt.name, t)] = (p._version, (data[row:row + d.shape[0]], scale[srow:srow + sc.shape[0]]))
+        row, srow = row + d.shape[0], srow + sc.shape[0]
+    _MERGED.setdefault(first, {})[key] = (versions, tuple(weakref.ref(p) for p in others), (data, scale))
+    return data, scale
+
+
+def merged_bias(biases: list[torch.Tensor | None], rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    """The biases of merged layers stacked (zeros for a layer without one), cached on the first
+    bias given and recomputed when any of them changed in place."""
+    given = [b for b in biases if b is not None]
+    key = (tuple(id(b) for b in biases), tuple(rows))
+    versions = tuple(b._version for b in given)
+    hit = _MERGED.get(given[0], {}).get(key)
+    if hit is not None and hit[0] == versions and all(r() is b for r, b in zip(hit[1], given)):
+        return hit[2]
+    with torch.no_grad():
+        out = torch.cat([b.detach().reshape(-1) if b is not None else like.new_zeros(n)
+                         for b, n in zip(biases, rows)])
+    _MERGED.setdefault(given[0], {})[key] = (versions, tuple(weakref.ref(b) for b in given), out)
+    return out
 
 
 def seed_quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool,

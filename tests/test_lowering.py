@@ -70,13 +70,17 @@ def test_kernel_choice_is_in_the_report(monkeypatch):
 
 
 def test_shared_activation_is_quantized_once():
-    """gate and up read one quantized buffer (CSE of their decompositions): 6 GEMMs, 4 inputs."""
+    """Unmerged, gate and up read one quantized buffer (CSE of their decompositions): 6 GEMMs,
+    4 inputs; merged (the default), gate/up is one GEMM: 4 GEMMs on 4 inputs."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        _, code = run_and_get_code(torch.compile(MLPStack().eval(), backend=mxpass.backend),
-                                   torch.randn(5, 64))
-    inputs = re.findall(r"extern_kernels\.(?:mm|addmm)\((?:\w+, )?reinterpret_tensor\((buf\d+)", code[0])
-    assert len(inputs) == 6 and len(set(inputs)) == 4, inputs
+    model = MLPStack().eval()
+    for merge, gemms in ((False, 6), (True, 4)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            _, code = run_and_get_code(torch.compile(model, backend=mxpass.backend(merge=merge)),
+                                       torch.randn(5, 64))
+        inputs = re.findall(r"extern_kernels\.(?:mm|addmm)\((?:\w+, )?reinterpret_tensor\((buf\d+)", code[0])
+        assert len(inputs) == gemms and len(set(inputs)) == 4, (merge, inputs)
 
 
 def test_cse_keeps_nan_and_signed_zero_constants_apart():
@@ -287,8 +291,9 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
             src, up = q.args[:2]
             if up is None:  # o_proj: the attention output (through its views)
                 assert src.op in ("call_method", "call_function") and src.target is not linear_lowered
-            else:  # down_proj: gate and up, two linears
-                assert src.target is linear_lowered and up.target is linear_lowered and src is not up
+            else:  # down_proj: gate and up, two slices of the merged gate/up linear
+                assert src.target is torch.narrow and up.target is torch.narrow and src is not up
+                assert src.args[0] is up.args[0] and src.args[0].target is linear_lowered
         assert notes["down_proj"] == "input silu*mul quantized by act_quant_triton", notes
         assert notes["o_proj"] == "input attention output quantized by act_quant_triton", notes
         assert notes["q_proj"] == notes["gate_proj"] == ""  # token scales: fused into the RMSNorm
@@ -302,5 +307,21 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
     gm, notes = compile_graph("fp8-block")
     linears = [n for n in gm.graph.nodes if n.target is producers.linear_quantized_input]
     quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
-    assert len(linears) == 14 and len(quantized) == 8, gm.graph  # 2 layers x (qkv, o, gate/up, down)
+    # 2 layers x (q, k, v: k/v have 64 rows, not a 128-row block, so not merged; o; gate/up merged; down)
+    assert len(linears) == 12 and len(quantized) == 8, gm.graph
     assert notes["q_proj"] == notes["gate_proj"] == "input activation quantized by act_quant_triton", notes
+
+
+def test_dynamic_m_keeps_inductors_input_quantization():
+    """act_quant_triton is taken only where the graph fixed M; a dynamic M keeps Inductor's
+    fused quantization, and the reason is the report's."""
+    from mxpass.lowering import producers
+    from mxpass.lowering.kernels import ScaledMMLinear
+    from mxpass.lowering.registry import Choice
+
+    gpu = torch.device("cuda", 0)
+    fmt = mxpass.get_format("fp8-dynamic")
+    choice = Choice(ScaledMMLinear("rowwise"))
+    assert producers.fusion_problem(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, None), choice) == (
+        "M is dynamic in this graph (Inductor cannot yet decompose the kernel call with symbolic sizes)")
+    assert producers.fusion_problem(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, 16), choice) is None

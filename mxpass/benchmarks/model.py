@@ -71,21 +71,23 @@ def _median_ms(fn, cudagraphs: bool, iters: int = 50, warmup: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def run(scheme: str = "mxfp8", tokens=(1, 2048)) -> list[dict]:
+def run(scheme: str = "mxfp8", tokens=(1, 2048), merge=(True,), graphs=(True, False)) -> list[dict]:
+    """Llama 8B shapes, 4 layers: bf16 torch.compile against mxpass ``scheme``, once per
+    ``merge`` setting (``(True, False)`` also times the layers unmerged, in the same run);
+    1 token with and without CUDA graphs (``graphs``), more tokens without."""
     import mxpass
 
     model = build_llama()
     rows = []
     for m in tokens:
         ids = torch.randint(0, LLAMA_8B_4L["vocab_size"], (1, m), device="cuda")
-        for cudagraphs in ((True, False) if m == 1 else (False,)):
+        for cudagraphs in (graphs if m == 1 else (False,)):
             torch._dynamo.reset()
-            variants = {
-                "bf16 torch.compile": torch.compile(
-                    model, fullgraph=True, mode="reduce-overhead" if cudagraphs else None),
-                f"mxpass {scheme}": torch.compile(
-                    model, fullgraph=True, backend=mxpass.backend(scheme=scheme, cudagraphs=cudagraphs)),
-            }
+            variants = {"bf16 torch.compile": torch.compile(
+                model, fullgraph=True, mode="reduce-overhead" if cudagraphs else None)}
+            for mg in merge:
+                variants[f"mxpass {scheme}" + ("" if mg else " merge=False")] = torch.compile(
+                    model, fullgraph=True, backend=mxpass.backend(scheme=scheme, cudagraphs=cudagraphs, merge=mg))
             outs, times = {}, {}
             with torch.inference_mode():
                 for name, fn in variants.items():
@@ -97,11 +99,13 @@ def run(scheme: str = "mxfp8", tokens=(1, 2048)) -> list[dict]:
                     compile_s = time.perf_counter() - t0
                     times[name] = _median_ms(call, cudagraphs)
                     print(f"  M={m} graphs={cudagraphs} {name}: {times[name]:.3f} ms (compile {compile_s:.0f} s)")
-            base, ours = times["bf16 torch.compile"], times[f"mxpass {scheme}"]
-            a, b = outs["bf16 torch.compile"], outs[f"mxpass {scheme}"]
-            rel = ((b - a).norm() / a.norm()).item()
-            rows.append(dict(bench="llama8b-4layers", tokens=m, cudagraphs=cudagraphs, scheme=scheme,
-                             bf16_ms=base, mxpass_ms=ours, speedup=base / ours, logits_rel_diff=rel))
+            base, a = times["bf16 torch.compile"], outs["bf16 torch.compile"]
+            for mg in merge:
+                name = f"mxpass {scheme}" + ("" if mg else " merge=False")
+                rel = ((outs[name] - a).norm() / a.norm()).item()
+                rows.append(dict(bench="llama8b-4layers", tokens=m, cudagraphs=cudagraphs, scheme=scheme, merge=mg,
+                                 bf16_ms=base, mxpass_ms=times[name], speedup=base / times[name],
+                                 logits_rel_diff=rel))
     return rows
 
 
@@ -169,4 +173,5 @@ def format_moe_table(rows: list[dict]) -> str:
 
 def format_table(rows: list[dict]) -> str:
     return _table(rows, ("tokens", lambda r: r["tokens"]),
-                  ("CUDA graphs", lambda r: "yes" if r["cudagraphs"] else "no"))
+                  ("CUDA graphs", lambda r: ("yes" if r["cudagraphs"] else "no")
+                   + ("" if r.get("merge", True) else ", layers unmerged")))

@@ -271,7 +271,7 @@ def save(model: torch.nn.Module, out_dir: str, scheme: str | None = None, *, ign
         if stale in (INDEX, SINGLE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
             os.remove(os.path.join(out_dir, stale))
     for name, keys in zip(names, shards):
-        save_file({k: tensors[k].detach().to("cpu").contiguous() for k in keys},
+        save_file({k: _own_storage(tensors[k].detach().to("cpu").contiguous()) for k in keys},
                   os.path.join(out_dir, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
@@ -293,3 +293,9 @@ def save(model: torch.nn.Module, out_dir: str, scheme: str | None = None, *, ign
     if written != expected:
         raise RuntimeError(f"mxpass.save: the written config plans {written}, not {expected}")
     return expected
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view (merged layers' weights are row slices of one tensor,
+    and safetensors refuses tensors that share memory)."""
+    return t.clone() if t._base is not None else t

@@ -20,6 +20,7 @@ class StaticInputs:
         self.last = placeholders[-1] if placeholders else None
         self.fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self.tensors: list[torch.Tensor] = []
+        self.nodes: list[fx.Node] = []  # the placeholders of ``tensors``, in order
 
     def fake(self, t: torch.Tensor):
         return self.fake_mode.from_tensor(t, static_shapes=True) if self.fake_mode else t
@@ -35,7 +36,19 @@ class StaticInputs:
         ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
         t._dynamo_static_input_type = "unguarded"
         self.tensors.append(t)
+        self.nodes.append(ph)
         return ph
+
+    def remove_unused(self) -> None:
+        """Drop the placeholders (and their tensors) that no node uses any more."""
+        for i in reversed(range(len(self.nodes))):
+            ph = self.nodes[i]
+            if ph.users:
+                continue
+            if ph is self.last:
+                self.last = ph.prev if ph.prev.op == "placeholder" else None
+            self.gm.graph.erase_node(ph)
+            del self.nodes[i], self.tensors[i]
 
     def weight(self, prefix: str, data: torch.Tensor, scale: torch.Tensor,
                before: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -10,7 +10,8 @@ real Parameter objects, which gives identity for the weight cache and the module
 
 Each quantized weight enters the graph as two new placeholders (data, scale) marked as
 static inputs, so Inductor and CUDA graphs treat them like parameters: no per-call copies.
-Every candidate ends in the report, rewritten or kept with its reason.
+Every candidate ends in the report, rewritten or kept with its reason. Layers that read the
+same input are then merged into one GEMM (``mxpass/passes/merge.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.fx as fx
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
 from mxpass.passes.inputs import StaticInputs
+from mxpass.passes.merge import Layer, merge_siblings
 from mxpass.report import Kept, Report, Rewritten
 from mxpass.weights import (kept_reason, prequantized_input_scale, prequantized_scheme,
                             quantized_weight, record_input_scale)
@@ -237,6 +239,7 @@ def rewrite_linears(
 
     dead_candidates: list[fx.Node] = []  # W.t() views the rewrite may leave unused
     replaced: dict[fx.Node, fx.Node] = {}
+    layers: list[Layer] = []
     for m in matches:
         fqn = layer_fqn(m)
         n, k = m.n_k
@@ -277,12 +280,16 @@ def rewrite_linears(
         gm.graph.erase_node(m.node)
         replaced[m.node] = new
         dead_candidates.append(m.w_arg)
+        b_val = inputs.get(bias) if isinstance(bias, fx.Node) and bias.op == "placeholder" else None
+        layers.append(Layer(new, m.param, m.transposed, fqn, len(report.rewritten),
+                            b_val if isinstance(b_val, torch.Tensor) else None))
         report.rewritten.append(Rewritten(fqn, m.form, fmt.name, kernel, (n, k)))
 
     for pattern in config.ignore:
         if pattern not in used_patterns:
             report.warnings.append(f"ignore pattern {pattern!r} matched no linear layer in this graph")
     _erase_unused(gm.graph, dead_candidates)
+    merge_siblings(gm, static, layers, report, choose_kernel, enabled=config.merge)
     gm.graph.lint()
     gm.recompile()
     return static.tensors
