@@ -418,8 +418,9 @@ class TritonMoEW8A8(TritonMoE):
 #: Smallest static M at which the W8A16 formats take dequant_cublas_mm before triton_w8
 #: (measured on H200, docs/performance.md).
 W8A16_DEQUANT_MIN_M = 512
-#: The same for the MXFP8 formats before triton_mxfp8 (H200: docs/performance.md).
-MX_DEQUANT_MIN_M = 512
+#: The same for the MXFP8 formats before triton_mxfp8 (H200, same run: triton_mxfp8 faster at
+#: M = 128 on all three measured shapes, dequantize + cuBLAS at M = 256; docs/performance.md).
+MX_DEQUANT_MIN_M = 256
 
 
 def candidates() -> dict[RegistryKey, list[Kernel]]:
