@@ -133,10 +133,9 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         m = math.prod(rows) if all(isinstance(r, int) for r in rows) else None
         problem = Problem("linear", fmt, g.device, k, w.shape[0], g.dtype, m)
         why_not = fusion_problem(problem, choose(problem))
-        index = node.meta.get("mxpass_report_index")
         note = f"input {what} quantized by {KERNEL}" if why_not is None else (
             f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")
-        for i in ([] if index is None else index if isinstance(index, list) else [index]):
+        for i in node.meta.get("mxpass_report_index", []):  # the layers this node computes
             report.rewritten[i] = dataclasses.replace(report.rewritten[i], input_quant=note)
         if why_not is not None:
             continue

@@ -77,6 +77,18 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
     return _cached(param, (fmt.name, transposed), name, compute)
 
 
+def _stacked(first: torch.Tensor, others: list[torch.Tensor], key: tuple, compute):
+    """``compute()`` cached on ``first`` under ``key``; recomputed when ``first`` or any of
+    ``others`` (held weakly, compared by identity) changed in place since."""
+    versions = tuple(t._version for t in (first, *others))
+    hit = _MERGED.get(first, {}).get(key)
+    if hit is not None and hit[0] == versions and all(r() is t for r, t in zip(hit[1], others)):
+        return hit[2]
+    out = compute()
+    _MERGED.setdefault(first, {})[key] = (versions, tuple(weakref.ref(t) for t in others), out)
+    return out
+
+
 def merged_weight(params: list[torch.Tensor], fmt: Format, transposed: list[bool],
                   names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(data, scale) of several weights that read the same input (q/k/v, gate/up), their
@@ -87,37 +99,30 @@ def merged_weight(params: list[torch.Tensor], fmt: Format, transposed: list[bool
     its rows of the stacked tensors, so the quantized bytes exist once. Cached on the first
     Parameter, recomputed when any of them changed in place.
     """
-    first, others = params[0], params[1:]
-    key = (fmt.name, tuple(transposed), tuple(id(p) for p in others))
-    versions = tuple(p._version for p in params)
-    hit = _MERGED.get(first, {}).get(key)
-    if hit is not None and hit[0] == versions and all(r() is p for r, p in zip(hit[1], others)):
-        return hit[2]
-    parts = [quantized_weight(p, fmt, t, n) for p, t, n in zip(params, transposed, names)]
-    data = torch.cat([d for d, _ in parts])
-    scale = torch.cat([s for _, s in parts])
-    row = srow = 0
-    for p, t, (d, sc) in zip(params, transposed, parts):
-        _CACHE[p][(fmt.name, t)] = (p._version, (data[row:row + d.shape[0]], scale[srow:srow + sc.shape[0]]))
-        row, srow = row + d.shape[0], srow + sc.shape[0]
-    _MERGED.setdefault(first, {})[key] = (versions, tuple(weakref.ref(p) for p in others), (data, scale))
-    return data, scale
+    def compute():
+        parts = [quantized_weight(p, fmt, t, n) for p, t, n in zip(params, transposed, names)]
+        data = torch.cat([d for d, _ in parts])
+        scale = torch.cat([s for _, s in parts])
+        row = srow = 0
+        for p, t, (d, sc) in zip(params, transposed, parts):
+            _CACHE[p][(fmt.name, t)] = (p._version, (data[row:row + d.shape[0]], scale[srow:srow + sc.shape[0]]))
+            row, srow = row + d.shape[0], srow + sc.shape[0]
+        return data, scale
+
+    key = (fmt.name, tuple(transposed), tuple(id(p) for p in params[1:]))
+    return _stacked(params[0], params[1:], key, compute)
 
 
 def merged_bias(biases: list[torch.Tensor | None], rows: list[int], like: torch.Tensor) -> torch.Tensor:
     """The biases of merged layers stacked (zeros for a layer without one), cached on the first
     bias given and recomputed when any of them changed in place."""
+    def compute():
+        with torch.no_grad():
+            return torch.cat([b.detach().reshape(-1) if b is not None else like.new_zeros(n)
+                              for b, n in zip(biases, rows)])
+
     given = [b for b in biases if b is not None]
-    key = (tuple(id(b) for b in biases), tuple(rows))
-    versions = tuple(b._version for b in given)
-    hit = _MERGED.get(given[0], {}).get(key)
-    if hit is not None and hit[0] == versions and all(r() is b for r, b in zip(hit[1], given)):
-        return hit[2]
-    with torch.no_grad():
-        out = torch.cat([b.detach().reshape(-1) if b is not None else like.new_zeros(n)
-                         for b, n in zip(biases, rows)])
-    _MERGED.setdefault(given[0], {})[key] = (versions, tuple(weakref.ref(b) for b in given), out)
-    return out
+    return _stacked(given[0], given[1:], (tuple(id(b) for b in biases), tuple(rows)), compute)
 
 
 def seed_quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool,

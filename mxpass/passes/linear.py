@@ -250,7 +250,8 @@ def rewrite_linears(
             report.kept.append(Kept(fqn, reason))
             continue
         x_dtype = _check_dtypes(fqn, m)
-        kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype, m=_static_rows(m.x, k))
+        rows = _static_rows(m.x, k)
+        kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype, m=rows)
         key = (id(m.param), m.transposed, fmt.name)
         if key not in new_nodes:
             data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
@@ -275,14 +276,14 @@ def rewrite_linears(
             new = gm.graph.call_function(
                 torch.ops.mxpass.linear.default, (x, qw, ws, bias, act, fmt.name))
         new.meta.update({k_: v for k_, v in m.node.meta.items() if k_ != "source_fn_stack"})
-        new.meta["mxpass_report_index"] = len(report.rewritten)
+        new.meta["mxpass_report_index"] = [len(report.rewritten)]  # a merged node has several
         m.node.replace_all_uses_with(new)
         gm.graph.erase_node(m.node)
         replaced[m.node] = new
         dead_candidates.append(m.w_arg)
         b_val = inputs.get(bias) if isinstance(bias, fx.Node) and bias.op == "placeholder" else None
         layers.append(Layer(new, m.param, m.transposed, fqn, len(report.rewritten),
-                            b_val if isinstance(b_val, torch.Tensor) else None))
+                            b_val if isinstance(b_val, torch.Tensor) else None, x_dtype, rows))
         report.rewritten.append(Rewritten(fqn, m.form, fmt.name, kernel, (n, k)))
 
     for pattern in config.ignore:

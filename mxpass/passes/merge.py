@@ -39,6 +39,12 @@ class Layer:
     fqn: str
     index: int                      # its entry in report.rewritten
     bias: torch.Tensor | None       # the bias Parameter, if the layer has one
+    dtype: torch.dtype              # the activation's
+    m: int | None                   # the activation's rows when the graph fixed them
+
+    @property
+    def n(self) -> int:
+        return self.param.shape[1] if self.transposed else self.param.shape[0]
 
 
 def _why_not(layers: list[Layer], fmt) -> str | None:
@@ -47,11 +53,10 @@ def _why_not(layers: list[Layer], fmt) -> str | None:
         return "static activation scales are per layer"
     if fmt.weight_granularity == "tensor":
         return "per-tensor weight scales"
-    rows = [lay.param.shape[1] if lay.transposed else lay.param.shape[0] for lay in layers]
+    rows = [lay.n for lay in layers]
     if fmt.weight_granularity == "block" and any(n % 128 for n in rows[:-1]):
         return f"N={rows} does not fill the 128-row weight blocks"
-    dtypes = {lay.param.dtype for lay in layers} | {lay.param.device for lay in layers}
-    if len(dtypes) != 2:
+    if len({(lay.param.dtype, lay.param.device) for lay in layers}) != 1:
         return "weights differ in dtype or device"
     for lay in layers:
         b = lay.node.args[3]
@@ -77,8 +82,9 @@ def _view_problem(node: fx.Node) -> str | None:
         out = _value(user)
         if val is None or out is None:
             return "output viewed with unknown shapes"
-        lead = tuple(val.shape[:-1])
-        if tuple(out.shape[:len(lead)]) != lead and tuple(map(str, out.shape[:len(lead)])) != tuple(map(str, lead)):
+        # compared as text: sizes may be symbolic, and comparing SymInts would add guards
+        lead = tuple(map(str, val.shape[:-1]))
+        if tuple(map(str, out.shape[:len(lead)])) != lead:
             return f"output viewed as {tuple(out.shape)} (merges its last dimension with others)"
     return None
 
@@ -115,7 +121,7 @@ def _merge(gm: fx.GraphModule, static: StaticInputs, x: fx.Node, fmt, group: lis
     first = group[0].node
     data, scale = merged_weight([lay.param for lay in group], fmt, [lay.transposed for lay in group],
                                 [lay.fqn for lay in group])
-    rows = [report.rewritten[lay.index].shape[0] for lay in group]
+    rows = [lay.n for lay in group]
     n, k = data.shape
     qw, ws = static.weight(f"mxpass_merged_{first.name}", data, scale, first)
     bias = None
@@ -129,12 +135,7 @@ def _merge(gm: fx.GraphModule, static: StaticInputs, x: fx.Node, fmt, group: lis
     if val is not None:
         wide.meta["example_value"] = val.new_empty((*val.shape[:-1], n))
     wide.meta["mxpass_report_index"] = [lay.index for lay in group]
-    x_val = _value(x)
-    m = None
-    if x_val is not None:
-        numel = x_val.numel()
-        m = numel // k if isinstance(numel, int) else None
-    kernel = choose_kernel(fmt, data.device, k, n, x_val.dtype if x_val is not None else data.dtype, m=m)
+    kernel = choose_kernel(fmt, data.device, k, n, group[0].dtype, m=group[0].m)
     own = [a for lay in group for a in lay.node.args[1:3]]  # the layers' weight placeholders (or E8M0 views)
     start = 0
     for lay, rows_i in zip(group, rows):
