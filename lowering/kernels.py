@@ -328,10 +328,11 @@ class CudaW8A8Gemv(_QuantizedInput):
     streams straight into ``mma.sync`` operands, the activation is really quantized (fused
     into its producer). Taken only when the graph's M is static and at most 16 (decode
     graphs: Dynamo specializes M = 1); a dynamic-M graph keeps the kernel that serves every M.
-    Built on first use with the CUDA toolkit's nvcc."""
+    Built on first use with the CUDA toolkit's nvcc. MXFP8 (one mma per 32-k block, E8M0
+    scales per block) only from M = 2: at M = 1 triton_mxfp8's CUDA-core GEMV is faster."""
 
     name = "cuda_w8a8_gemv"
-    _GROUP = {"channel": 0, "tensor": 0, "block": 128}
+    _GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
 
     def is_supported(self, device: torch.device) -> tuple[bool, str]:
         ok, reason = _cuda_capability(device, (8, 9), "its FP8/INT8 mma.sync build")
@@ -358,6 +359,9 @@ class CudaW8A8Gemv(_QuantizedInput):
         group = self._GROUP.get(problem.fmt.weight_granularity)
         if group is None or problem.fmt.activation is None:
             return False, f"{problem.fmt.name} is not a W8A8 FP8/INT8 scheme"
+        if group == 32 and problem.m < MX_GEMV_MIN_M:
+            return False, (f"MXFP8 at M={problem.m}: triton_mxfp8 is faster below M={MX_GEMV_MIN_M} "
+                           "(docs/performance.md)")
         why = shape_problem(problem.k, group)
         return (False, why) if why else (True, "")
 
@@ -418,6 +422,10 @@ class TritonMoEW8A8(TritonMoE):
 #: Smallest static M at which the W8A16 formats take dequant_cublas_mm before triton_w8
 #: (measured on H200, docs/performance.md).
 W8A16_DEQUANT_MIN_M = 512
+#: Smallest static M at which MXFP8 W8A8 takes cuda_w8a8_gemv before triton_mxfp8 (H200,
+#: docs/performance.md: the CUDA GEMV 0.90-0.95x triton_mxfp8 at M = 1, 1.37-1.42x at M = 4,
+#: 1.06-1.16x at M = 16).
+MX_GEMV_MIN_M = 2
 #: The same for the MXFP8 formats before triton_mxfp8 (H200, same run: triton_mxfp8 faster at
 #: M = 128 on all three measured shapes, dequantize + cuBLAS at M = 256; docs/performance.md).
 MX_DEQUANT_MIN_M = 256
@@ -438,7 +446,7 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
     mx_large = DequantMMLinear(min_static_m=MX_DEQUANT_MIN_M, faster_than="triton_mxfp8")
     mx = [mx_large, TritonMXFP8Linear()]
     first = {
-        "mxfp8": mx, "mxfp8-w": mx,
+        "mxfp8": [mx_large, gemv, TritonMXFP8Linear()], "mxfp8-w": mx,
         "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
         "int8": int8, "int8-static": int8,
         "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8,

@@ -25,13 +25,27 @@ def test_taken_for_static_small_m(scheme):
     assert CudaW8A8Gemv().can_implement(_problem(scheme, m=16)) == (True, "")
 
 
+def test_mxfp8_from_m_2():
+    """MXFP8 takes the GEMV for a static M in 2..16; at M = 1 triton_mxfp8 measured faster."""
+    from mxpass.lowering.kernels import MX_GEMV_MIN_M
+
+    assert MX_GEMV_MIN_M == 2
+    for m in (2, 4, 16):
+        assert CudaW8A8Gemv().can_implement(_problem("mxfp8", m=m)) == (True, "")
+    ok, why = CudaW8A8Gemv().can_implement(_problem("mxfp8", m=1))
+    assert not ok and "triton_mxfp8 is faster below M=2" in why
+    ok, why = CudaW8A8Gemv().can_implement(_problem("mxfp8-w", m=4))
+    assert not ok and "not a W8A8" in why
+
+
 @pytest.mark.parametrize("problem, why", [
     (_problem(m=None), "M is dynamic"),
     (_problem(m=17), "M=17 > 16"),
     (_problem(k=4160), "K=4160 must be a multiple of 128"),
     (_problem(dtype=torch.float32), "bf16 or fp16"),
     (_problem("fp8-w"), "not a W8A8"),
-    (_problem("mxfp8"), "not a W8A8"),
+    (_problem("mxfp8-w"), "not a W8A8"),
+    (_problem("mxfp8", m=4, k=4224), "K=4224 must be a multiple of 256"),
 ])
 def test_declined_with_reason(problem, why):
     ok, reason = CudaW8A8Gemv().can_implement(problem)
@@ -56,7 +70,8 @@ def _quantized(scheme, m, k, n):
     return xq, xs, wq, ws
 
 
-@pytest.mark.parametrize("scheme, group", [("fp8-dynamic", 0), ("fp8", 0), ("fp8-block", 128), ("int8", 0)])
+@pytest.mark.parametrize("scheme, group", [("fp8-dynamic", 0), ("fp8", 0), ("fp8-block", 128), ("int8", 0),
+                                           ("mxfp8", 32)])
 def test_fake_shapes(scheme, group):
     xq, xs, wq, ws = _quantized(scheme, 3, 256, 40)
     with FakeTensorMode() as mode:

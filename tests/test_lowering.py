@@ -45,6 +45,7 @@ def test_registry_reasons_and_overrides(monkeypatch):
     choice = registry.choose(cpu)
     assert choice.kernel.name == "reference"
     assert choice.rejected == (("dequant_cublas_mm", "needs a CUDA device, got cpu"),
+                               ("cuda_w8a8_gemv", "needs a CUDA device, got cpu"),
                                ("triton_mxfp8", "needs a CUDA device, got cpu"),
                                ("dequant_cublas_mm", "needs a CUDA device, got cpu"))
 
@@ -53,7 +54,8 @@ def test_registry_reasons_and_overrides(monkeypatch):
         registry.choose(cpu)
     monkeypatch.delenv("MXPASS_DISABLE_KERNELS")
     monkeypatch.setenv("MXPASS_KERNEL", "triton_mxfp8")
-    with pytest.raises(NoKernelError, match="dequant_cublas_mm: MXPASS_KERNEL=triton_mxfp8; triton_mxfp8: needs "
+    with pytest.raises(NoKernelError, match="dequant_cublas_mm: MXPASS_KERNEL=triton_mxfp8; cuda_w8a8_gemv: "
+                                            "MXPASS_KERNEL=triton_mxfp8; triton_mxfp8: needs "
                                             "a CUDA device.*dequant_cublas_mm: MXPASS_KERNEL=triton_mxfp8; "
                                             "reference: MXPASS_KERNEL=triton_mxfp8"):
         registry.choose(cpu)
@@ -65,6 +67,7 @@ def test_kernel_choice_is_in_the_report(monkeypatch):
         torch.compile(lin, backend=mxpass.backend(compiler="eager"))(torch.randn(2, 64))
     (entry,) = mxpass.last_report().rewritten
     assert entry.kernel == ("reference (not picked: dequant_cublas_mm: needs a CUDA device, got cpu; "
+                            "cuda_w8a8_gemv: needs a CUDA device, got cpu; "
                             "triton_mxfp8: needs a CUDA device, got cpu; "
                             "dequant_cublas_mm: needs a CUDA device, got cpu)")
 
@@ -186,6 +189,7 @@ def test_w8a16_and_mx_take_dequant_cublas_for_a_large_static_m(monkeypatch):
     from mxpass.lowering.kernels import MX_DEQUANT_MIN_M, W8A16_DEQUANT_MIN_M
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv")  # needs nvcc; tests/test_cuda_gemv.py covers it
     gpu = torch.device("cuda", 0)
     for scheme, T, triton in (("fp8-w", W8A16_DEQUANT_MIN_M, "triton_w8"),
                               ("fp8-w-tensor", W8A16_DEQUANT_MIN_M, "triton_w8"),
@@ -197,8 +201,9 @@ def test_w8a16_and_mx_take_dequant_cublas_for_a_large_static_m(monkeypatch):
             "dequant_cublas_mm"
         small = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, T - 1))
         assert small.kernel.name == triton
-        assert small.rejected == (("dequant_cublas_mm", f"M={T - 1} < {T} (picked first for a static M >= {T}, "
-                                                        f"where it measured faster than {triton})"),)
+        assert small.rejected[0] == ("dequant_cublas_mm", f"M={T - 1} < {T} (picked first for a static M >= {T}, "
+                                                          f"where it measured faster than {triton})")
+        assert [name for name, _ in small.rejected[1:]] == (["cuda_w8a8_gemv"] if scheme == "mxfp8" else [])
         dyn = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16))
         assert dyn.kernel.name == triton and dyn.rejected[0][1].startswith("M is dynamic in this graph")
     # forcing the kernel still works for a dynamic M (its later, unconditional entry)

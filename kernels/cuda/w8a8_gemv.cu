@@ -12,9 +12,9 @@
 // and 16 + q*4 .. +3 (b1) (PTX ISA, "Matrix fragments for mma.m16n8k32"). Giving logical
 // columns q*4 + i -> physical q*8 + i and 16 + q*4 + i -> physical q*8 + 4 + i, every thread
 // reads 8 contiguous bytes of its rows of w and x per step. Two steps share one 16-byte load
-// (physical q*16 .. q*16+15: 64 k per pair, inside one 128 block). For MX (GROUP 32) such a
-// pair spans two 32-k blocks (q = 0, 1: the first; q = 2, 3: the second), so each block
-// runs the pair with the other block's threads contributing zeros.
+// (physical q*16 .. q*16+15: 64 k per pair, inside one 128 block). For MX (GROUP 32) every
+// mma must stay inside one 32-k block (each block has its own scales), so a thread reads two
+// 8-byte pieces per 64 k instead, physical q*8 .. q*8+7 of each block: one mma per block.
 //
 // Scales: GROUP 0: per-row (or per-tensor, stride 0) x scale times per-row (or per-tensor)
 // w scale, applied once at the end. GROUP 128 (fp8-block): x scale per (row, k/128), w scale
@@ -54,12 +54,28 @@ __device__ __forceinline__ void mma_k32(float (&d)[4], int (&di)[4], uint32_t a0
 }
 
 // Streaming loads: the weight is read once; do not let it evict x or the scales from L1.
+// L2::128B: each request fetches the whole 128-byte line from DRAM (measured on H200:
+// 3-15% less time than without the qualifier at M = 1 and 16, docs/performance.md).
 __device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
+}
+__device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+// Two 8-byte pieces, k = p[0..7] and p[32..39]: one per 32-k MX block, as one uint4.
+__device__ __forceinline__ uint4 ld_mx_pair(const uint8_t* p) {
+  const uint2 lo = ld_stream8(p), hi = ld_stream8(p + 32);
+  return make_uint4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ uint4 ld_mx_pair_x(const uint8_t* p) {
+  const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 32);
+  return make_uint4(lo.x, lo.y, hi.x, hi.y);
 }
 
 __device__ __forceinline__ float e8m0_to_float(uint32_t e) {
@@ -129,18 +145,26 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     uint4 wa[U], wb[U], xv[U][NT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * 64 + q * 16;
       const bool in = k0 + u * 64 < k_end;
-      wa[u] = in ? ld_stream16(w0 + k) : make_uint4(0, 0, 0, 0);
-      wb[u] = in ? ld_stream16(w1 + k) : make_uint4(0, 0, 0, 0);
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      if constexpr (GROUP == 32) {
+        const int k = k0 + u * 64 + q * 8;
+        wa[u] = in ? ld_mx_pair(w0 + k) : zero;
+        wb[u] = in ? ld_mx_pair(w1 + k) : zero;
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
-        xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : make_uint4(0, 0, 0, 0);
+        for (int t = 0; t < NT; ++t) xv[u][t] = (in && xin[t]) ? ld_mx_pair_x(xr[t] + k) : zero;
+      } else {
+        const int k = k0 + u * 64 + q * 16;
+        wa[u] = in ? ld_stream16(w0 + k) : zero;
+        wb[u] = in ? ld_stream16(w1 + k) : zero;
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+          xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
+      }
     }
     if constexpr (GROUP == 32) {
-      // A 64-k load spans two MX blocks: quad threads q = 0, 1 hold block 2u, q = 2, 3 block
-      // 2u + 1. Each block gets two mma steps in which the other block's threads give zeros
-      // (w and x both, so a NaN block cannot leak into its neighbour).
+      // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
+      // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
       const int blk0 = k0 / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
       const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
       const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
@@ -156,18 +180,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
         if (k0 + u * 64 >= k_end) break;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const bool mine = (q >> 1) == h;
-          const uint4 A = mine ? wa[u] : make_uint4(0, 0, 0, 0), B = mine ? wb[u] : make_uint4(0, 0, 0, 0);
           const int b = 2 * u + h, sh = (b & 3) * 8;
           const float fw0 = e8m0_to_float(((b < 4 ? sw0.x : sw0.y) >> sh) & 0xff);
           const float fw1 = e8m0_to_float(((b < 4 ? sw1.x : sw1.y) >> sh) & 0xff);
 #pragma unroll
           for (int t = 0; t < NT; ++t) {
-            const uint4 X = mine ? xv[u][t] : make_uint4(0, 0, 0, 0);
+            const uint4& X = xv[u][t];
             float d[4] = {0.f, 0.f, 0.f, 0.f};
             int di[4];
-            mma_k32<false>(d, di, A.x, B.x, A.y, B.y, X.x, X.y);
-            mma_k32<false>(d, di, A.z, B.z, A.w, B.w, X.z, X.w);
+            if (h == 0)
+              mma_k32<false>(d, di, wa[u].x, wb[u].x, wa[u].y, wb[u].y, X.x, X.y);
+            else
+              mma_k32<false>(d, di, wa[u].z, wb[u].z, wa[u].w, wb[u].w, X.z, X.w);
             // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
             const float fx0 = e8m0_to_float(((b < 4 ? sx0[t].x : sx0[t].y) >> sh) & 0xff);
             const float fx1 = e8m0_to_float(((b < 4 ? sx1[t].x : sx1[t].y) >> sh) & 0xff);

@@ -3,8 +3,13 @@
 Per scheme, shape and M: the kernel is checked against fp32 math on the same quantized
 operands (relative Frobenius error), then timed with its peers: cuBLAS bf16 on the
 unquantized weight, ``torch._scaled_mm`` (rowwise for fp8-dynamic, tensorwise for fp8),
-``torch._int_mm`` (int8, padded to the 17 rows it needs). Times: median of CUDA-graph
-replays of 4 calls on 4 weight copies (the L2 cannot serve the weight), divided by 4.
+``torch._int_mm`` (int8, padded to the 17 rows it needs), ``triton_mxfp8`` (mxfp8, on the
+quantize-dequantized activation, as the registry ran it before).
+
+Times (``stream_ms``): one CUDA graph of calls on distinct weight copies, together 8x the
+L2, replayed back to back; this is how a decode forward streams its weights. The same
+kernel and cuBLAS bf16 are also timed the earlier way (``graph_ms``: 4 copies,
+``do_bench`` clearing the L2 before every replay), as ``*_do_bench`` in the rows.
 
     python -m mxpass.benchmarks.gemv [--json out.json]
 """
@@ -17,67 +22,93 @@ import torch
 
 from mxpass.benchmarks.suite import write_json
 
-SCHEMES = ("fp8-dynamic", "fp8", "fp8-block", "int8")
+SCHEMES = ("fp8-dynamic", "fp8", "fp8-block", "int8", "mxfp8")
 SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
 MS = (1, 4, 16)
-_GROUP = {"channel": 0, "tensor": 0, "block": 128}
+_GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
+
+
+def _peer(name, f, x, xq, xs, qs):
+    """(peer name, callable over the weight copies) for a scheme, or (None, None)."""
+    if name in ("fp8-dynamic", "fp8"):
+        rowwise = name == "fp8-dynamic"
+        sa = xs.reshape(-1, 1) if rowwise else xs.reshape(())
+        return f"_scaled_mm {'rowwise' if rowwise else 'tensorwise'}", lambda: [torch._scaled_mm(
+            xq, q.t(), scale_a=sa, scale_b=s.reshape(1, -1) if rowwise else s.reshape(()),
+            out_dtype=torch.bfloat16) for q, s in qs]
+    if name == "int8":
+        xp = torch.nn.functional.pad(xq, (0, 0, 0, max(17 - xq.shape[0], 0)))
+        return "_int_mm (17 rows)", lambda: [torch._int_mm(xp, q.t()) for q, _ in qs]
+    if name == "mxfp8":
+        from mxpass import quant
+        from mxpass.kernels.triton import mxfp8_linear  # noqa: F401  (registers the op)
+
+        xd = quant.dequantize_activation(f, xq, xs).to(x.dtype)
+        op = torch.ops.mxpass.mxfp8_linear_triton
+        return "triton_mxfp8", lambda: [op(xd, q, s) for q, s in qs]
+    return None, None
 
 
 def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
     from mxpass import quant
-    from mxpass.benchmarks.linear import graph_ms, rel_error
+    from mxpass.benchmarks.linear import _no_wrap_triton, graph_ms, rel_error, stream_copies, stream_ms
     from mxpass.formats import get_format
     from mxpass.kernels.cuda import w8a8_gemv as G
 
     rows = []
     for k, n in shapes:
         g = torch.Generator(device="cuda").manual_seed(0)
-        ws = [torch.randn(n, k, generator=g, device="cuda") * 0.02 for _ in range(4)]
-        wb = [w.bfloat16() for w in ws]
-        for m in ms:
-            x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
-            bf16 = graph_ms(lambda: [torch.mm(x, w.t()) for w in wb], 4)
-            for name in schemes:
-                f = get_format(name)
-                act = torch.tensor([0.05], device="cuda") if f.static_activation else None
-                qs = [quant.quantize_weight(f, w, "bench.weight") for w in ws]
+        w = torch.randn(n, k, generator=g, device="cuda") * 0.02
+        wb = [w.bfloat16() for _ in range(stream_copies(2 * n * k))]
+        xs_by_m = {m: torch.randn(m, k, generator=g, device="cuda").bfloat16() for m in ms}
+        bf16 = {m: (stream_ms(lambda: [torch.mm(x, v.t()) for v in wb], len(wb)),
+                    graph_ms(lambda: [torch.mm(x, v.t()) for v in wb[:4]], 4)) for m, x in xs_by_m.items()}
+        for name in schemes:
+            f = get_format(name)
+            act = torch.tensor([0.05], device="cuda") if f.static_activation else None
+            q0, s0 = quant.quantize_weight(f, w, "bench.weight")
+            nbytes = q0.numel() * q0.element_size() + s0.numel() * s0.element_size()
+            qs = [(q0.clone(), s0.clone()) for _ in range(stream_copies(nbytes))]
+            group = _GROUP[f.weight_granularity]
+            for m, x in xs_by_m.items():
                 xq, xs = quant.quantize_activation(f, x, act)
-                group = _GROUP[f.weight_granularity]
-                y = G.w8a8_gemv(xq, xs, qs[0][0], qs[0][1], None, group, torch.bfloat16)
-                ref = quant.dequantize_activation(f, xq, xs) @ quant.dequantize_weight(f, *qs[0]).float().t()
-                ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-                t = graph_ms(lambda: [G.w8a8_gemv_into(ys[i], xq, xs, *qs[i], None, group) for i in range(4)], 4)
-                row = dict(bench="w8a8-gemv", scheme=name, M=m, K=k, N=n, bf16_ms=bf16, ms=t, vs_bf16=bf16 / t,
-                           weight_tbps=n * k / (t * 1e-3) / 1e12, err=rel_error(y, ref), peer=None, peer_ms=None)
-                if name in ("fp8-dynamic", "fp8"):
-                    rowwise = name == "fp8-dynamic"
-                    sa = xs.reshape(-1, 1) if rowwise else xs.reshape(())
-                    row["peer"] = f"_scaled_mm {'rowwise' if rowwise else 'tensorwise'}"
-                    row["peer_ms"] = graph_ms(lambda: [torch._scaled_mm(
-                        xq, q.t(), scale_a=sa, scale_b=s.reshape(1, -1) if rowwise else s.reshape(()),
-                        out_dtype=torch.bfloat16) for q, s in qs], 4)
-                elif name == "int8":
-                    xp = torch.nn.functional.pad(xq, (0, 0, 0, max(17 - m, 0)))
-                    row["peer"] = "_int_mm (17 rows)"
-                    row["peer_ms"] = graph_ms(lambda: [torch._int_mm(xp, q.t()) for q, _ in qs], 4)
+                y = G.w8a8_gemv(xq, xs, q0, s0, None, group, torch.bfloat16)
+                ref = quant.dequantize_activation(f, xq, xs) @ quant.dequantize_weight(f, q0, s0).float().t()
+                ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in qs]
+                t = stream_ms(lambda: [G.w8a8_gemv_into(ys[i], xq, xs, *qs[i], None, group) for i in range(len(qs))],
+                              len(qs))
+                t_db = graph_ms(lambda: [G.w8a8_gemv_into(ys[i], xq, xs, *qs[i], None, group) for i in range(4)], 4)
+                row = dict(bench="w8a8-gemv", scheme=name, M=m, K=k, N=n, copies=len(qs), bf16_ms=bf16[m][0], ms=t,
+                           vs_bf16=bf16[m][0] / t, weight_tbps=nbytes / (t * 1e-3) / 1e12, err=rel_error(y, ref),
+                           ms_do_bench=t_db, bf16_ms_do_bench=bf16[m][1], peer=None, peer_ms=None)
+                peer, fn = _peer(name, f, x, xq, xs, qs)
+                if fn is not None:
+                    with _no_wrap_triton():
+                        row["peer"], row["peer_ms"] = peer, stream_ms(fn, len(qs))
                 rows.append(row)
                 print(format_row(row), flush=True)
+            del qs
+        del wb
+        torch.cuda.empty_cache()
     return rows
 
 
 def format_row(r: dict) -> str:
     peer = "" if r["peer_ms"] is None else f"{r['peer']} {r['peer_ms'] * 1e3:6.1f} us ({r['peer_ms'] / r['ms']:.2f}x)"
     return (f"{r['scheme']:12} M={r['M']:3} K={r['K']:5} N={r['N']:5} {r['ms'] * 1e3:6.1f} us "
-            f"{r['weight_tbps']:5.2f} TB/s  bf16 {r['bf16_ms'] * 1e3:6.1f} us ({r['vs_bf16']:.2f}x)  {peer}  err {r['err']:.1e}")
+            f"{r['weight_tbps']:5.2f} TB/s  bf16 {r['bf16_ms'] * 1e3:6.1f} us ({r['vs_bf16']:.2f}x)  {peer}  "
+            f"err {r['err']:.1e}  do_bench {r['ms_do_bench'] * 1e3:.1f} vs bf16 {r['bf16_ms_do_bench'] * 1e3:.1f} us")
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| scheme | M | K x N | us | weight TB/s | vs cuBLAS bf16 | peer | vs peer | err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scheme | M | K x N | us | weight TB/s | vs cuBLAS bf16 | peer | vs peer | err "
+             "| do_bench us (vs bf16) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_peer = "" if r["peer_ms"] is None else f"{r['peer_ms'] / r['ms']:.2f}x"
         lines.append(f"| {r['scheme']} | {r['M']} | {r['K']}x{r['N']} | {r['ms'] * 1e3:.1f} | {r['weight_tbps']:.2f} | "
-                     f"{r['vs_bf16']:.2f}x | {r['peer'] or ''} | {vs_peer} | {r['err']:.1e} |")
+                     f"{r['vs_bf16']:.2f}x | {r['peer'] or ''} | {vs_peer} | {r['err']:.1e} | "
+                     f"{r['ms_do_bench'] * 1e3:.1f} ({r['bf16_ms_do_bench'] / r['ms_do_bench']:.2f}x) |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from mxpass.formats import get_format
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-GROUP = {"channel": 0, "tensor": 0, "block": 128}
+GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
 # The kernel's products are exact and it sums in fp32 (another order than the reference):
 # what is left is the output rounding, 2**-9 (bf16) / 2**-11 (fp16) relative per element.
 TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
@@ -25,7 +25,7 @@ def _exact(f, xq, xs, wq, ws, bias):
     return y if bias is None else y + bias.double()
 
 
-@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8", "fp8-block", "int8", "int8-static"])
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8", "fp8-block", "int8", "int8-static", "mxfp8"])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_fp32_math(scheme, m, dtype):
@@ -45,29 +45,30 @@ def test_matches_fp32_math(scheme, m, dtype):
     assert rel_err(y, _exact(f, xq, xs, wq, ws, bias)) < TOL[dtype]
 
 
-def test_large_shape_and_blocks_of_nan():
+@pytest.mark.parametrize("scheme", ["fp8-block", "mxfp8"])
+def test_large_shape_and_blocks_of_nan(scheme):
     """Llama-8B-sized layer; a NaN activation group makes only its own rows NaN."""
     from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
 
-    f = get_format("fp8-block")
+    f = get_format(scheme)
     x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
     x[2, 300] = float("nan")
     w = torch.randn(12288, 4096, device="cuda") * 0.02
     xq, xs = quant.quantize_activation(f, x, None)
     wq, ws = quant.quantize_weight(f, w, "w")
-    y = w8a8_gemv(xq, xs, wq, ws, None, 128, torch.bfloat16)
+    y = w8a8_gemv(xq, xs, wq, ws, None, GROUP[f.weight_granularity], torch.bfloat16)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
     keep = [0, 1, 3]
     assert rel_err(y[keep], _exact(f, xq[keep], xs[keep], wq, ws, None)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("scheme", ["fp8-dynamic", "int8"])
-def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme):
+@pytest.mark.parametrize("scheme, tokens", [("fp8-dynamic", 1), ("int8", 1), ("mxfp8", 4)])
+def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, tokens):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(LlamaRMSNorm(1024), torch.nn.Linear(1024, 2048, bias=False)).cuda().bfloat16()
-    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         torch._dynamo.reset()
         monkeypatch.setenv("MXPASS_KERNEL", "reference")
@@ -92,5 +93,6 @@ def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme):
         xs = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
         dyn(xs)
         kernel = mxpass.last_report().rewritten[0].kernel
-        assert kernel.startswith("triton_int8_mm" if scheme.startswith("int8") else "cublas_"), kernel
+        dynamic_kernel = {"int8": "triton_int8_mm", "mxfp8": "triton_mxfp8"}.get(scheme, "cublas_")
+        assert kernel.startswith(dynamic_kernel), kernel
         assert "cuda_w8a8_gemv: M is dynamic" in kernel
