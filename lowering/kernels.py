@@ -332,7 +332,6 @@ class CudaW8A8Gemv(_QuantizedInput):
     scales per block) only from M = 2: at M = 1 triton_mxfp8's CUDA-core GEMV is faster."""
 
     name = "cuda_w8a8_gemv"
-    _GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
 
     def is_supported(self, device: torch.device) -> tuple[bool, str]:
         ok, reason = _cuda_capability(device, (8, 9), "its FP8/INT8 mma.sync build")
@@ -347,7 +346,7 @@ class CudaW8A8Gemv(_QuantizedInput):
         return True, ""
 
     def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        from mxpass.kernels.cuda.w8a8_gemv import MAX_M, shape_problem
+        from mxpass.kernels.cuda.w8a8_gemv import MAX_M, group_of, shape_problem
 
         if problem.m is None:
             return False, "M is dynamic in this graph (this kernel is picked for a static M <= 16)"
@@ -356,9 +355,9 @@ class CudaW8A8Gemv(_QuantizedInput):
         ok, reason = _half_precision(problem)
         if not ok:
             return ok, reason
-        group = self._GROUP.get(problem.fmt.weight_granularity)
-        if group is None or problem.fmt.activation is None:
+        if problem.fmt.activation is None:
             return False, f"{problem.fmt.name} is not a W8A8 FP8/INT8 scheme"
+        group = group_of(problem.fmt)
         if group == 32 and problem.m < MX_GEMV_MIN_M:
             return False, (f"MXFP8 at M={problem.m}: triton_mxfp8 is faster below M={MX_GEMV_MIN_M} "
                            "(docs/performance.md)")
@@ -366,10 +365,10 @@ class CudaW8A8Gemv(_QuantizedInput):
         return (False, why) if why else (True, "")
 
     def run_quantized(self, xq, xs, qweight, wscale, bias, fmt: Format, out_dtype: torch.dtype):
-        from mxpass.kernels.cuda import w8a8_gemv  # noqa: F401  (registers the op)
+        from mxpass.kernels.cuda import w8a8_gemv  # also registers the op
 
         b = None if bias is None else bias.to(out_dtype)
-        return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, self._GROUP[fmt.weight_granularity], out_dtype)
+        return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, w8a8_gemv.group_of(fmt), out_dtype)
 
 
 class ReferenceMoE(_Reference):

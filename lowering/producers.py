@@ -34,6 +34,7 @@ import torch.fx as fx
 from mxpass.formats import get_format
 from mxpass.lowering.linear import static_rows
 from mxpass.lowering.registry import Choice, Problem, choose
+from mxpass.passes import node_value
 from mxpass.report import Report
 
 KERNEL = "act_quant_triton"
@@ -94,10 +95,6 @@ def _from_attention(x: fx.Node) -> bool:
         return False
 
 
-def _value(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _source(x: fx.Node, fmt) -> tuple[fx.Node, fx.Node | None, str] | None:
     """(x or gate, up or None, what) when the input ``x`` of a ``fmt`` linear goes to act_quant_triton."""
     pair = _silu_mul(x)
@@ -125,7 +122,7 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         if found is None:
             continue
         src, up, what = found
-        g, w, u = _value(src), _value(qweight), None if up is None else _value(up)
+        g, w, u = node_value(src), node_value(qweight), None if up is None else node_value(up)
         if g is None or w is None or (up is not None and (u is None or u.shape != g.shape or u.dtype != g.dtype)):
             continue
         k = w.shape[1]

@@ -87,6 +87,12 @@ def library(device: torch.device) -> ctypes.CDLL:
         return _LIBS[cap]
 
 
+def group_of(fmt) -> int:
+    """The kernel's ``group`` for a format: the K extent of one weight scale (32 for MX, 128
+    for fp8-block), 0 where a scale spans all of K (per-channel, per-tensor)."""
+    return fmt.block if fmt.block > 1 else 0
+
+
 def _step(group: int) -> int:
     return {0: 128, 128: 128, 32: 256}[group]
 

@@ -25,7 +25,6 @@ from mxpass.benchmarks.suite import write_json
 SCHEMES = ("fp8-dynamic", "fp8", "fp8-block", "int8", "mxfp8")
 SHAPES = ((4096, 12288), (4096, 28672), (14336, 4096))
 MS = (1, 4, 16)
-_GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
 
 
 def _peer(name, f, x, xq, xs, qs):
@@ -69,7 +68,7 @@ def run(schemes=SCHEMES, shapes=SHAPES, ms=MS) -> list[dict]:
             q0, s0 = quant.quantize_weight(f, w, "bench.weight")
             nbytes = q0.numel() * q0.element_size() + s0.numel() * s0.element_size()
             qs = [(q0.clone(), s0.clone()) for _ in range(stream_copies(nbytes))]
-            group = _GROUP[f.weight_granularity]
+            group = G.group_of(f)
             for m, x in xs_by_m.items():
                 xq, xs = quant.quantize_activation(f, x, act)
                 y = G.w8a8_gemv(xq, xs, q0, s0, None, group, torch.bfloat16)

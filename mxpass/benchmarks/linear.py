@@ -63,19 +63,25 @@ def _no_wrap_triton():
         return contextlib.nullcontext()
 
 
-def graph_ms(fn, calls: int, warmup: int = 25, rep: int = 100) -> float:
-    """Median ms of one of the ``calls`` calls that ``fn`` makes, timed as CUDA-graph replays."""
-    import triton.testing
-
+def capture(fn, warmups: int = 2) -> torch.cuda.CUDAGraph:
+    """``fn`` run ``warmups`` times on a side stream, then captured in a CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
+        for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g
+
+
+def graph_ms(fn, calls: int, warmup: int = 25, rep: int = 100) -> float:
+    """Median ms of one of the ``calls`` calls that ``fn`` makes, timed as CUDA-graph replays."""
+    import triton.testing
+
+    g = capture(fn)
     torch.cuda.synchronize()
     return triton.testing.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median") / calls
 
@@ -94,16 +100,8 @@ def stream_ms(fn, calls: int, reps: int = 50, trials: int = 7) -> float:
     This is how a decode forward streams its weights: one GEMV after another, each reading
     weights that no other call touched recently. ``graph_ms`` instead lets ``do_bench`` clear
     the L2 before every replay by writing a 256 MB buffer, whose dirty lines are written back
-    while the timed kernels run (measured on H200: +2-3 us per call for GEMVs and cuBLAS alike)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    while the timed kernels run (measured on H200: +2-4 us per call for GEMVs and cuBLAS alike)."""
+    g = capture(fn)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

@@ -29,15 +29,9 @@ MS = (1, 16, 128, 4096)
 def _graph_ms(fn, x) -> float:
     import triton.testing
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(x)
+    from mxpass.benchmarks.linear import capture
+
+    g = capture(lambda: fn(x), warmups=3)
     return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 

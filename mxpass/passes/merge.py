@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from mxpass.formats import get_format
+from mxpass.passes import node_value
 from mxpass.passes.inputs import StaticInputs
 from mxpass.report import Report
 from mxpass.weights import merged_bias, merged_weight
@@ -69,17 +70,13 @@ def _why_not(layers: list[Layer], fmt) -> str | None:
     return None
 
 
-def _value(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _view_problem(node: fx.Node) -> str | None:
     """Why a ``view`` of this layer's output would fail on a slice of a wider output."""
-    val = _value(node)
+    val = node_value(node)
     for user in node.users:
         if not (user.op == "call_method" and user.target == "view"):
             continue
-        out = _value(user)
+        out = node_value(user)
         if val is None or out is None:
             return "output viewed with unknown shapes"
         # compared as text: sizes may be symbolic, and comparing SymInts would add guards
@@ -131,7 +128,7 @@ def _merge(gm: fx.GraphModule, static: StaticInputs, x: fx.Node, fmt, group: lis
     with graph.inserting_before(first):
         wide = graph.call_function(torch.ops.mxpass.linear.default, (x, qw, ws, bias, None, fmt.name))
     wide.meta.update({key: v for key, v in first.meta.items() if key not in ("example_value", "val")})
-    val = _value(first)
+    val = node_value(first)
     if val is not None:
         wide.meta["example_value"] = val.new_empty((*val.shape[:-1], n))
     wide.meta["mxpass_report_index"] = [lay.index for lay in group]

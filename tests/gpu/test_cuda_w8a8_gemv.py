@@ -10,7 +10,6 @@ from mxpass.formats import get_format
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-GROUP = {"channel": 0, "tensor": 0, "block": 128, "mx32": 32}
 # The kernel's products are exact and it sums in fp32 (another order than the reference):
 # what is left is the output rounding, 2**-9 (bf16) / 2**-11 (fp16) relative per element.
 TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
@@ -29,7 +28,7 @@ def _exact(f, xq, xs, wq, ws, bias):
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_fp32_math(scheme, m, dtype):
-    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+    from mxpass.kernels.cuda.w8a8_gemv import group_of, w8a8_gemv
 
     f = get_format(scheme)
     g = torch.Generator(device="cuda").manual_seed(m)
@@ -40,7 +39,7 @@ def test_matches_fp32_math(scheme, m, dtype):
     act = torch.tensor([0.03], device="cuda") if f.static_activation else None
     xq, xs = quant.quantize_activation(f, x, act)
     wq, ws = quant.quantize_weight(f, w, "w")
-    y = w8a8_gemv(xq, xs, wq, ws, bias, GROUP[f.weight_granularity], dtype)
+    y = w8a8_gemv(xq, xs, wq, ws, bias, group_of(f), dtype)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, _exact(f, xq, xs, wq, ws, bias)) < TOL[dtype]
 
@@ -48,7 +47,7 @@ def test_matches_fp32_math(scheme, m, dtype):
 @pytest.mark.parametrize("scheme", ["fp8-block", "mxfp8"])
 def test_large_shape_and_blocks_of_nan(scheme):
     """Llama-8B-sized layer; a NaN activation group makes only its own rows NaN."""
-    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+    from mxpass.kernels.cuda.w8a8_gemv import group_of, w8a8_gemv
 
     f = get_format(scheme)
     x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
@@ -56,7 +55,7 @@ def test_large_shape_and_blocks_of_nan(scheme):
     w = torch.randn(12288, 4096, device="cuda") * 0.02
     xq, xs = quant.quantize_activation(f, x, None)
     wq, ws = quant.quantize_weight(f, w, "w")
-    y = w8a8_gemv(xq, xs, wq, ws, None, GROUP[f.weight_granularity], torch.bfloat16)
+    y = w8a8_gemv(xq, xs, wq, ws, None, group_of(f), torch.bfloat16)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3]]).any()
     keep = [0, 1, 3]
     assert rel_err(y[keep], _exact(f, xq[keep], xs[keep], wq, ws, None)) < TOL[torch.bfloat16]
