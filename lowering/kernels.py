@@ -383,7 +383,8 @@ class ReferenceMoE(_Reference):
 class TritonMoE(_TritonE4M3):
     """Fused Triton MoE (kernels/triton/moe.py): routing alignment on the GPU, grouped GEMMs
     with SiLU*mul and the top-k sum fused, a GEMV path for few tokens; weights dequantized
-    in-kernel (every weight granularity), activations fake-quantized in ATen math."""
+    in-kernel (every weight granularity), activations fake-quantized in ATen math: the
+    reference's numerics."""
 
     name = "triton_moe"
 
@@ -396,10 +397,12 @@ class TritonMoE(_TritonE4M3):
 
 
 class TritonMoEW8A8(TritonMoE):
-    """``triton_moe`` with the activations really quantized (fp8-dynamic, int8): e4m3 / int8
-    MMAs in the grouped GEMMs. Its sums use q * s unrounded where the reference rounds q * s
-    to the model dtype, 1-2e-2 relative after h's requantization (bf16): never picked before
-    ``triton_moe``; ``MXPASS_KERNEL=triton_moe_w8a8`` selects it."""
+    """The fused Triton MoE with the activations really quantized (fp8-dynamic, int8), inside
+    its kernels: e4m3 / int8 MMAs in the grouped GEMMs with the scales applied to the sums,
+    as the linear W8A8 kernels do. First for those formats: faster than ``triton_moe`` at
+    every measured token count, and as close to the unquantized MoE as the reference is; it
+    differs from the reference (which rounds q * s to the model dtype before its GEMMs) by
+    ~1.5e-2 relative after h's requantization (docs/performance.md, MoE section)."""
 
     name = "triton_moe_w8a8"
 
@@ -452,5 +455,6 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
         "fp8-block": [gemv, ScaledMMBlockwiseLinear(), TritonW8Linear()],
     }
     table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}
-    table.update({RegistryKey("moe", name): [TritonMoE(), TritonMoEW8A8(), ReferenceMoE()] for name in format_names()})
+    # MoE: the fused W8A8 kernel first where it applies (faster at every measured T, docs/performance.md)
+    table.update({RegistryKey("moe", name): [TritonMoEW8A8(), TritonMoE(), ReferenceMoE()] for name in format_names()})
     return table

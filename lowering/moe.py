@@ -4,11 +4,16 @@ Each ``mxpass::moe`` node becomes a call of :func:`moe_lowered` before AOTAutogr
 the graph (``lowering/nodes.py``, as for linears), so what the chosen kernel's ``run``
 does is traced like model code:
 
-- ``triton_moe`` (CUDA, sm_89+): the format's activation quantization of x as ATen math
-  (it fuses into x's producer), ``mxpass::moe_gate_up_triton`` (routing alignment on the
-  GPU, gate/up grouped GEMM with SiLU*mul), the activation quantization of h as ATen math,
-  ``mxpass::moe_down_triton`` (down grouped GEMM, routed-weight multiply, top-k sum). Both
-  are ``triton_op``s, so Inductor launches their kernels from its generated code
+- ``triton_moe_w8a8`` (CUDA, sm_89+; per-token e4m3 / int8 activations with channel / tensor
+  weight scales: fp8-dynamic, int8): ``mxpass::moe_fused_triton`` quantizing x and h inside
+  its kernels (prep kernel: x's quantization and the routing alignment; gate/up grouped GEMM
+  with SiLU*mul, its last program per tile quantizing h; e4m3 / int8 down GEMM with the
+  routed-weight multiply and top-k sum).
+- ``triton_moe`` (CUDA, sm_89+; every format): weight-only formats as the same fused op
+  without quantization; W8A8 formats with the format's activation quantization of x as
+  ATen math (it fuses into x's producer), ``mxpass::moe_gate_up_triton``, the activation
+  quantization of h as ATen math, ``mxpass::moe_down_triton``: the reference's numerics.
+  All are ``triton_op``s, so Inductor launches their kernels from its generated code
   (``kernels/triton/moe.py``).
 - ``reference`` (any device): per-expert dequantization, both activation quantizations,
   two batched fp32 matmuls over all experts and a gather of each token's A results, all

@@ -112,15 +112,28 @@ _CHILD = textwrap.dedent(
 
     # the alignment: offsets = exclusive prefix sum of the valid ids' counts; each expert's
     # segment of sorted_slots holds exactly its slots
+    # (in the prep kernel's one program, and, with ALIGN_MAX below S, in the count / scatter kernels)
     ids = torch.tensor([0, 2, 3, 3, 7, 2, -2, 3, 0, 3]).view(5, 2)
-    _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids, w13f[:, :64, :64].contiguous(),
-                                                        torch.empty(0), "none", plans["grouped"])
     flat = ids.view(-1)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
-    assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()], offsets
-    for e in range(E):
-        seg = sorted_slots[offsets[e]:offsets[e + 1]].tolist()
-        assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (e, seg)
+    for align_max in (mk.ALIGN_MAX, 4):
+        mk.ALIGN_MAX = align_max
+        _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids,
+                                                            w13f[:, :64, :64].contiguous(), torch.empty(0), "none",
+                                                            plans["grouped"])
+        assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()], (align_max, offsets)
+        for e in range(E):
+            seg = sorted_slots[offsets[e]:offsets[e + 1]].tolist()
+            assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (align_max, e, seg)
+    # the fused op's whole path with the count / scatter alignment (ALIGN_MAX still 4 < S)
+    fmt = get_format("int8")
+    (q13, s13), (q2, s2) = experts(fmt, w13f), experts(fmt, w2f)
+    ids = torch.randint(0, E, (7, A))
+    x, tw = torch.randn(7, H).half(), torch.rand(7, A)
+    ref = moe_reference(x, ids, tw, q13, s13, q2, s2, fmt, "silu")
+    for quantized, tol in ((False, 2.0**-10), (True, 2.0**-6)):
+        y = mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plans["grouped"], quantized_activations=quantized)
+        assert rel(y, ref) <= tol, ("count / scatter alignment", quantized, rel(y, ref))
     print("ok")
     """
 )

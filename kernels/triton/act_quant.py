@@ -66,6 +66,55 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
+def scale_of(amax, RANGE: tl.constexpr, EPS: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr):
+    """The scheme's dynamic scale of a group from its amax: rnd_T(amax / RANGE), 0 -> eps_T,
+    NaN for a NaN or infinite amax (module docstring)."""
+    s = _round(tl.math.div_rn(amax, RANGE), HALF, BIT_MATH)
+    s = tl.where(s == 0.0, EPS, s)
+    return tl.where(amax == float("inf"), float("nan"), s)  # a NaN amax gave a NaN s already
+
+
+@triton.jit
+def codes(y, s, inv, KIND: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr,
+          QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """float32 codes of y for the scale s (inv = div_rn(1, s); both broadcast to y): int8
+    (KIND 2) rounded and clamped, NaN -> 0; e4m3 rnd_T(y / s) with -0 -> +0, still to be
+    converted (the GPU's saturating conversion clamps and keeps NaN, see ``to_e4m3``)."""
+    if HALF:
+        q = _round(tl.math.div_rn(y, s), HALF, BIT_MATH)
+    else:
+        q = _round(y * inv, HALF, BIT_MATH)
+    if KIND == 2:
+        nan = q != q  # before the clamps: min/max return the non-NaN operand
+        # nearest-even to an integer: adding 1.5 * 2**23 leaves no fraction bits in float32
+        q = (tl.minimum(tl.maximum(q, QMIN), QMAX) + 12582912.0) - 12582912.0
+        return tl.where(nan, 0.0, q)
+    return q + 0.0  # -0 -> +0, compressed-tensors' zero-point add
+
+
+@triton.jit
+def to_e4m3(q, BIT_MATH: tl.constexpr):
+    """float32 q -> e4m3, nearest-even, saturating at +/-448, NaN -> NaN. BIT_MATH: rounded in
+    float32 integer math first, since Triton's interpreter converts ties away from zero and
+    wraps values past 448 (the GPU's cvt.rn.satfinite needs none of it)."""
+    if BIT_MATH:
+        bits = q.to(tl.int32, bitcast=True)
+        normal = ((bits + (((bits >> 20) & 1) + 0x7FFFF)) & -1048576).to(tl.float32, bitcast=True)
+        sub = ((tl.abs(q) * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)  # multiples of 2**-9
+        r = tl.where(tl.abs(q) < 0.015625, tl.where(q < 0, -sub, sub), normal)  # -0 stays -0
+        q = tl.where(q != q, q, tl.minimum(tl.maximum(r, -448.0), 448.0))
+    return q.to(tl.float8e4nv)
+
+
+def params(kind: int, dtype: torch.dtype, device_type: str) -> dict:
+    """Constexpr arguments of ``scale_of`` / ``codes`` for an activation KIND and input dtype."""
+    rng, qmin, qmax = (int8.HALF_RANGE, int8.INT8_MIN, int8.INT8_MAX) if kind == 2 else (
+        fp8.E4M3_MAX, -fp8.E4M3_MAX, fp8.E4M3_MAX)
+    return dict(RANGE=float(rng), EPS=torch.finfo(dtype).eps, QMIN=float(qmin), QMAX=float(qmax),
+                HALF=dtype == torch.float16, BIT_MATH=device_type == "cpu")
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up,
                       SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
                       RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
@@ -82,31 +131,18 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
         up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
         y = _round(_round(y / (1.0 + tl.exp(-y)), HALF, BIT_MATH) * up, HALF, BIT_MATH)
     amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
-    s = _round(tl.math.div_rn(amax, RANGE), HALF, BIT_MATH)
-    s = tl.where(s == 0.0, EPS, s)
-    s = tl.where(amax == float("inf"), float("nan"), s)  # NaN amax gave a NaN s already
-    if HALF:
-        q = _round(tl.math.div_rn(y, s[:, None]), HALF, BIT_MATH)
-    else:
-        q = _round(y * tl.math.div_rn(1.0, s)[:, None], HALF, BIT_MATH)
-    if KIND == 2:
-        nan = q != q  # before the clamps: min/max return the non-NaN operand
-        # nearest-even to an integer: adding 1.5 * 2**23 leaves no fraction bits in float32
-        q = (tl.minimum(tl.maximum(q, QMIN), QMAX) + 12582912.0) - 12582912.0
-        q = tl.where(nan, 0.0, q)
-        if STORE_F32:
-            tl.store(q_ptr + row * K + offs, q, mask=mask)
-        else:
-            tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
-    else:
-        q = q + 0.0  # -0 -> +0, compressed-tensors' zero-point add
-        if STORE_F32:
+    s = scale_of(amax, RANGE, EPS, HALF, BIT_MATH)
+    q = codes(y, s[:, None], tl.math.div_rn(1.0, s)[:, None], KIND, HALF, BIT_MATH, QMIN, QMAX)
+    if STORE_F32:
+        if KIND != 2:
             # what the conversion below does on the GPU: clamp to +/-448, every NaN one NaN
             q = tl.where(q != q, float("nan"), tl.minimum(tl.maximum(q, QMIN), QMAX))
-            tl.store(q_ptr + row * K + offs, q, mask=mask)
-        else:
-            # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
-            tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(q_ptr + row * K + offs, q, mask=mask)
+    elif KIND == 2:
+        tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    else:
+        # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
     tl.store(s_ptr + row * NG + g, s, mask=g < NG)
 
 
@@ -150,15 +186,10 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
     scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
-    # the scheme's scale rule: s = rnd_T(amax / RANGE), 0 -> eps_T; codes in [QMIN, QMAX]
-    rng, qmin, qmax = (int8.HALF_RANGE, int8.INT8_MIN, int8.INT8_MAX) if kind == 2 else (
-        fp8.E4M3_MAX, -fp8.E4M3_MAX, fp8.E4M3_MAX)
     wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
-        SILU_MUL=up is not None, KIND=kind, HALF=x.dtype == torch.float16,
-        RANGE=float(rng), EPS=torch.finfo(x.dtype).eps, QMIN=float(qmin), QMAX=float(qmax),
-        BLOCK_G=triton.next_power_of_2(ng), GS=gs, BIT_MATH=x.device.type == "cpu", STORE_F32=store_f32,
-        num_warps=8 if block >= 8192 else 4)
+        SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32,
+        **params(kind, x.dtype, x.device.type), num_warps=8 if block >= 8192 else 4)
     return data, scale
 
 

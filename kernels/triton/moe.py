@@ -83,6 +83,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from mxpass.kernels.triton.act_quant import _max_keeping_nan, codes, scale_of, to_e4m3
+from mxpass.kernels.triton.act_quant import params as act_params
 from mxpass.kernels.triton.mxfp8_linear import _at_least, _dequant_tile, _e8m0_to_fp32, _in_range
 from mxpass.kernels.triton.w8_linear import _w8_to_float
 
@@ -108,6 +110,7 @@ SCALE_BLOCK = 128  # "block": 128 x 128 (mxpass/schemes/fp8.py)
 MX_BLOCK = 32  # "mx32": OCP MX v1.0, one E8M0 scale per 32 along K
 CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load of fp8/int8)
 COUNT_BLOCK = 1024  # slots per program of the count kernel
+ALIGN_MAX = 1024  # up to this many slots the prep kernel aligns the routing in one program
 CAST_BLOCK = 1024
 FILL_BLOCK = 1024
 
@@ -185,9 +188,63 @@ def _id_ok(eid, like, E):
 
 
 @triton.jit
+def _abs_bits(h, mask):
+    """The bits of |h| as int32 where mask, else 0: their integer max is the amax (NaN above Inf above
+    every finite value), so amax buffers start at 0 and take atomic maxima."""
+    return tl.where(mask, tl.abs(h.to(tl.float32)).to(tl.int32, bitcast=True), 0)
+
+
+@triton.jit
+def _encode(c, IS_INT8: tl.constexpr, BIT_MATH: tl.constexpr):
+    """float32 codes (``act_quant.codes``) as int8 or e4m3 (one return: the compiler visits
+    statements after a constexpr if's return)."""
+    if IS_INT8:
+        q = c.to(tl.int8)
+    else:
+        q = to_e4m3(c, BIT_MATH)
+    return q
+
+
+@triton.jit
 def _silu_mul(g, u):
     """silu(g) * u = g / (1 + exp(-g)) * u in fp32 (torch's silu formula)."""
     return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _quantize_rows(h_ptr, hq_ptr, hs_ptr, amax_ptr, rows, row_mask, I,
+                   IS_INT8: tl.constexpr, RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr,
+                   QMAX: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Rows ``rows`` of h [., I] quantized per token (``act_quant``'s numerics) into hq and hs,
+    with each row's scale from its amax; h and amax are read past L1 (".cg": other SMs wrote them)."""
+    amax = tl.load(amax_ptr + rows, mask=row_mask, other=0, cache_modifier=".cg").to(tl.float32, bitcast=True)
+    s = scale_of(amax, RANGE, EPS, HALF, BIT_MATH)
+    inv = tl.math.div_rn(1.0, s)
+    tl.store(hs_ptr + rows, s, mask=row_mask)
+    base = rows.to(tl.int64)[:, None] * I
+    for c0 in range(0, I, BLOCK_Q):
+        cols = c0 + tl.arange(0, BLOCK_Q)
+        m = row_mask[:, None] & (cols < I)[None, :]
+        v = tl.load(h_ptr + base + cols[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        q = codes(v, s[:, None], inv[:, None], 2 if IS_INT8 else 0, HALF, BIT_MATH, QMIN, QMAX)
+        tl.store(hq_ptr + base + cols[None, :], _encode(q, IS_INT8, BIT_MATH), mask=m)
+
+
+@triton.jit
+def _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive, rows, row_mask, bits, I,
+                    IS_INT8: tl.constexpr, RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr,
+                    QMAX: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """After this program stored its columns of h ``rows``: raise their amax to ``bits`` (this
+    program's, ``_abs_bits``) with atomic maxima, then count the program in ``arrive`` (zeroed
+    by the prep kernel); the last of the grid's dimension-1 programs to arrive quantizes the
+    rows (``_quantize_rows``). The barrier orders every thread's stores before the counter's
+    release; its acquire makes the other programs' rows visible to the last one."""
+    tl.atomic_max(amax_ptr + rows, bits, mask=row_mask, sem="relaxed")
+    tl.debug_barrier()
+    done = tl.atomic_add(arrive, 1, sem="acq_rel")
+    if done == tl.num_programs(1) - 1:
+        _quantize_rows(h_ptr, hq_ptr, hs_ptr, amax_ptr, rows, row_mask, I,
+                       IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
 
 
 # --------------------------------------------------------------------------- routing alignment
@@ -233,24 +290,87 @@ def _moe_scatter_kernel(
     tl.store(sorted_ptr + base + rank, offs, mask=ok)
 
 
+@triton.jit
+def _moe_prep_kernel(
+    # pointers (xq [T, H], xs [T] (QUANT); ids / sorted [S]; offsets [E + 1]; cnt [2E]; y32 [>= N_Y];
+    # amax [2S]: h's amax, then the arrival counters of ``_last_quantizes``)
+    x_ptr, xq_ptr, xs_ptr, ids_ptr, sorted_ptr, off_ptr, cnt_ptr, y32_ptr, amax_ptr,
+    R, S, A, E, H, N_Y,
+    # meta (KIND ... BIT_MATH: the activation encoding, ``act_quant.params``)
+    QUANT: tl.constexpr, KIND: tl.constexpr, IS_INT8: tl.constexpr, RANGE: tl.constexpr, EPS: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_A: tl.constexpr, ALIGN_BLOCK: tl.constexpr, E_P2: tl.constexpr,
+):
+    """Everything the GEMMs need first, in one launch: grid (R + 1,), or (R,) without alignment.
+
+    Programs t < R (one per token): QUANT: row t of x in the activation encoding (xq, xs,
+    the numerics of ``act_quant``), and h's amax and arrival counters of slots
+    t*A .. t*A + A - 1 zeroed;
+    elements t*H .. t*H + H - 1 of y32 zeroed where below N_Y.
+    Program R: the routing alignment. S <= ALIGN_BLOCK: all of it here (per-expert counts,
+    offsets = their exclusive prefix sum, each valid slot stored at offsets[e] + rank, ranks
+    from atomic increments of zeroed cursors); larger S: the 2E counters of
+    ``_moe_count_kernel`` / ``_moe_scatter_kernel`` zeroed."""
+    pid = tl.program_id(0)
+    if pid < R:
+        t = pid.to(tl.int64)
+        rh = tl.arange(0, BLOCK_H)
+        hm = rh < H
+        if QUANT:
+            y = tl.load(x_ptr + t * H + rh, mask=hm, other=0.0).to(tl.float32)
+            s = scale_of(tl.reduce(tl.abs(y), 0, _max_keeping_nan), RANGE, EPS, HALF, BIT_MATH)
+            q = codes(y, s, tl.math.div_rn(1.0, s), KIND, HALF, BIT_MATH, QMIN, QMAX)
+            tl.store(xq_ptr + t * H + rh, _encode(q, IS_INT8, BIT_MATH), mask=hm)
+            tl.store(xs_ptr + t, s)
+            ra = t * A + tl.arange(0, BLOCK_A)
+            zero = tl.zeros((BLOCK_A,), dtype=tl.int32)
+            tl.store(amax_ptr + ra, zero, mask=ra < t * A + A)  # h's amax
+            tl.store(amax_ptr + S + ra, zero, mask=ra < t * A + A)  # the arrival counters
+        yo = t * H + rh
+        tl.store(y32_ptr + yo, tl.zeros((BLOCK_H,), dtype=tl.float32), mask=hm & (yo < N_Y))
+    else:
+        r = tl.arange(0, E_P2)
+        r2 = tl.arange(0, 2 * E_P2)
+        if S <= ALIGN_BLOCK:
+            rs = tl.arange(0, ALIGN_BLOCK)
+            m = rs < S
+            e = tl.load(ids_ptr + rs, mask=m, other=-1)
+            ok = m & (e >= 0) & (e < E)
+            eb = tl.where(ok, e, E).to(tl.int32)  # bin E: invalid ids and the block's tail
+            cnt = tl.histogram(eb, E_P2)
+            tl.store(off_ptr + r, tl.cumsum(cnt, 0) - cnt, mask=r <= E)
+            tl.store(cnt_ptr + r, tl.zeros((E_P2,), dtype=tl.int32), mask=r < E)
+            tl.debug_barrier()  # the offsets and zeroed cursors are visible to the whole program
+            rank = tl.atomic_add(cnt_ptr + eb, 1, mask=ok, sem="relaxed")
+            base = tl.load(off_ptr + eb, mask=ok, other=0)
+            tl.store(sorted_ptr + base + rank, rs, mask=ok)
+        else:
+            tl.store(cnt_ptr + r2, tl.zeros((2 * E_P2,), dtype=tl.int32), mask=r2 < 2 * E)
+
+
 # --------------------------------------------------------------------------- grouped GEMMs
 
 
 @triton.jit
 def _moe_gate_up_kernel(
     # pointers
-    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
-    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
+    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr,
+    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; QACT: hq [S, I], hs / amax / arrive [S];
+    # S_STRIDE: scale elements per expert)
     A, E, H, I, S_STRIDE, KB,
-    # meta
+    # meta (RANGE ... BIT_MATH: h's activation encoding under QACT, ``act_quant.params``)
     SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+    RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
+    BIT_MATH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
 
     The W tiles are the left MMA operands (dequantized in registers), the gathered x^T
     tile the right one, as in the linear dot kernels; tiles of one expert are neighbours
-    in launch order, so a weight tile comes from DRAM about once."""
+    in launch order, so a weight tile comes from DRAM about once. QACT: x is quantized
+    (xq, xs) and the last program of the tile quantizes its h rows into (hq, hs)
+    (``_quantize_rows``)."""
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
@@ -295,8 +415,12 @@ def _moe_gate_up_kernel(
         xs = tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[None, :]
         acc_g = acc_g * xs
         acc_u = acc_u * xs
-    h = _silu_mul(acc_g, acc_u)
-    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h.to(dtype), mask=n_mask[:, None] & m_mask[None, :])
+    h = _silu_mul(acc_g, acc_u).to(dtype)
+    mask = n_mask[:, None] & m_mask[None, :]
+    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h, mask=mask)
+    if QACT:  # the tile's first position p0 indexes its arrival counter
+        _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr + p0, pos, m_mask, tl.max(_abs_bits(h, mask), 0),
+                        I, IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
 
 
 @triton.jit
@@ -312,6 +436,7 @@ def _moe_down_kernel(
 ):
     """topk_weight * (W2 @ h^T) tile [BLOCK_N, BLOCK_M] for one expert's positions: grid (tiles, cdiv(H, BLOCK_N)).
 
+    QACT: h holds quantized rows (the weight's type) with row scales hs: e4m3 / int8 MMAs.
     ATOMIC: added (fp32, relaxed) into y32[token]; else stored as the slot's fp32 row."""
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
@@ -425,16 +550,19 @@ def _gemv_rows(acc, x_ptr, xs, w_ptr, s_ptr, s_off, rows, row_mask, K, KB,
 @triton.jit
 def _moe_gate_up_gemv_kernel(
     # pointers
-    x_ptr, xs_ptr, ids_ptr, w_ptr, s_ptr, h_ptr,
-    # sizes (x [T, H], xs [T] (QACT), ids [S], w [E, 2I, H], h [S, I])
+    x_ptr, xs_ptr, ids_ptr, w_ptr, s_ptr, h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr,
+    # sizes (x [T, H], xs [T] (QACT), ids [S], w [E, 2I, H], h [S, I]; QACT: hq [S, I], hs / amax / arrive [S])
     A, E, H, I, S_STRIDE, KB,
-    # meta
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, QACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    # meta (RANGE ... BIT_MATH: h's activation encoding under QACT, ``act_quant.params``)
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, QACT: tl.constexpr, RANGE: tl.constexpr, EPS: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr, BIT_MATH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """h[s, n] = silu(Wg[e] x[t]) * (Wu[e] x[t]) for BLOCK_N rows n of slot s: grid (S, cdiv(I, BLOCK_N)).
 
-    A slot whose id is outside [0, E) reads no weight and gets a zero row."""
+    A slot whose id is outside [0, E) reads no weight and gets a zero row. QACT: x is
+    quantized (xq, xs; used as the reference's fake-quantized values) and the last program
+    of slot s quantizes h row s into (hq, hs) (``_quantize_rows``)."""
     s = tl.program_id(0)
     eid = tl.load(ids_ptr + s)
     e64 = tl.where((eid >= 0) & (eid < E), eid, 0).to(tl.int64)
@@ -456,8 +584,12 @@ def _moe_gate_up_gemv_kernel(
                    SCALE, IS_INT8, BLOCK_N, BLOCK_K, CHUNK, QACT, DTYPE)
     g = _out_scale(tl.sum(g, 1), s_ptr, s_off, n, w_mask, SCALE)
     u = _out_scale(tl.sum(u, 1), s_ptr, s_off, n + I, w_mask, SCALE)
-    h = _silu_mul(g, u)
-    tl.store(h_ptr + s.to(tl.int64) * I + n, h.to(h_ptr.dtype.element_ty), mask=n_mask)
+    h = _silu_mul(g, u).to(DTYPE)
+    tl.store(h_ptr + s.to(tl.int64) * I + n, h, mask=n_mask)
+    if QACT:
+        r2 = tl.arange(0, 2)
+        _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr + s, s + r2, r2 < 1, tl.max(_abs_bits(h, n_mask), 0),
+                        I, IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
 
 
 @triton.jit
@@ -472,7 +604,8 @@ def _moe_down_gemv_kernel(
 ):
     """y[t, n] = sum over a = 0..A-1 of tw[s] * (W2[e] h[s])[n], s = t * A + a, in that order: grid (T, cdiv(H, BLOCK_N)).
 
-    Slots with ids outside [0, E) are skipped."""
+    Slots with ids outside [0, E) are skipped. QACT: h holds quantized rows with scales hs,
+    used as the reference's fake-quantized values (q * hs rounded to y's dtype)."""
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
@@ -493,7 +626,7 @@ def _moe_down_gemv_kernel(
         r = _out_scale(tl.sum(acc, 1), s_ptr, s_off, n, w_mask, SCALE)
         tw = tl.load(tw_ptr + s).to(tl.float32)
         out += tl.where(w_mask, r * tw, 0.0)
-    tl.store(y_ptr + t * H + n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(y_ptr + t * H + n, out.to(DTYPE), mask=n_mask)
 
 
 # --------------------------------------------------------------------------- plans
@@ -648,40 +781,43 @@ def _check_routing(topk_ids) -> None:
         raise TypeError(f"moe: topk_ids must be integer, got {topk_ids.dtype}")
 
 
-def _activation(x, x_scale, out_dtype, w, granularity: str, what: str):
-    """(QACT, output dtype, x scale as [rows] float32) after checking x against the weight.
-
-    Without a scale, x holds the (fake-quantized) activation in bf16/fp16. With one, x holds
-    quantized activations of the weight's type (e4m3 or int8, "channel"/"tensor" weights)
-    and x_scale one float32 per row; the output dtype must then be given."""
-    if x_scale is None:
-        if x.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"moe: {what} has dtype {x.dtype}; expected bfloat16 or float16")
-        if out_dtype is not None and out_dtype != x.dtype:
-            raise TypeError(f"moe: out_dtype {out_dtype} differs from {what}'s dtype {x.dtype}")
-        return False, x.dtype, x
-    if granularity not in ("channel", "tensor") or x.dtype != w.dtype:
-        raise TypeError(f"moe: quantized {what} ({x.dtype}) needs {granularity!r} weights of the same type "
-                        f"(e4m3 or int8 with channel / tensor scales), got {w.dtype}")
-    if out_dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"moe: quantized {what} needs out_dtype bfloat16 or float16, got {out_dtype}")
-    if x_scale.dtype != torch.float32 or x_scale.numel() != x.shape[0]:
-        raise ValueError(f"moe: {what}_scale must hold one float32 per row of {what} ({x.shape[0]}), "
-                         f"got {x_scale.dtype} {tuple(x_scale.shape)}")
-    return True, out_dtype, x_scale.contiguous().view(-1)
-
-
-def _operands(a, a_scale, out_dtype, w, w_scale, granularity: str, plan: Plan, a_name: str, w_name: str):
-    """Checks of one grouped GEMM's activation ``a`` and experts ``w`` against each other and
-    the plan: (scale mode, w's scale as the kernels read it, its elements per expert, KB,
-    QACT, output dtype, a's row scales or a itself), as ``_scale_args`` / ``_activation`` give them."""
+def _weights(a, w, scale, granularity: str, plan: Plan, a_name: str, w_name: str):
+    """Checks of one GEMM's activation ``a`` and experts ``w`` against each other and the plan:
+    (scale mode, w's scale as the kernels read it, its elements per expert, KB)."""
     mode = _MODE.get(granularity, -1)
-    s, s_stride, kb = _scale_args(w, w_scale, granularity, w_name)
-    qact, dtype, a_s = _activation(a, a_scale, out_dtype, w, granularity, a_name)
+    s, s_stride, kb = _scale_args(w, scale, granularity, w_name)
     _check_plan(plan, mode)
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"moe: {a_name} has dtype {a.dtype}; expected bfloat16 or float16")
     if mode == _NONE and w.dtype != a.dtype:
         raise TypeError(f"moe: unquantized {w_name} is {w.dtype}, {a_name} is {a.dtype}")
-    return mode, s, s_stride, kb, qact, dtype, a_s
+    return mode, s, s_stride, kb
+
+
+def _check_gate_up(x, topk_ids, w13) -> None:
+    _check_routing(topk_ids)
+    if w13.dim() != 3 or x.dim() != 2 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
+        raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} must be [T, A] with T = {x.shape[0]}")
+
+
+def _check_down(rows, topk_ids, topk_weights) -> None:
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or rows != topk_ids.shape[0] * topk_ids.shape[1]:
+        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
+                         f"must be [T, A] with T * A = {rows} rows of h")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"moe: topk_weights must be floating point, got {topk_weights.dtype}")
+
+
+def _act_kind(w13, w2, granularity: str) -> int:
+    """The ``act_quant`` KIND of the activations that ``quantize`` gives the MMAs: per-token
+    e4m3 (0) or int8 (2), the weights' type, which needs "channel" / "tensor" scales."""
+    if granularity not in ("channel", "tensor") or w13.dtype not in (torch.float8_e4m3fn, torch.int8) \
+            or w2.dtype != w13.dtype:
+        raise TypeError(f"moe: quantized activations need e4m3 or int8 experts with channel / tensor scales, "
+                        f"got {w13.dtype} / {w2.dtype} with {granularity!r} scales")
+    return 2 if w13.dtype == torch.int8 else 0
 
 
 def _regime_sizes(S, plan: Plan):
@@ -696,118 +832,203 @@ def _tile_bound(S_r, ind, block_m: int, E: int):
     return triton.cdiv(S_r, block_m) + E * ind
 
 
-def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: Plan, x_scale=None,
-                          out_dtype=None, *, asm: bool = True):
-    """(h [S, I], sorted_slots [S] int32, offsets [E + 1] int32) for an explicit plan.
+class _Launch(NamedTuple):
+    """What every kernel of one call shares."""
 
-    h is in x.dtype (or ``out_dtype`` when x is quantized, see ``_activation``). h row p is
-    slot p on the decode path and sorted position p on the grouped path (where sorted_slots
-    / offsets say which slot and expert; on the decode path they are unused)."""
-    _check_routing(topk_ids)
-    if w13.dim() != 3 or x.dim() != 2 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
-        raise ValueError(f"moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} must be [T, H] and [E, 2I, H]")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} must be [T, A] with T = {x.shape[0]}")
-    mode, s13, s_stride, kb, qact, dtype, xs = _operands(x, x_scale, out_dtype, w13, w13_scale, granularity, plan,
-                                                         "x", "w13")
-    x = x.contiguous()
-    w13 = w13.contiguous()
-    ids = topk_ids.contiguous().view(-1)
-    T, H = x.shape
-    E, two_i, _ = w13.shape
-    I = two_i // 2  # noqa: E741
-    A = topk_ids.shape[1]
+    S: int  # slots (may be symbolic)
+    A: int
+    E: int
+    plan: Plan
+    on_decode: int  # indicators (may be symbolic)
+    grouped: list
+    on_grouped: int
+    e_p2: int
+    asm: bool
+
+
+def _launch(topk_ids, E: int, plan: Plan, device, asm: bool) -> _Launch:
+    T, A = topk_ids.shape
     S = T * A
-    is_int8 = w13.dtype == torch.int8
-    asm = asm and x.device.type == "cuda"
-    e_p2 = triton.next_power_of_2(E + 1)
-
-    h = torch.empty((S, I), dtype=dtype, device=x.device)
-    sorted_slots = torch.empty((S,), dtype=torch.int32, device=x.device)
-    offsets = torch.empty((E + 1,), dtype=torch.int32, device=x.device)
     on_decode, grouped, on_grouped = _regime_sizes(S, plan)
+    return _Launch(S, A, E, plan, on_decode, grouped, on_grouped, triton.next_power_of_2(E + 1),
+                   asm and device.type == "cuda")
 
-    g = plan.gate_up_gemv
-    wrap_triton(_moe_gate_up_gemv_kernel)[(S * on_decode, triton.cdiv(I, g.block_n))](
-        x, xs, ids, w13, s13, h, A, E, H, I, s_stride, kb,
+
+def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, amax):
+    """The prep kernel (and, above ALIGN_MAX slots, the count / scatter kernels): (xq, xs,
+    sorted_slots, offsets). ``kind``: quantize x to that ``act_quant`` KIND (else xq is x);
+    ``y32``: zero its first n_y elements (a symbolic count; 0 off the grouped path)."""
+    T, H = x.shape
+    dev = x.device
+    sorted_slots = torch.empty((L.S,), dtype=torch.int32, device=dev)
+    offsets = torch.empty((L.E + 1,), dtype=torch.int32, device=dev)
+    counters = torch.empty((2 * L.E,), dtype=torch.int32, device=dev)
+    quant = kind is not None
+    if quant:
+        xq = torch.empty((T, H), dtype=torch.int8 if kind == 2 else torch.float8_e4m3fn, device=dev)
+        xs = torch.empty((T,), dtype=torch.float32, device=dev)
+        rows = T
+    else:
+        xq = xs = x
+        rows = 0 if y32 is None else T * L.on_grouped
+    block_h = triton.next_power_of_2(H)
+    # stand-ins where nothing is written: distinct tensors, since Inductor's functionalization
+    # treats each argument a kernel may write on its own (aliases would get separate copies)
+    y32 = torch.empty((1,), dtype=torch.float32, device=dev) if y32 is None else y32
+    amax = torch.empty((1,), dtype=torch.int32, device=dev) if amax is None else amax
+    wrap_triton(_moe_prep_kernel)[(rows + L.on_grouped,)](
+        x, xq, xs, ids, sorted_slots, offsets, counters, y32, amax, rows, L.S, L.A, L.E, H, n_y,
+        QUANT=quant, KIND=kind or 0, IS_INT8=kind == 2, **act_params(kind or 0, x.dtype, dev.type),
+        BLOCK_H=block_h, BLOCK_A=triton.next_power_of_2(L.A), ALIGN_BLOCK=ALIGN_MAX, E_P2=L.e_p2,
+        num_warps=8 if block_h >= 8192 else 4,
+    )
+    big = L.S * L.on_grouped * _at_least(L.S, ALIGN_MAX + 1)  # slots the count / scatter kernels align
+    wrap_triton(_moe_count_kernel)[(triton.cdiv(big, COUNT_BLOCK),)](
+        ids, counters, L.S, L.E, BLOCK=COUNT_BLOCK, num_warps=4)
+    scatter_block = max(16, min(1024, 8192 // L.e_p2))
+    wrap_triton(_moe_scatter_kernel)[(triton.cdiv(big, scatter_block),)](
+        ids, counters, sorted_slots, offsets, L.S, L.E, BLOCK=scatter_block, E_P2=L.e_p2, num_warps=4)
+    return xq, xs, sorted_slots, offsets
+
+
+def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, w13_scale, granularity: str, h, hq_state):
+    """The gate/up kernels of both paths into h [S, I]. ``hq_state`` (quantized activations):
+    (KIND, hq [S, I], hs [S], amax [2S]) for the last-arrival quantization of h."""
+    mode, s13, s_stride, kb = _weights(h, w13, w13_scale, granularity, L.plan, "x", "w13")
+    E, two_i, H = w13.shape
+    I = two_i // 2  # noqa: E741
+    is_int8 = w13.dtype == torch.int8
+    qact = hq_state is not None
+    kind, hq, hs, amax = hq_state if qact else (0, xq, xq, ids)  # never read or written without qact
+    act = dict(act_params(kind, h.dtype, h.device.type), BLOCK_Q=min(1024, triton.next_power_of_2(I)))
+    arrive = amax[L.S:] if qact else amax
+    g = L.plan.gate_up_gemv
+    wrap_triton(_moe_gate_up_gemv_kernel)[(L.S * L.on_decode, triton.cdiv(I, g.block_n))](
+        xq, xs, ids, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride, kb,
+        SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
+        num_warps=g.num_warps, **act,
+    )
+    for ind, r in L.grouped:
+        c = r.gate_up
+        wrap_triton(_moe_gate_up_kernel)[(_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
+            xq, xs, sorted_slots, offsets, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride, kb,
+            SCALE=mode, IS_INT8=is_int8, ASM=L.asm, EVEN_K=H % c.block_k == 0, QACT=qact,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=L.e_p2,
+            num_warps=c.num_warps, num_stages=c.num_stages, **act,
+        )
+
+
+def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, w2_scale, granularity: str, y, y32):
+    """The down kernels of both paths into y [T, H] (fp32 y32 on the grouped path, then the
+    cast or the ordered sum). ``hs``: h holds quantized rows with these scales (else None)."""
+    mode, s2, s_stride, kb = _weights(y, w2, w2_scale, granularity, L.plan, "h", "w2")
+    E, H, I = w2.shape  # noqa: E741
+    T = y.shape[0]
+    is_int8 = w2.dtype == torch.int8
+    qact = hs is not None
+    hs = sorted_slots if hs is None else hs
+    g = L.plan.down_gemv
+    wrap_triton(_moe_down_gemv_kernel)[(T * L.on_decode, triton.cdiv(H, g.block_n))](
+        h, hs, ids, tw, w2, s2, y, L.A, E, H, I, s_stride, kb,
         SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
         num_warps=g.num_warps,
     )
-
-    # routing alignment (grouped path only; its grids are empty otherwise)
-    counters = torch.empty((2 * E,), dtype=torch.int32, device=x.device)
-    wrap_triton(_moe_fill_kernel)[(triton.cdiv(2 * E * on_grouped, FILL_BLOCK),)](
-        counters, 2 * E, BLOCK=FILL_BLOCK, num_warps=4)
-    S_g = S * on_grouped
-    wrap_triton(_moe_count_kernel)[(triton.cdiv(S_g, COUNT_BLOCK),)](ids, counters, S, E, BLOCK=COUNT_BLOCK, num_warps=4)
-    scatter_block = max(16, min(1024, 8192 // e_p2))
-    wrap_triton(_moe_scatter_kernel)[(triton.cdiv(S_g, scatter_block),)](
-        ids, counters, sorted_slots, offsets, S, E, BLOCK=scatter_block, E_P2=e_p2, num_warps=4,
-    )
-    for ind, r in grouped:
-        c = r.gate_up
-        wrap_triton(_moe_gate_up_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
-            x, xs, sorted_slots, offsets, w13, s13, h, A, E, H, I, s_stride, kb,
-            SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=H % c.block_k == 0, QACT=qact,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
+    for ind, r in L.grouped:
+        c = r.down
+        wrap_triton(_moe_down_kernel)[(_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
+            h, hs, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride, kb,
+            SCALE=mode, IS_INT8=is_int8, ASM=L.asm, EVEN_K=I % c.block_k == 0, ATOMIC=L.plan.atomic, QACT=qact,
+            DTYPE=_TL_DTYPE[y.dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=L.e_p2,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
+    n = T * H * L.on_grouped
+    if L.plan.atomic:
+        wrap_triton(_moe_cast_kernel)[(triton.cdiv(n, CAST_BLOCK),)](y32, y, n, BLOCK=CAST_BLOCK, num_warps=4)
+    else:
+        wrap_triton(_moe_sum_kernel)[(T * L.on_grouped, triton.cdiv(H, CAST_BLOCK))](
+            y32, ids, y, L.A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
+
+
+def _y32(L: _Launch, T: int, H: int, device):
+    """The grouped path's fp32 sums: [T, H] for atomics, [S, H] per-slot rows otherwise; never
+    0 or 1 elements (see the module docstring)."""
+    rows = T if L.plan.atomic else L.S
+    return torch.empty((torch.sym_max(rows * H * L.on_grouped, 32),), dtype=torch.float32, device=device)
+
+
+def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: Plan, *, asm: bool = True):
+    """(h [S, I] in x.dtype, sorted_slots [S] int32, offsets [E + 1] int32) for an explicit plan.
+
+    h row p is slot p on the decode path and sorted position p on the grouped path (where
+    sorted_slots / offsets say which slot and expert; on the decode path they are unused)."""
+    _check_gate_up(x, topk_ids, w13)
+    _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
+    x = x.contiguous()
+    ids = topk_ids.contiguous().view(-1)
+    L = _launch(topk_ids, w13.shape[0], plan, x.device, asm)
+    h = torch.empty((L.S, w13.shape[1] // 2), dtype=x.dtype, device=x.device)
+    _, _, sorted_slots, offsets = _prep(L, x, ids, None, None, 0, None)
+    _gate_up(L, x, x, ids, sorted_slots, offsets, w13.contiguous(), w13_scale, granularity, h, None)
     return h, sorted_slots, offsets
 
 
 def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity: str,
-                       plan: Plan, h_scale=None, out_dtype=None, *, asm: bool = True):
-    """y [T, H] from the gate/up op's outputs (h fake-quantized, or quantized with ``h_scale``,
-    since) for an explicit plan; y in h.dtype (or ``out_dtype`` when h is quantized)."""
+                       plan: Plan, *, asm: bool = True):
+    """y [T, H] in h.dtype from the gate/up op's outputs (h fake-quantized since, or not) for an explicit plan."""
     _check_routing(topk_ids)
     if w2.dim() != 3 or h.dim() != 2 or w2.shape[2] != h.shape[1]:
         raise ValueError(f"moe: h {tuple(h.shape)} and w2 {tuple(w2.shape)} must be [S, I] and [E, H, I]")
-    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or h.shape[0] != topk_ids.shape[0] * topk_ids.shape[1]:
-        raise ValueError(f"moe: topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
-                         f"must be [T, A] with T * A = {h.shape[0]} rows of h")
-    if not topk_weights.is_floating_point():
-        raise TypeError(f"moe: topk_weights must be floating point, got {topk_weights.dtype}")
-    mode, s2, s_stride, kb, qact, dtype, hs = _operands(h, h_scale, out_dtype, w2, w2_scale, granularity, plan,
-                                                        "h", "w2")
-    h = h.contiguous()
-    w2 = w2.contiguous()
-    ids = topk_ids.contiguous().view(-1)
-    tw = topk_weights.contiguous().view(-1)
-    E, H, I = w2.shape  # noqa: E741
-    T, A = topk_ids.shape
-    S = T * A
-    is_int8 = w2.dtype == torch.int8
-    asm = asm and h.device.type == "cuda"
-    e_p2 = triton.next_power_of_2(E + 1)
+    _check_down(h.shape[0], topk_ids, topk_weights)
+    _weights(h, w2, w2_scale, granularity, plan, "h", "w2")
+    T = topk_ids.shape[0]
+    H = w2.shape[1]
+    L = _launch(topk_ids, w2.shape[0], plan, h.device, asm)
+    y = torch.empty((T, H), dtype=h.dtype, device=h.device)
+    y32 = _y32(L, T, H, h.device)
+    if plan.atomic:
+        n = T * H * L.on_grouped
+        wrap_triton(_moe_fill_kernel)[(triton.cdiv(n, FILL_BLOCK),)](y32, n, BLOCK=FILL_BLOCK, num_warps=4)
+    _down(L, h.contiguous(), None, topk_ids.contiguous().view(-1), topk_weights.contiguous().view(-1),
+          sorted_slots, offsets, w2.contiguous(), w2_scale, granularity, y, y32)
+    return y
 
-    y = torch.empty((T, H), dtype=dtype, device=h.device)
-    on_decode, grouped, on_grouped = _regime_sizes(S, plan)
-    g = plan.down_gemv
-    wrap_triton(_moe_down_gemv_kernel)[(T * on_decode, triton.cdiv(H, g.block_n))](
-        h, hs, ids, tw, w2, s2, y, A, E, H, I, s_stride, kb,
-        SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
-        num_warps=g.num_warps,
-    )
-    rows = T if plan.atomic else S
-    # fp32 accumulator of the grouped path; never 0 or 1 elements (see the module docstring)
-    y32 = torch.empty((torch.sym_max(rows * H * on_grouped, 32),), dtype=torch.float32, device=h.device)
-    if plan.atomic:
-        wrap_triton(_moe_fill_kernel)[(triton.cdiv(T * H * on_grouped, FILL_BLOCK),)](
-            y32, T * H * on_grouped, BLOCK=FILL_BLOCK, num_warps=4)
-    for ind, r in grouped:
-        c = r.down
-        wrap_triton(_moe_down_kernel)[(_tile_bound(S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
-            h, hs, tw, sorted_slots, offsets, w2, s2, y32, A, E, H, I, s_stride, kb,
-            SCALE=mode, IS_INT8=is_int8, ASM=asm, EVEN_K=I % c.block_k == 0, ATOMIC=plan.atomic, QACT=qact,
-            DTYPE=_TL_DTYPE[dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=e_p2,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
-    if plan.atomic:
-        wrap_triton(_moe_cast_kernel)[(triton.cdiv(T * H * on_grouped, CAST_BLOCK),)](
-            y32, y, T * H * on_grouped, BLOCK=CAST_BLOCK, num_warps=4)
-    else:
-        wrap_triton(_moe_sum_kernel)[(T * on_grouped, triton.cdiv(H, CAST_BLOCK))](
-            y32, ids, y, A, E, H, BLOCK=CAST_BLOCK, num_warps=4)
+
+def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, granularity: str, plan: Plan,
+                        quantize: bool = False, *, asm: bool = True):
+    """y [T, H] in x.dtype: the whole MoE in one call (prep, gate/up, down, and on the grouped
+    path the cast or sum) for an explicit plan.
+
+    ``quantize``: x and h are quantized per token to the weights' type inside the kernels
+    (e4m3 or int8, ``act_quant``'s numerics; "channel" / "tensor" weights): x by the prep
+    kernel, h as the down kernels read it, from the amax the gate/up kernels leave. The
+    decode path then computes the reference's fake-quantized values exactly; the grouped
+    path runs e4m3 / int8 MMAs on the codes with the scales applied to the sums (module
+    docstring). Without it x and h go to bf16/fp16 MMAs as they are (weight-only formats)."""
+    _check_gate_up(x, topk_ids, w13)
+    if w2.dim() != 3 or w2.shape[0] != w13.shape[0] or w2.shape[1] != x.shape[1] or 2 * w2.shape[2] != w13.shape[1]:
+        raise ValueError(f"moe: w2 {tuple(w2.shape)} must be [E, H, I] for w13 {tuple(w13.shape)} = [E, 2I, H]")
+    _check_down(topk_ids.shape[0] * topk_ids.shape[1], topk_ids, topk_weights)
+    _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
+    _weights(x, w2, w2_scale, granularity, plan, "x", "w2")
+    kind = _act_kind(w13, w2, granularity) if quantize else None
+    x = x.contiguous()
+    ids = topk_ids.contiguous().view(-1)
+    T, H = x.shape
+    L = _launch(topk_ids, w13.shape[0], plan, x.device, asm)
+    dev = x.device
+    h = torch.empty((L.S, w2.shape[2]), dtype=x.dtype, device=dev)
+    y = torch.empty((T, H), dtype=x.dtype, device=dev)
+    y32 = _y32(L, T, H, dev)
+    hq_state = None
+    if quantize:  # h quantized by the gate/up kernels (hq, hs), from its amax and arrival counters
+        hq_state = (kind, torch.empty_like(h, dtype=w13.dtype), torch.empty((L.S,), dtype=torch.float32, device=dev),
+                    torch.empty((2 * L.S,), dtype=torch.int32, device=dev))
+    n_y = T * H * L.on_grouped if plan.atomic else 0
+    xq, xs, sorted_slots, offsets = _prep(L, x, ids, kind, y32, n_y, None if hq_state is None else hq_state[3])
+    _gate_up(L, xq, xs, ids, sorted_slots, offsets, w13.contiguous(), w13_scale, granularity, h, hq_state)
+    hd, hs = (h, None) if hq_state is None else hq_state[1:3]
+    _down(L, hd, hs, ids, topk_weights.contiguous().view(-1), sorted_slots, offsets, w2.contiguous(), w2_scale,
+          granularity, y, y32)
     return y
 
 
@@ -830,16 +1051,13 @@ def moe_gate_up_triton(
     w13: torch.Tensor,
     w13_scale: torch.Tensor,
     granularity: str,
-    x_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h [T*A, I], sorted_slots [T*A], offsets [E+1]): the gate/up half of the MoE (module docstring).
 
-    x: bf16/fp16 [T, H], or quantized (e4m3 / int8, like w13) with ``x_scale`` [T] or [T, 1]
-    float32 and h's ``out_dtype``. Under torch.compile Inductor traces into this body and
-    launches the kernels from its generated code; T may be symbolic (no branch on it)."""
-    return moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity, _plan_for(topk_ids, w13, True),
-                                 x_scale, out_dtype)
+    x: bf16/fp16 [T, H] (fake-quantized by the caller where the format quantizes
+    activations). Under torch.compile Inductor traces into this body and launches the
+    kernels from its generated code; T may be symbolic (no branch on it)."""
+    return moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity, _plan_for(topk_ids, w13, True))
 
 
 @triton_op("mxpass::moe_down_triton", mutates_args=())
@@ -852,13 +1070,29 @@ def moe_down_triton(
     w2: torch.Tensor,
     w2_scale: torch.Tensor,
     granularity: str,
-    h_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """y [T, H]: the down half, routed-weight multiply and top-k sum (module docstring); h
-    bf16/fp16, or quantized with ``h_scale`` [T*A] / [T*A, 1] float32 and y's ``out_dtype``."""
+    """y [T, H]: the down half, routed-weight multiply and top-k sum (module docstring)."""
     return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity,
-                              _plan_for(topk_ids, w2, False), h_scale, out_dtype)
+                              _plan_for(topk_ids, w2, False))
+
+
+@triton_op("mxpass::moe_fused_triton", mutates_args=())
+def moe_fused_triton(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    granularity: str,
+    quantize: bool,
+) -> torch.Tensor:
+    """y [T, H]: the whole MoE in one op (``moe_fused_with_plan``): weight-only formats and
+    bf16/fp16 experts (``quantize`` False), or per-token e4m3 / int8 activations quantized
+    inside the kernels (``quantize`` True)."""
+    return moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, granularity,
+                               _plan_for(topk_ids, w13, True), quantize)
 
 
 def takes_quantized_activations(fmt) -> bool:
@@ -870,38 +1104,33 @@ def takes_quantized_activations(fmt) -> bool:
 def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, plan: Plan | None = None,
                quantized_activations: bool = False):
     """The whole MoE for a Format ``fmt`` (or ``None``: unquantized bf16/fp16 weights) as the
-    lowering emits it: the format's activation quantization of x and h as ATen math
-    (``mxpass.quant``), and the two ops (or, with ``plan``, their bodies under it).
+    lowering emits it (with ``plan``: the ops' bodies under that plan).
 
-    By default x and h are fake-quantized (quantize-dequantize in x.dtype), exactly as
-    ``moe_reference`` does. ``quantized_activations`` (formats of ``takes_quantized_activations``)
-    hands the kernels the quantized values and scales instead: the grouped GEMMs run e4m3 /
-    int8 MMAs on q_x * q_w with the scales applied to the sums, i.e. on q * s unrounded where
-    the reference rounds q * s to x.dtype first; after h's requantization this differs from
-    the reference by 1.2e-2 to 1.9e-2 relative in bf16 (3.5e-3 in fp16; measured in Triton's
-    interpreter, E = 4, H = 512, I = 256, T = 24). The decode path rounds q * s to x.dtype as
-    the reference does."""
+    Weight-only formats and ``None``: ``mxpass::moe_fused_triton``. ``quantized_activations``
+    (formats of ``takes_quantized_activations``): the same op quantizing x and h in its
+    kernels; the grouped GEMMs then run e4m3 / int8 MMAs on q_x * q_w with the scales applied
+    to the sums, i.e. on q * s unrounded where the reference rounds q * s to x.dtype first
+    (the decode path rounds as the reference does). Other formats: x and h fake-quantized
+    (quantize-dequantize in x.dtype) as ATen math (``mxpass.quant``), exactly as
+    ``moe_reference`` does, around ``mxpass::moe_gate_up_triton`` and ``mxpass::moe_down_triton``."""
     from mxpass import quant
 
     gran = "none" if fmt is None else fmt.weight_granularity
-    dtype = x.dtype
-    x_scale = h_scale = None
     if quantized_activations and not takes_quantized_activations(fmt):
         raise ValueError(f"moe: quantized activations need per-token activations with channel/tensor weights, "
                          f"not {getattr(fmt, 'name', fmt)!r}")
-    if quantized_activations:
-        x, x_scale = quant.quantize_activation(fmt, x, None)
-    elif fmt is not None:
-        x = quant.fake_quantize_activation(fmt, x, None)
+    if quantized_activations or fmt is None or fmt.activation is None:
+        args = (x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, gran)
+        if plan is None:
+            return torch.ops.mxpass.moe_fused_triton(*args, quantized_activations)
+        return moe_fused_with_plan(*args, plan, quantized_activations)
+    x = quant.fake_quantize_activation(fmt, x, None)
     if plan is None:
-        h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran, x_scale, dtype)
+        h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran)
     else:
-        h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan, x_scale, dtype)
-    if quantized_activations:
-        h, h_scale = quant.quantize_activation(fmt, h, None)
-    elif fmt is not None:
-        h = quant.fake_quantize_activation(fmt, h, None)
+        h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan)
+    h = quant.fake_quantize_activation(fmt, h, None)
     args = (h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
     if plan is None:
-        return torch.ops.mxpass.moe_down_triton(*args, h_scale, dtype)
-    return moe_down_with_plan(*args, plan, h_scale, dtype)
+        return torch.ops.mxpass.moe_down_triton(*args)
+    return moe_down_with_plan(*args, plan)

@@ -9,13 +9,15 @@ Implementations (rows' "impl"):
                          grouped_mm implementation: sort, histc, torch._grouped_mm x2, index_add
   scaled_grouped_mm_fp8  the same flow with torch._scaled_grouped_mm: e4m3 per-channel weights
                          (the fp8-dynamic bytes), per-token e4m3 activations (amax / 448), bf16 out
-  mxpass_<scheme>        mxpass::moe_gate_up_triton + mxpass::moe_down_triton with the scheme's
-                         per-expert weights; for W8A8 schemes the activation fake-quantization of
-                         x and h is the ATen math the lowering emits, compiled by Inductor
-                         (torch.compile of that function alone), as in a compiled model
-  mxpass_bf16            the same kernels on the bf16 weights (granularity "none")
-  mxpass_fp8-dynamic_w8a8  the registry's ``triton_moe_w8a8``: activations really quantized,
-                         e4m3 MMAs in the grouped GEMMs (not the reference's numerics, see there)
+  mxpass_<scheme>        the scheme's per-expert weights through ``moe_triton``: weight-only
+                         schemes as mxpass::moe_fused_triton; W8A8 schemes as
+                         mxpass::moe_gate_up_triton + mxpass::moe_down_triton with the activation
+                         fake-quantization of x and h as the ATen math the lowering emits, compiled
+                         by Inductor (torch.compile of that function alone), as in a compiled model
+  mxpass_bf16            the fused op on the bf16 weights (granularity "none")
+  mxpass_<scheme>_w8a8   (fp8-dynamic, int8) the registry's ``triton_moe_w8a8``, its first choice
+                         for them: the fused op quantizing x and h in its kernels, e4m3 / int8
+                         MMAs in the grouped GEMMs (see there)
   sweep                  (--sweep) mxpass fp8-w under other plans (config column)
 
 Method: random bf16 weights (std 0.02), x ~ N(0, 1) in bf16, routing = top-A of uniform
@@ -118,31 +120,24 @@ def scaled_grouped_mm_moe(x, ids, tw, w13q, s13, w2q, s2):
 
 
 def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
-    """The MoE as the lowering runs it: compiled activation (fake-)quantization + the two ops.
-
-    ``quantized``: the activations are really quantized and the grouped GEMMs run e4m3 /
-    int8 MMAs (the ``triton_moe_w8a8`` kernel)."""
+    """The MoE as the lowering runs it (``moe_triton``): weight-only formats and ``quantized``
+    (activations quantized inside the kernels, e4m3 / int8 MMAs: ``triton_moe_w8a8``) as the
+    one fused op; other formats with the activation fake-quantization of x and h compiled
+    by Inductor (torch.compile of that math alone, as in a compiled model) around the two ops."""
     import mxpass.kernels.triton.moe as km
     from mxpass import quant
 
     gran = "none" if fmt is None else fmt.weight_granularity
-    fq = None
-    if quantized:
-        fq = torch.compile(lambda t: quant.quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
-    elif fmt is not None and fmt.activation is not None:
-        fq = torch.compile(lambda t: (quant.fake_quantize_activation(fmt, t, None), None), dynamic=True, fullgraph=True)
+    if quantized or fmt is None or fmt.activation is None:
+        return lambda x, ids, tw: km.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan, quantized)
+    fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
 
     def run(x, ids, tw):
-        dtype = x.dtype
-        xq, xs = fq(x) if fq else (x, None)
         if plan is None:
-            h, srt, off = torch.ops.mxpass.moe_gate_up_triton(xq, ids, q13, s13, gran, xs, dtype)
-        else:
-            h, srt, off = km.moe_gate_up_with_plan(xq, ids, q13, s13, gran, plan, xs, dtype)
-        hq, hs = fq(h) if fq else (h, None)
-        if plan is None:
-            return torch.ops.mxpass.moe_down_triton(hq, ids, tw, srt, off, q2, s2, gran, hs, dtype)
-        return km.moe_down_with_plan(hq, ids, tw, srt, off, q2, s2, gran, plan, hs, dtype)
+            h, srt, off = torch.ops.mxpass.moe_gate_up_triton(fq(x), ids, q13, s13, gran)
+            return torch.ops.mxpass.moe_down_triton(fq(h), ids, tw, srt, off, q2, s2, gran)
+        h, srt, off = km.moe_gate_up_with_plan(fq(x), ids, q13, s13, gran, plan)
+        return km.moe_down_with_plan(fq(h), ids, tw, srt, off, q2, s2, gran, plan)
 
     return run
 
@@ -266,8 +261,8 @@ def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit, only
         q2, s2 = (q2_8, s2_8) if same else _experts(fmt, w2)
         weights[scheme] = (fmt, q13, s13, q2, s2)
         impls[f"mxpass_{scheme}"] = (scheme, _mxpass_fn(fmt, q13, s13, q2, s2), 1.0 + (1 / 32 if fmt.block == 32 else 0))
-        if scheme == "fp8-dynamic":
-            impls["mxpass_fp8-dynamic_w8a8"] = (scheme, _mxpass_fn(fmt, q13, s13, q2, s2, quantized=True), 1.0)
+        if scheme in ("fp8-dynamic", "int8"):
+            impls[f"mxpass_{scheme}_w8a8"] = (scheme, _mxpass_fn(fmt, q13, s13, q2, s2, quantized=True), 1.0)
     if only is not None:
         impls = {k: v for k, v in impls.items() if k in only}
     for T in tokens:
