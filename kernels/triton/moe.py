@@ -293,8 +293,8 @@ def _moe_scatter_kernel(
 @triton.jit
 def _moe_prep_kernel(
     # pointers (xq [T, H], xs [T] (QUANT); ids / sorted [S]; offsets [E + 1]; cnt [2E]; y32 [>= N_Y];
-    # amax [2S]: h's amax, then the arrival counters of ``_last_quantizes``)
-    x_ptr, xq_ptr, xs_ptr, ids_ptr, sorted_ptr, off_ptr, cnt_ptr, y32_ptr, amax_ptr,
+    # amax / arrive [S]: h's amax and the arrival counters of ``_last_quantizes``)
+    x_ptr, xq_ptr, xs_ptr, ids_ptr, sorted_ptr, off_ptr, cnt_ptr, y32_ptr, amax_ptr, arrive_ptr,
     R, S, A, E, H, N_Y,
     # meta (KIND ... BIT_MATH: the activation encoding, ``act_quant.params``)
     QUANT: tl.constexpr, KIND: tl.constexpr, IS_INT8: tl.constexpr, RANGE: tl.constexpr, EPS: tl.constexpr,
@@ -324,8 +324,8 @@ def _moe_prep_kernel(
             tl.store(xs_ptr + t, s)
             ra = t * A + tl.arange(0, BLOCK_A)
             zero = tl.zeros((BLOCK_A,), dtype=tl.int32)
-            tl.store(amax_ptr + ra, zero, mask=ra < t * A + A)  # h's amax
-            tl.store(amax_ptr + S + ra, zero, mask=ra < t * A + A)  # the arrival counters
+            tl.store(amax_ptr + ra, zero, mask=ra < t * A + A)
+            tl.store(arrive_ptr + ra, zero, mask=ra < t * A + A)
         yo = t * H + rh
         tl.store(y32_ptr + yo, tl.zeros((BLOCK_H,), dtype=tl.float32), mask=hm & (yo < N_Y))
     else:
@@ -671,7 +671,7 @@ class Plan(NamedTuple):
     atomic: bool = True
 
 
-def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the intermediate size)
+def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False) -> Plan:  # noqa: E741  (I: the intermediate size)
     """The plan for one MoE layer's static shapes.
 
     Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
@@ -692,10 +692,15 @@ def default_plan(E: int, A: int, H: int, I: int) -> Plan:  # noqa: E741  (I: the
         1521-1669 us: its two 128 x 128 accumulators need ~230 registers, one CTA per SM)
       S / E >= 512: gate/up 128 x 128 x 64, 8 warps, 4 stages, down 128 x 128 x 128 (Mixtral
         T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
+    ``quantized`` (the fused op with e4m3 / int8 MMAs): from 128 slots per expert the tiles of
+    ``GROUPED_TILES_W8A8``, from a sweep of that kernel (fp8-dynamic): gate/up 64 x 64 x 128,
+    4 stages (no conversion in registers, so a 128-wide K step fits); down 64 x 128 x 128, 4
+    warps, 4 stages below 512 per expert, 128 x 128 x 128, 8 warps, 4 stages above (Qwen3
+    T = 4096: 1019 us, the fp8-w tiles 1222 us; Mixtral T = 4096: 5488 us, 5779-5819 us).
     """
     # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
-    return build_plan(E, decode_slots)
+    return build_plan(E, decode_slots, GROUPED_TILES_W8A8 if quantized else GROUPED_TILES)
 
 
 GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
@@ -705,6 +710,9 @@ GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
                  (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
                  (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
                  (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
+GROUPED_TILES_W8A8 = GROUPED_TILES[:3] + (
+    (512, Grouped(64, 64, 128, num_stages=4), Grouped(64, 128, 128, num_stages=4)),
+    (None, Grouped(64, 64, 128, num_stages=4), Grouped(128, 128, 128, num_warps=8, num_stages=4)))
 
 
 def build_plan(E: int, decode_slots: int, tiles=GROUPED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
@@ -854,10 +862,11 @@ def _launch(topk_ids, E: int, plan: Plan, device, asm: bool) -> _Launch:
                    asm and device.type == "cuda")
 
 
-def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, amax):
+def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, counts):
     """The prep kernel (and, above ALIGN_MAX slots, the count / scatter kernels): (xq, xs,
     sorted_slots, offsets). ``kind``: quantize x to that ``act_quant`` KIND (else xq is x);
-    ``y32``: zero its first n_y elements (a symbolic count; 0 off the grouped path)."""
+    ``y32``: zero its first n_y elements (a symbolic count; 0 off the grouped path);
+    ``counts``: (amax, arrive) [S] int32 to zero with x's quantization."""
     T, H = x.shape
     dev = x.device
     sorted_slots = torch.empty((L.S,), dtype=torch.int32, device=dev)
@@ -875,9 +884,10 @@ def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, amax):
     # stand-ins where nothing is written: distinct tensors, since Inductor's functionalization
     # treats each argument a kernel may write on its own (aliases would get separate copies)
     y32 = torch.empty((1,), dtype=torch.float32, device=dev) if y32 is None else y32
-    amax = torch.empty((1,), dtype=torch.int32, device=dev) if amax is None else amax
+    amax, arrive = counts or (torch.empty((1,), dtype=torch.int32, device=dev),
+                              torch.empty((1,), dtype=torch.int32, device=dev))
     wrap_triton(_moe_prep_kernel)[(rows + L.on_grouped,)](
-        x, xq, xs, ids, sorted_slots, offsets, counters, y32, amax, rows, L.S, L.A, L.E, H, n_y,
+        x, xq, xs, ids, sorted_slots, offsets, counters, y32, amax, arrive, rows, L.S, L.A, L.E, H, n_y,
         QUANT=quant, KIND=kind or 0, IS_INT8=kind == 2, **act_params(kind or 0, x.dtype, dev.type),
         BLOCK_H=block_h, BLOCK_A=triton.next_power_of_2(L.A), ALIGN_BLOCK=ALIGN_MAX, E_P2=L.e_p2,
         num_warps=8 if block_h >= 8192 else 4,
@@ -893,15 +903,14 @@ def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, amax):
 
 def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, w13_scale, granularity: str, h, hq_state):
     """The gate/up kernels of both paths into h [S, I]. ``hq_state`` (quantized activations):
-    (KIND, hq [S, I], hs [S], amax [2S]) for the last-arrival quantization of h."""
+    (KIND, hq [S, I], hs [S], amax [S], arrive [S]) for the last-arrival quantization of h."""
     mode, s13, s_stride, kb = _weights(h, w13, w13_scale, granularity, L.plan, "x", "w13")
     E, two_i, H = w13.shape
     I = two_i // 2  # noqa: E741
     is_int8 = w13.dtype == torch.int8
     qact = hq_state is not None
-    kind, hq, hs, amax = hq_state if qact else (0, xq, xq, ids)  # never read or written without qact
+    kind, hq, hs, amax, arrive = hq_state if qact else (0, xq, xq, ids, ids)  # untouched without qact
     act = dict(act_params(kind, h.dtype, h.device.type), BLOCK_Q=min(1024, triton.next_power_of_2(I)))
-    arrive = amax[L.S:] if qact else amax
     g = L.plan.gate_up_gemv
     wrap_triton(_moe_gate_up_gemv_kernel)[(L.S * L.on_decode, triton.cdiv(I, g.block_n))](
         xq, xs, ids, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride, kb,
@@ -1022,9 +1031,9 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     hq_state = None
     if quantize:  # h quantized by the gate/up kernels (hq, hs), from its amax and arrival counters
         hq_state = (kind, torch.empty_like(h, dtype=w13.dtype), torch.empty((L.S,), dtype=torch.float32, device=dev),
-                    torch.empty((2 * L.S,), dtype=torch.int32, device=dev))
+                    torch.empty((L.S,), dtype=torch.int32, device=dev), torch.empty((L.S,), dtype=torch.int32, device=dev))
     n_y = T * H * L.on_grouped if plan.atomic else 0
-    xq, xs, sorted_slots, offsets = _prep(L, x, ids, kind, y32, n_y, None if hq_state is None else hq_state[3])
+    xq, xs, sorted_slots, offsets = _prep(L, x, ids, kind, y32, n_y, None if hq_state is None else hq_state[3:])
     _gate_up(L, xq, xs, ids, sorted_slots, offsets, w13.contiguous(), w13_scale, granularity, h, hq_state)
     hd, hs = (h, None) if hq_state is None else hq_state[1:3]
     _down(L, hd, hs, ids, topk_weights.contiguous().view(-1), sorted_slots, offsets, w2.contiguous(), w2_scale,
@@ -1035,11 +1044,11 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _plan_for(topk_ids, w13_or_w2, gate_up: bool) -> Plan:
+def _plan_for(topk_ids, w13_or_w2, gate_up: bool, quantized: bool = False) -> Plan:
     A = topk_ids.shape[1]
     if gate_up:
         E, two_i, H = w13_or_w2.shape
-        return default_plan(int(E), int(A), int(H), int(two_i) // 2)
+        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized)
     E, H, I = w13_or_w2.shape  # noqa: E741
     return default_plan(int(E), int(A), int(H), int(I))
 
@@ -1092,7 +1101,7 @@ def moe_fused_triton(
     bf16/fp16 experts (``quantize`` False), or per-token e4m3 / int8 activations quantized
     inside the kernels (``quantize`` True)."""
     return moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, granularity,
-                               _plan_for(topk_ids, w13, True), quantize)
+                               _plan_for(topk_ids, w13, True, quantize), quantize)
 
 
 def takes_quantized_activations(fmt) -> bool:

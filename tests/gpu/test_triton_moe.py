@@ -291,12 +291,13 @@ def test_quantized_activation_mmas(weights, scheme):
     measured on Qwen3-30B shapes; a missing scale or a wrong expert gives order 1), so 2**-5,
     and it must be as close to the unquantized MoE (bf16 weights, fp32 math) as the reference
     is: within 5% of the reference's own error (measured: equal to 3 digits). T = 300 takes
-    the count / scatter alignment (S = 1200 > ALIGN_MAX)."""
+    the count / scatter alignment (S = 1200 > ALIGN_MAX); T = 600 and 2100 the W8A8 plan's
+    own tiles (128 and 512 slots per expert and up)."""
     from mxpass.ops import experts_reference
 
     fmt, w, ref_fn = weights[scheme]
     w13f, w2f = weights[None][1][0], weights[None][1][2]  # the same bf16 weights (same seed)
-    for T in (1, 3, 17, 64, 300):
+    for T in (1, 3, 17, 64, 300, 600, 2100):
         ids, tw = _routing(T, "idle_experts", seed=T)
         x = _x(T, seed=T)
         y = km.moe_triton(x, ids, tw, *w, fmt, quantized_activations=True)
