@@ -1,4 +1,4 @@
-"""Fused Mixture-of-Experts on sm_89+/sm_90: Triton kernels behind two ``torch.library.triton_op``.
+"""Fused Mixture-of-Experts on sm_89+/sm_90: Triton kernels behind three ``torch.library.triton_op``.
 
 Shape legend: T tokens, A active experts per token (top-k), S = T * A slots (slot s = t * A + a),
 E experts, H hidden size, I expert intermediate size, P = S rows of the intermediate h.
@@ -6,7 +6,7 @@ E experts, H hidden size, I expert intermediate size, P = S rows of the intermed
     h[p] = silu(W13[e, :I] @ x[t]) * (W13[e, I:] @ x[t])       gate rows first, then up rows
     y[t] = sum_a topk_weights[t, a] * W2[e] @ h[p]             e = topk_ids[t, a]
 
-x [T, H] bf16/fp16 (already fake-quantized by the caller when the format quantizes activations),
+x [T, H] bf16/fp16 (fake-quantized by the caller for the two-op flow below, as it is for the fused op),
 topk_ids [T, A] any integer dtype, topk_weights [T, A] any float dtype, w13 [E, 2I, H] and
 w2 [E, H, I] with per-expert scales (``granularity``):
 
@@ -33,7 +33,12 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               routed-weight multiply and top-k sum in registers; writes y.
                               Deterministic.
   grouped, S > plan.decode_slots (tensor cores):
-    _moe_fill_kernel          zeroes the alignment's counters [2E] (and, below, y32)
+    _moe_prep_kernel          one program per token (the fused op: x's quantization, zeroing of
+                              y32 and of h's amax / arrival counters) and one that aligns the
+                              routing: for S <= ALIGN_MAX all of it (histogram of the ids,
+                              offsets = its exclusive prefix sum, each slot at offsets[e] + rank,
+                              ranks from atomic increments after a barrier); above, it zeroes the
+                              counters of
     _moe_count_kernel         per-expert slot counts (atomic increments of a zeroed int32 [E])
     _moe_scatter_kernel       exclusive prefix sum of the counts -> offsets [E + 1]; each slot's
                               position = offsets[e] + rank (rank: an atomic increment of a second
@@ -46,14 +51,22 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
     _moe_down_kernel          grid (tile bound, cdiv(H, BN)): reads h rows contiguously, routed
                               weight in the epilogue, then either fp32 atomic adds into a zeroed
                               y32 [T, H] (``plan.atomic``) + ``_moe_cast_kernel``, or fp32 rows
-                              per slot + ``_moe_sum_kernel`` (fixed order over A: deterministic)
+                              per slot + ``_moe_sum_kernel`` (fixed order over A: deterministic);
+                              the two-op flow zeroes y32 with ``_moe_fill_kernel``
+
+The ops: ``mxpass::moe_gate_up_triton`` (prep, gate/up) and ``mxpass::moe_down_triton``
+(down, cast), between which the caller fake-quantizes h (W8A8 formats, the reference's
+numerics); ``mxpass::moe_fused_triton`` (all of it in one op, for weight-only formats and,
+with ``quantize``, for per-token e4m3 / int8 activations, below).
 
 Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
 sorted_slots [S], offsets [E + 1], h [S, I], counters [2E], and, grouped only, y32 [T, H]
 or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 makes the
 tracer guard on T). Every buffer is ``torch.empty``; the grouped path zeroes what it needs
-with ``_moe_fill_kernel``, whose grid is empty on the decode path, so a decode call is two
-kernels and no memset (two memsets were two more CUDA-graph nodes). Tile grids use the
+in the prep kernel (or ``_moe_fill_kernel``), whose grids are empty on the decode path, so
+a decode call is two kernels and no memset (two memsets were two more CUDA-graph nodes).
+Tensors a kernel may write are never passed twice (also not as views of one buffer):
+Inductor's functionalization copies each written argument on its own. Tile grids use the
 bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past the real tile count
 return at once. So the ops run under CUDA-graph capture,
 and one compiled graph serves every T.
@@ -63,13 +76,16 @@ sorted, loaded or stored; it contributes nothing to y (as an expert-parallel "no
 would) and its h row is zero on the decode path. Every address a kernel forms stays inside
 its tensor.
 
-The activation quantization of h is not fused: the gate/up op returns h in x.dtype and the
-caller fake-quantizes it (ATen math, ``mxpass.quant``), exactly as the reference does.
-Optionally (``moe_triton(..., quantized_activations=True)``, registry ``triton_moe_w8a8``;
-per-token formats with "channel"/"tensor" weights) the ops take quantized x / h with one
-float32 scale per row: the grouped GEMMs then run e4m3 x e4m3 (fp32 sums promoted every 32
-products) or int8 x int8 (int32, exact) MMAs; the decode kernels rebuild the reference's
-fake-quantized values (q * s rounded to the output dtype) exactly.
+Quantized activations (``moe_fused_triton(..., quantize=True)``, ``moe_triton(...,
+quantized_activations=True)``, registry ``triton_moe_w8a8``; per-token formats with
+"channel" / "tensor" weights): the prep kernel quantizes x per token (``act_quant``'s
+numerics); each gate/up program stores its part of h in x.dtype, raises the rows' amax
+(atomic integer max of |h|'s bits), counts itself in the tile's (or slot's) arrival counter,
+and the last one to arrive quantizes the rows into hq / hs (``_last_quantizes``), so h's
+quantization needs no kernel of its own. The grouped GEMMs then run e4m3 x e4m3 (fp32 sums
+promoted every 32 products) or int8 x int8 (int32, exact) MMAs with the scales applied to
+the sums; the decode kernels rebuild the reference's fake-quantized values (q * s rounded
+to the output dtype) exactly. The plan has its own tiles from 128 slots per expert.
 
 Measured figures and the reasons for the default plan: notes/moe-kernel-notes.md.
 """
