@@ -134,6 +134,25 @@ _CHILD = textwrap.dedent(
     for quantized, tol in ((False, 2.0**-10), (True, 2.0**-6)):
         y = mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plans["grouped"], quantized_activations=quantized)
         assert rel(y, ref) <= tol, ("count / scatter alignment", quantized, rel(y, ref))
+    mk.ALIGN_MAX = 1024
+    # NaN / Inf in x with quantized activations: that token's row is NaN (its scale is NaN, as
+    # the reference's), every other row is untouched (same values as without the bad token)
+    for fmt_name in ("fp8-dynamic", "int8"):
+        fmt = get_format(fmt_name)
+        (q13, s13), (q2, s2) = experts(fmt, w13f), experts(fmt, w2f)
+        x = torch.randn(6, H).half()
+        ids = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1], [0, 1], [4, 0]])
+        tw = torch.rand(6, A)
+        for p in ("decode", "grouped", "grouped-sum"):
+            clean = mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plans[p], quantized_activations=True)
+            bad = x.clone()
+            bad[2, 7] = float("nan")
+            bad[4, 3] = float("inf")
+            y = mk.moe_triton(bad, ids, tw, q13, s13, q2, s2, fmt, plans[p], quantized_activations=True)
+            ref = moe_reference(bad, ids, tw, q13, s13, q2, s2, fmt, "silu")
+            assert y[[2, 4]].isnan().all() and ref[[2, 4]].isnan().all(), (fmt_name, p)
+            keep = [0, 1, 3, 5]
+            assert torch.equal(y[keep], clean[keep]), (fmt_name, p, "other rows changed")
     print("ok")
     """
 )
