@@ -65,8 +65,8 @@ or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 ma
 tracer guard on T). Every buffer is ``torch.empty``; the grouped path zeroes what it needs
 in the prep kernel (or ``_moe_fill_kernel``), whose grids are empty on the decode path, so
 a decode call is two kernels and no memset (two memsets were two more CUDA-graph nodes).
-Tensors a kernel may write are never passed twice (also not as views of one buffer):
-Inductor's functionalization copies each written argument on its own. Tile grids use the
+Tensors a kernel may write are never passed twice (also not as views of one buffer): under
+Inductor that gave wrong results where eager was right (notes/moe-kernel-notes.md, run 5). Tile grids use the
 bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past the real tile count
 return at once. So the ops run under CUDA-graph capture,
 and one compiled graph serves every T.
@@ -897,8 +897,8 @@ def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, counts):
         xq = xs = x
         rows = 0 if y32 is None else T * L.on_grouped
     block_h = triton.next_power_of_2(H)
-    # stand-ins where nothing is written: distinct tensors, since Inductor's functionalization
-    # treats each argument a kernel may write on its own (aliases would get separate copies)
+    # stand-ins for buffers this call does not use: their own tensors, never another argument
+    # (the same tensor for several written arguments gave wrong results under Inductor: notes, run 5)
     y32 = torch.empty((1,), dtype=torch.float32, device=dev) if y32 is None else y32
     amax, arrive = counts or (torch.empty((1,), dtype=torch.int32, device=dev),
                               torch.empty((1,), dtype=torch.int32, device=dev))
