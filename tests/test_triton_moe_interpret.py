@@ -109,6 +109,9 @@ _CHILD = textwrap.dedent(
         for p, plan in plans.items():
             err = rel(mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan), ref)
             assert err <= 2.0**-10, (name, "out of range", p, err)
+            if name == "int8":  # the fused op quantizing in its kernels (tolerance above)
+                y = mk.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan, quantized_activations=True)
+                assert rel(y, ref) <= (2.0**-10 if p == "decode" else 2.0**-6), (name, "out of range", p, rel(y, ref))
 
     # the alignment: offsets = exclusive prefix sum of the valid ids' counts; each expert's
     # segment of sorted_slots holds exactly its slots
