@@ -112,8 +112,7 @@ def _tiles(g) -> str:
 
 
 def load_before(path: str):
-    """The module in ``path`` (an earlier kernels/triton/moe.py whose ops have today's signatures)
-    with its ops renamed to mxpass_before::."""
+    """The module in ``path`` (an earlier kernels/triton/moe.py) with its ops renamed to mxpass_before::."""
     with open(path) as fh:
         src = fh.read()
     src = src.replace('"mxpass::moe_', '"mxpass_before::moe_')
@@ -138,11 +137,15 @@ def _before_fn(mod, fmt, q13, s13, q2, s2):
         fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
     gran = fmt.weight_granularity
 
+    gate_up, down = torch.ops.mxpass_before.moe_gate_up_triton, torch.ops.mxpass_before.moe_down_triton
+    # ops before the fused op took (activation scale, out dtype) after the granularity
+    extra = len(gate_up.default._schema.arguments) > 5
+
     def run(x, ids, tw):
         xq = fq(x) if fq else x
-        h, srt, off = torch.ops.mxpass_before.moe_gate_up_triton(xq, ids, q13, s13, gran, None, x.dtype)
+        h, srt, off = gate_up(xq, ids, q13, s13, gran, *((None, x.dtype) if extra else ()))
         hq = fq(h) if fq else h
-        return torch.ops.mxpass_before.moe_down_triton(hq, ids, tw, srt, off, q2, s2, gran, None, x.dtype)
+        return down(hq, ids, tw, srt, off, q2, s2, gran, *((None, x.dtype) if extra else ()))
 
     return run
 
