@@ -65,11 +65,11 @@ or per-slot rows [S, H] (size max(., 32) otherwise: a size that can be 0 or 1 ma
 tracer guard on T). Every buffer is ``torch.empty``; the grouped path zeroes what it needs
 in the prep kernel (or ``_moe_fill_kernel``), whose grids are empty on the decode path, so
 a decode call is two kernels and no memset (two memsets were two more CUDA-graph nodes).
-Tensors a kernel may write are never passed twice (also not as views of one buffer): under
-Inductor that gave wrong results where eager was right (notes/moe-kernel-notes.md, run 5). Tile grids use the
-bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past the real tile count
-return at once. So the ops run under CUDA-graph capture,
-and one compiled graph serves every T.
+Tile grids use the bound sum_e ceil(c_e / BLOCK_M) <= cdiv(S, BLOCK_M) + E; programs past
+the real tile count return at once. So the ops run under CUDA-graph capture, and one
+compiled graph serves every T. Tensors a kernel may write are never passed twice (also not
+as views of one buffer): under Inductor that gave wrong results where eager was right
+(notes/moe-kernel-notes.md, run 5).
 
 Routing ids outside [0, E) (the eager op raises on them): such a slot is never counted,
 sorted, loaded or stored; it contributes nothing to y (as an expert-parallel "not mine" id
