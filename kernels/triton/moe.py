@@ -115,6 +115,7 @@ __all__ = [
     "moe_down_with_plan",
     "moe_gate_up_with_plan",
     "moe_triton",
+    "runs_fused",
     "takes_quantized_activations",
 ]
 
@@ -917,10 +918,11 @@ def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, counts):
     return xq, xs, sorted_slots, offsets
 
 
-def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, w13_scale, granularity: str, h, hq_state):
-    """The gate/up kernels of both paths into h [S, I]. ``hq_state`` (quantized activations):
-    (KIND, hq [S, I], hs [S], amax [S], arrive [S]) for the last-arrival quantization of h."""
-    mode, s13, s_stride, kb = _weights(h, w13, w13_scale, granularity, L.plan, "x", "w13")
+def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, checked, h, hq_state):
+    """The gate/up kernels of both paths into h [S, I]; ``checked``: what ``_weights`` returned
+    for w13. ``hq_state`` (quantized activations): (KIND, hq [S, I], hs [S], amax [S],
+    arrive [S]) for the last-arrival quantization of h."""
+    mode, s13, s_stride, kb = checked
     E, two_i, H = w13.shape
     I = two_i // 2  # noqa: E741
     is_int8 = w13.dtype == torch.int8
@@ -943,10 +945,11 @@ def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, w13_scale, gra
         )
 
 
-def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, w2_scale, granularity: str, y, y32):
+def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, checked, y, y32):
     """The down kernels of both paths into y [T, H] (fp32 y32 on the grouped path, then the
-    cast or the ordered sum). ``hs``: h holds quantized rows with these scales (else None)."""
-    mode, s2, s_stride, kb = _weights(y, w2, w2_scale, granularity, L.plan, "h", "w2")
+    cast or the ordered sum); ``checked``: what ``_weights`` returned for w2. ``hs``: h holds
+    quantized rows with these scales (else None)."""
+    mode, s2, s_stride, kb = checked
     E, H, I = w2.shape  # noqa: E741
     T = y.shape[0]
     is_int8 = w2.dtype == torch.int8
@@ -987,13 +990,13 @@ def moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity: str, plan: P
     h row p is slot p on the decode path and sorted position p on the grouped path (where
     sorted_slots / offsets say which slot and expert; on the decode path they are unused)."""
     _check_gate_up(x, topk_ids, w13)
-    _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
+    checked = _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
     x = x.contiguous()
     ids = topk_ids.contiguous().view(-1)
     L = _launch(topk_ids, w13.shape[0], plan, x.device, asm)
     h = torch.empty((L.S, w13.shape[1] // 2), dtype=x.dtype, device=x.device)
     _, _, sorted_slots, offsets = _prep(L, x, ids, None, None, 0, None)
-    _gate_up(L, x, x, ids, sorted_slots, offsets, w13.contiguous(), w13_scale, granularity, h, None)
+    _gate_up(L, x, x, ids, sorted_slots, offsets, w13.contiguous(), checked, h, None)
     return h, sorted_slots, offsets
 
 
@@ -1004,7 +1007,7 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_
     if w2.dim() != 3 or h.dim() != 2 or w2.shape[2] != h.shape[1]:
         raise ValueError(f"moe: h {tuple(h.shape)} and w2 {tuple(w2.shape)} must be [S, I] and [E, H, I]")
     _check_down(h.shape[0], topk_ids, topk_weights)
-    _weights(h, w2, w2_scale, granularity, plan, "h", "w2")
+    checked = _weights(h, w2, w2_scale, granularity, plan, "h", "w2")
     T = topk_ids.shape[0]
     H = w2.shape[1]
     L = _launch(topk_ids, w2.shape[0], plan, h.device, asm)
@@ -1014,7 +1017,7 @@ def moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_
         n = T * H * L.on_grouped
         wrap_triton(_moe_fill_kernel)[(triton.cdiv(n, FILL_BLOCK),)](y32, n, BLOCK=FILL_BLOCK, num_warps=4)
     _down(L, h.contiguous(), None, topk_ids.contiguous().view(-1), topk_weights.contiguous().view(-1),
-          sorted_slots, offsets, w2.contiguous(), w2_scale, granularity, y, y32)
+          sorted_slots, offsets, w2.contiguous(), checked, y, y32)
     return y
 
 
@@ -1025,7 +1028,7 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
 
     ``quantize``: x and h are quantized per token to the weights' type inside the kernels
     (e4m3 or int8, ``act_quant``'s numerics; "channel" / "tensor" weights): x by the prep
-    kernel, h as the down kernels read it, from the amax the gate/up kernels leave. The
+    kernel, h by the last gate/up program of each tile (or slot) from the rows' amax. The
     decode path then computes the reference's fake-quantized values exactly; the grouped
     path runs e4m3 / int8 MMAs on the codes with the scales applied to the sums (module
     docstring). Without it x and h go to bf16/fp16 MMAs as they are (weight-only formats)."""
@@ -1033,8 +1036,8 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     if w2.dim() != 3 or w2.shape[0] != w13.shape[0] or w2.shape[1] != x.shape[1] or 2 * w2.shape[2] != w13.shape[1]:
         raise ValueError(f"moe: w2 {tuple(w2.shape)} must be [E, H, I] for w13 {tuple(w13.shape)} = [E, 2I, H]")
     _check_down(topk_ids.shape[0] * topk_ids.shape[1], topk_ids, topk_weights)
-    _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
-    _weights(x, w2, w2_scale, granularity, plan, "x", "w2")
+    checked13 = _weights(x, w13, w13_scale, granularity, plan, "x", "w13")
+    checked2 = _weights(x, w2, w2_scale, granularity, plan, "h", "w2")
     kind = _act_kind(w13, w2, granularity) if quantize else None
     x = x.contiguous()
     ids = topk_ids.contiguous().view(-1)
@@ -1050,10 +1053,10 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
                     torch.empty((L.S,), dtype=torch.int32, device=dev), torch.empty((L.S,), dtype=torch.int32, device=dev))
     n_y = T * H * L.on_grouped if plan.atomic else 0
     xq, xs, sorted_slots, offsets = _prep(L, x, ids, kind, y32, n_y, None if hq_state is None else hq_state[3:])
-    _gate_up(L, xq, xs, ids, sorted_slots, offsets, w13.contiguous(), w13_scale, granularity, h, hq_state)
+    _gate_up(L, xq, xs, ids, sorted_slots, offsets, w13.contiguous(), checked13, h, hq_state)
     hd, hs = (h, None) if hq_state is None else hq_state[1:3]
-    _down(L, hd, hs, ids, topk_weights.contiguous().view(-1), sorted_slots, offsets, w2.contiguous(), w2_scale,
-          granularity, y, y32)
+    _down(L, hd, hs, ids, topk_weights.contiguous().view(-1), sorted_slots, offsets, w2.contiguous(), checked2,
+          y, y32)
     return y
 
 
@@ -1126,6 +1129,12 @@ def takes_quantized_activations(fmt) -> bool:
     return fmt is not None and fmt.activation == "token" and fmt.weight_granularity in ("channel", "tensor")
 
 
+def runs_fused(fmt, quantized_activations: bool) -> bool:
+    """Whether ``moe_triton`` runs ``fmt`` as the one fused op (weight-only formats, ``None``,
+    quantized activations) rather than the two ops around ATen fake-quantization."""
+    return quantized_activations or fmt is None or fmt.activation is None
+
+
 def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, plan: Plan | None = None,
                quantized_activations: bool = False):
     """The whole MoE for a Format ``fmt`` (or ``None``: unquantized bf16/fp16 weights) as the
@@ -1144,7 +1153,7 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
     if quantized_activations and not takes_quantized_activations(fmt):
         raise ValueError(f"moe: quantized activations need per-token activations with channel/tensor weights, "
                          f"not {getattr(fmt, 'name', fmt)!r}")
-    if quantized_activations or fmt is None or fmt.activation is None:
+    if runs_fused(fmt, quantized_activations):
         args = (x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, gran)
         if plan is None:
             return torch.ops.mxpass.moe_fused_triton(*args, quantized_activations)

@@ -128,7 +128,7 @@ def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
     from mxpass import quant
 
     gran = "none" if fmt is None else fmt.weight_granularity
-    if quantized or fmt is None or fmt.activation is None:
+    if km.runs_fused(fmt, quantized):
         return lambda x, ids, tw: km.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan, quantized)
     fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
 
