@@ -177,13 +177,15 @@ def test_default_plan_regimes():
         mk._check_plan(plan, 2)  # consecutive from decode_slots + 1, last open-ended
         assert plan.decode_slots == decode, (E, plan.decode_slots)
         assert plan.regimes[0].gate_up.block_m == 16 and plan.regimes[0].s_hi == 8 * E
-        # the fused W8A8 op's plan: the same decode range and regimes, its own tiles from 128
-        # slots per expert (no conversion in registers: 128-wide K steps for gate/up)
+        # the fused W8A8 op's plan (its own kernels and tiles): the same decode range, then
+        # 16-wide tiles below 32 slots per expert, 64-wide up to 512, down 128-wide above;
+        # 128-wide K steps throughout (no conversion in registers)
         q = mk.default_plan(E, A, H, I, quantized=True)
         assert q.decode_slots == plan.decode_slots
-        assert [(r.s_lo, r.s_hi) for r in q.regimes] == [(r.s_lo, r.s_hi) for r in plan.regimes]
-        for r, rq in zip(plan.regimes, q.regimes):
-            if r.s_lo >= 128 * E:
-                assert rq.gate_up.block_k == 128 and rq != r, (E, rq)
-            else:
-                assert rq == r, (E, rq)
+        mk._check_plan(q, 2)
+        bounds = [b for b in (32 * E, 512 * E) if b > decode + 1]
+        assert [r.s_hi for r in q.regimes] == bounds + [None], (E, q.regimes)
+        for r in q.regimes:
+            assert r.gate_up.block_k == r.down.block_k == 128, (E, r)
+            wide = 16 if r.s_hi is not None and r.s_hi <= 32 * E else 64
+            assert r.gate_up.block_m == wide and r.down.block_m == (128 if r.s_hi is None else wide), (E, r)

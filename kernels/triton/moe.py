@@ -128,6 +128,7 @@ MX_BLOCK = 32  # "mx32": OCP MX v1.0, one E8M0 scale per 32 along K
 CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load of fp8/int8)
 COUNT_BLOCK = 1024  # slots per program of the count kernel
 ALIGN_MAX = 1024  # up to this many slots the prep kernel aligns the routing in one program
+QUANT_TILE = 4096  # values of h per step of the grouped kernels' last-arrival quantization
 CAST_BLOCK = 1024
 FILL_BLOCK = 1024
 
@@ -158,20 +159,10 @@ def _expert_tile(off_ptr, j, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
 @triton.jit
 def _mma(acc, q, xt, s_ptr, s_off, rows, row_mask, k0, KG, KB,
          dtype: tl.constexpr, SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QACT: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += W tile @ x^T tile, W from the raw tile q [BLOCK_N, BLOCK_K] of
-    ``rows`` at K step k0 (s_off: this expert's first scale; KG = K / 32, KB = ceil(K / 128)).
-
-    QACT: x^T holds quantized activations of q's type: an e4m3 x e4m3 MMA with fp32 sums
-    promoted every 32 products (``max_num_imprecise_acc``; Triton's sm_90 default lets the
-    tensor core's reduced-precision fp8 accumulator run over all of K), or int8 x int8 into
-    int32 (exact); the scales are applied by the caller."""
-    if QACT:
-        if IS_INT8:
-            acc = tl.dot(q, xt, acc, out_dtype=tl.int32)
-        else:
-            acc = tl.dot(q, xt, acc, max_num_imprecise_acc=32)
-    elif SCALE == 4:  # _MX: powers of two, exact in x.dtype
+    ``rows`` at K step k0 (s_off: this expert's first scale; KG = K / 32, KB = ceil(K / 128))."""
+    if SCALE == 4:  # _MX: powers of two, exact in x.dtype
         rg = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         eb = tl.load(s_ptr + s_off + rows[:, None] * KG + rg[None, :],
                      mask=row_mask[:, None] & (rg < KG)[None, :], other=127)
@@ -183,6 +174,39 @@ def _mma(acc, q, xt, s_ptr, s_off, rows, row_mask, k0, KG, KB,
         acc = tl.dot(q, xt, acc)
     else:
         acc = tl.dot(_w8_to_float(q, dtype, IS_INT8, ASM), xt, acc)
+    return acc
+
+
+@triton.jit
+def _qdot(a, b, acc, IS_INT8: tl.constexpr):
+    """acc += a @ b on quantized operands of one type: int8 x int8 into int32 (exact), or
+    e4m3 x e4m3 with fp32 sums promoted every 32 products (``max_num_imprecise_acc``;
+    Triton's sm_90 default lets the tensor core's reduced-precision fp8 accumulator run
+    over all of K). The scales are applied by the caller."""
+    if IS_INT8:
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=32)
+    return acc
+
+
+@triton.jit
+def _qacc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_INT8: tl.constexpr):
+    """The zeroed accumulator of ``_qdot``: int32 for int8, else fp32."""
+    if IS_INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _w_scale(acc, s_ptr, s_off, cols, col_mask, SCALE: tl.constexpr):
+    """acc [BLOCK_M, cols] (fp32) times the "channel" scale of weight rows ``cols``, or the "tensor" scale."""
+    if SCALE == 2:  # _CHANNEL
+        acc = acc * tl.load(s_ptr + s_off + cols, mask=col_mask, other=0.0)[None, :]
+    else:  # _TENSOR
+        acc = acc * tl.load(s_ptr + s_off)
     return acc
 
 
@@ -371,23 +395,19 @@ def _moe_prep_kernel(
 @triton.jit
 def _moe_gate_up_kernel(
     # pointers
-    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr,
-    # sizes (x [T, H], xs [T] (QACT), w [E, 2I, H], h [S, I]; QACT: hq [S, I], hs / amax / arrive [S];
-    # S_STRIDE: scale elements per expert)
+    x_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
+    # sizes (x [T, H], w [E, 2I, H], h [S, I]; S_STRIDE: scale elements per expert)
     A, E, H, I, S_STRIDE, KB,
-    # meta (RANGE ... BIT_MATH: h's activation encoding under QACT, ``act_quant.params``)
-    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, QACT: tl.constexpr,
-    RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
-    BIT_MATH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
 ):
     """h^T tile [BLOCK_N, BLOCK_M] = silu(Wg @ x^T) * (Wu @ x^T) for one expert's rows: grid (tiles, cdiv(I, BLOCK_N)).
 
-    The W tiles are the left MMA operands (dequantized in registers), the gathered x^T
-    tile the right one, as in the linear dot kernels; tiles of one expert are neighbours
-    in launch order, so a weight tile comes from DRAM about once. QACT: x is quantized
-    (xq, xs) and the last program of the tile quantizes its h rows into (hq, hs)
-    (``_quantize_rows``)."""
+    The W tiles are the left MMA operands (dequantized in registers: the tensor core takes
+    its left operand from registers), the gathered x^T tile the right one, as in the linear
+    dot kernels; tiles of one expert are neighbours in launch order, so a weight tile comes
+    from DRAM about once."""
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
@@ -406,12 +426,8 @@ def _moe_gate_up_kernel(
     g_ptrs = w_base + n[:, None] * H + rk[None, :]  # [BLOCK_N, BLOCK_K]
     u_ptrs = g_ptrs + I * H
     KG = H // 32
-    if QACT and IS_INT8:
-        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    else:
-        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
@@ -422,42 +438,92 @@ def _moe_gate_up_kernel(
             xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
             qg = tl.load(g_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             qu = tl.load(u_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc_g = _mma(acc_g, qg, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K,
-                     QACT)
+        acc_g = _mma(acc_g, qg, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K)
         acc_u = _mma(acc_u, qu, xt, s_ptr, s_off, n + I, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N,
-                     BLOCK_K, QACT)
-    acc_g = _out_scale(acc_g.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
-    acc_u = _out_scale(acc_u.to(tl.float32), s_ptr, s_off, (n + I)[:, None], n_mask[:, None], SCALE)
-    if QACT:  # per-token activation scale, one per column
-        xs = tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[None, :]
-        acc_g = acc_g * xs
-        acc_u = acc_u * xs
+                     BLOCK_K)
+    acc_g = _out_scale(acc_g, s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    acc_u = _out_scale(acc_u, s_ptr, s_off, (n + I)[:, None], n_mask[:, None], SCALE)
     h = _silu_mul(acc_g, acc_u).to(dtype)
-    mask = n_mask[:, None] & m_mask[None, :]
-    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h, mask=mask)
-    if QACT:  # the tile's first position p0 indexes its arrival counter
-        _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr + p0, pos, m_mask, tl.max(_abs_bits(h, mask), 0),
-                        I, IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
+    tl.store(h_ptr + pos.to(tl.int64)[None, :] * I + n[:, None], h, mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _moe_gate_up_q_kernel(
+    # pointers
+    x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr,
+    # sizes (xq [T, H] with row scales xs [T], w [E, 2I, H], h / hq [S, I], hs / amax / arrive [S])
+    A, E, H, I, S_STRIDE,
+    # meta (RANGE ... BIT_MATH: h's activation encoding, ``act_quant.params``)
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, EVEN_K: tl.constexpr,
+    RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
+    BIT_MATH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Quantized activations: h tile [BLOCK_M, BLOCK_N] = silu(xq @ Wg^T) * (xq @ Wu^T) * scales
+    for one expert's rows, then the last program of the tile quantizes its h rows into (hq,
+    hs) (``_last_quantizes``): grid (tiles, cdiv(I, BLOCK_N)).
+
+    The gathered token rows are the left MMA operand and BLOCK_N gate rows with the BLOCK_N
+    up rows after them the right one, [BLOCK_K, 2 BLOCK_N] (one MMA, split in the epilogue):
+    with nothing to convert in registers, tokens as the MMA's rows and 2 BLOCK_N weight rows
+    as its columns ran 1.6x faster at 64 tokens per expert than the weight-rows-left layout
+    of ``_moe_gate_up_kernel`` (notes/moe-kernel-notes.md, run 6)."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    dtype = h_ptr.dtype.element_ty
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + rm
+    m_mask = pos < p_end
+    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    c = tl.arange(0, 2 * BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    col = n0 + c % BLOCK_N  # column of h this weight row serves
+    c_mask = col < I
+    wrow = col + (c // BLOCK_N) * I  # gate rows, then up rows
+    e64 = e.to(tl.int64)
+    x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * H + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + e64 * (2 * I) * H + wrow.to(tl.int64)[None, :] * H + rk[:, None]  # [BLOCK_K, 2 BLOCK_N]: W^T
+    acc = _qacc(BLOCK_M, 2 * BLOCK_N, IS_INT8)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            xa = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+            wb = tl.load(w_ptrs + k0, mask=c_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + rk) < H
+            xa = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wb = tl.load(w_ptrs + k0, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _qdot(xa, wb, acc, IS_INT8)
+    acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, wrow, c_mask, SCALE)
+    acc = acc * tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[:, None]
+    g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    h = _silu_mul(g, u).to(dtype)
+    n = n0 + tl.arange(0, BLOCK_N)
+    mask = m_mask[:, None] & (n < I)[None, :]
+    tl.store(h_ptr + pos.to(tl.int64)[:, None] * I + n[None, :], h, mask=mask)
+    # the tile's first position p0 indexes its arrival counter
+    _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr + p0, pos, m_mask, tl.max(_abs_bits(h, mask), 1),
+                    I, IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
 
 
 @triton.jit
 def _moe_down_kernel(
     # pointers
-    h_ptr, hs_ptr, tw_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, y_ptr,
-    # sizes (h [S, I], hs [S] (QACT), tw [S], w [E, H, I]; y: fp32 [T, H] (ATOMIC) or [S, H])
+    h_ptr, tw_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, y_ptr,
+    # sizes (h [S, I], tw [S], w [E, H, I]; y: fp32 [T, H] (ATOMIC) or [S, H])
     A, E, H, I, S_STRIDE, KB,
     # meta
     SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    QACT: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
 ):
     """topk_weight * (W2 @ h^T) tile [BLOCK_N, BLOCK_M] for one expert's positions: grid (tiles, cdiv(H, BLOCK_N)).
 
-    QACT: h holds quantized rows (the weight's type) with row scales hs: e4m3 / int8 MMAs.
     ATOMIC: added (fp32, relaxed) into y32[token]; else stored as the slot's fp32 row."""
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
+    dtype = h_ptr.dtype.element_ty
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     pos = p0 + rm
@@ -470,10 +536,7 @@ def _moe_down_kernel(
     x_ptrs = h_ptr + pos.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_M]: h^T
     w_ptrs = w_ptr + e64 * H * I + n[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
     KG = I // 32
-    if QACT and IS_INT8:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
@@ -482,17 +545,62 @@ def _moe_down_kernel(
             k_mask = (k0 + rk) < I
             xt = tl.load(x_ptrs + k0, mask=k_mask[:, None] & m_mask[None, :], other=0.0)
             q = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, DTYPE, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K, QACT)
-    acc = _out_scale(acc.to(tl.float32), s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
-    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)
-    if QACT:  # per-row activation scale of h
-        tw = tw * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
-    acc = acc * tw[None, :]
-    mask = n_mask[:, None] & m_mask[None, :]
+        acc = _mma(acc, q, xt, s_ptr, s_off, n, n_mask, k0, KG, KB, dtype, SCALE, IS_INT8, ASM, BLOCK_N, BLOCK_K)
+    acc = _out_scale(acc, s_ptr, s_off, n[:, None], n_mask[:, None], SCALE)
+    acc = acc * tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[None, :]
+    _add_rows(y_ptr, tl.trans(acc), slot, m_mask, n, n_mask, A, H, ATOMIC)
+
+
+@triton.jit
+def _moe_down_q_kernel(
+    # pointers
+    h_ptr, hs_ptr, tw_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, y_ptr,
+    # sizes (hq [S, I] with row scales hs [S], tw [S], w [E, H, I]; y: fp32 [T, H] (ATOMIC) or [S, H])
+    A, E, H, I, S_STRIDE,
+    # meta
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """Quantized activations: topk_weight * hs * (hq @ W2^T) tile [BLOCK_M, BLOCK_N] for one
+    expert's positions, h rows the left MMA operand (as ``_moe_gate_up_q_kernel``): grid
+    (tiles, cdiv(H, BLOCK_N)). ATOMIC: added into y32[token]; else the slot's fp32 row."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + rm
+    m_mask = pos < p_end
+    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H
+    e64 = e.to(tl.int64)
+    a_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + e64 * H * I + n.to(tl.int64)[None, :] * I + rk[:, None]  # [BLOCK_K, BLOCK_N]: W2^T
+    acc = _qacc(BLOCK_M, BLOCK_N, IS_INT8)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=m_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + rk) < I
+            a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _qdot(a, w, acc, IS_INT8)
+    acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, n, n_mask, SCALE)
+    tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32) * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
+    _add_rows(y_ptr, acc * tw[:, None], slot, m_mask, n, n_mask, A, H, ATOMIC)
+
+
+@triton.jit
+def _add_rows(y_ptr, v, slot, m_mask, n, n_mask, A, H, ATOMIC: tl.constexpr):
+    """v [BLOCK_M, BLOCK_N] (fp32, rows = slots, columns n of H) added into y32[slot's token]
+    (relaxed atomics) when ATOMIC, else stored as the slots' rows of y32 [S, H]."""
+    mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
-        tl.atomic_add(y_ptr + (slot // A).to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask, sem="relaxed")
+        tl.atomic_add(y_ptr + (slot // A).to(tl.int64)[:, None] * H + n[None, :], v, mask=mask, sem="relaxed")
     else:
-        tl.store(y_ptr + slot.to(tl.int64)[None, :] * H + n[:, None], acc, mask=mask)
+        tl.store(y_ptr + slot.to(tl.int64)[:, None] * H + n[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -709,11 +817,13 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False) -> Pla
         1521-1669 us: its two 128 x 128 accumulators need ~230 registers, one CTA per SM)
       S / E >= 512: gate/up 128 x 128 x 64, 8 warps, 4 stages, down 128 x 128 x 128 (Mixtral
         T = 4096: 7886 us; gate/up 128 x 64 x 64 with down 128 x 128 x 64 8732 us)
-    ``quantized`` (the fused op with e4m3 / int8 MMAs): from 128 slots per expert the tiles of
-    ``GROUPED_TILES_W8A8``, from a sweep of that kernel (fp8-dynamic): gate/up 64 x 64 x 128,
-    4 stages (no conversion in registers, so a 128-wide K step fits); down 64 x 128 x 128, 4
-    warps, 4 stages below 512 per expert, 128 x 128 x 128, 8 warps, 4 stages above (Qwen3
-    T = 4096: 1019 us, the fp8-w tiles 1222 us; Mixtral T = 4096: 5488 us, 5779-5819 us).
+    ``quantized`` (the fused op's e4m3 / int8 kernels, token rows as the MMA's left operand):
+    ``GROUPED_TILES_W8A8``, from sweeps of those kernels (fp8-dynamic and int8, run 6 of the
+    notes): below 32 slots per expert 16 x 128 x 128 for both (Qwen3 T = 8: 81.9 us, gate/up
+    16 x 64 87.3; T = 64 165-167 us for every 16-wide tile tried); up to 512 per expert
+    gate/up 64 x 64 x 128 and down 64 x 128 x 128, 4 stages (Qwen3 T = 512: 228 us, 16-wide
+    252-270, 32-wide 271; T = 4096: 850 us, the weight-rows-left kernels 955 us); above, down
+    128 x 128 x 128, 8 warps (Mixtral T = 4096).
     """
     # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
@@ -727,9 +837,10 @@ GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
                  (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
                  (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
                  (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
-GROUPED_TILES_W8A8 = GROUPED_TILES[:3] + (
-    (512, Grouped(64, 64, 128, num_stages=4), Grouped(64, 128, 128, num_stages=4)),
-    (None, Grouped(64, 64, 128, num_stages=4), Grouped(128, 128, 128, num_warps=8, num_stages=4)))
+# the quantized-activation kernels (_moe_gate_up_q_kernel / _moe_down_q_kernel), from their sweep
+GROUPED_TILES_W8A8 = ((32, Grouped(16, 128, 128), Grouped(16, 128, 128)),
+                      (512, Grouped(64, 64, 128, num_stages=4), Grouped(64, 128, 128, num_stages=4)),
+                      (None, Grouped(64, 64, 128, num_stages=4), Grouped(128, 128, 128, num_warps=8, num_stages=4)))
 
 
 def build_plan(E: int, decode_slots: int, tiles=GROUPED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
@@ -928,21 +1039,30 @@ def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, checked, h, hq
     is_int8 = w13.dtype == torch.int8
     qact = hq_state is not None
     kind, hq, hs, amax, arrive = hq_state if qact else (0, xq, xq, ids, ids)  # untouched without qact
-    act = dict(act_params(kind, h.dtype, h.device.type), BLOCK_Q=min(1024, triton.next_power_of_2(I)))
+    act = act_params(kind, h.dtype, h.device.type)
+    block_i = triton.next_power_of_2(I)
     g = L.plan.gate_up_gemv
     wrap_triton(_moe_gate_up_gemv_kernel)[(L.S * L.on_decode, triton.cdiv(I, g.block_n))](
         xq, xs, ids, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride, kb,
         SCALE=mode, IS_INT8=is_int8, QACT=qact, BLOCK_N=g.block_n, BLOCK_K=g.block_k, CHUNK=CHUNK,
-        num_warps=g.num_warps, **act,
+        num_warps=g.num_warps, BLOCK_Q=min(1024, block_i), **act,
     )
     for ind, r in L.grouped:
         c = r.gate_up
-        wrap_triton(_moe_gate_up_kernel)[(_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))](
-            xq, xs, sorted_slots, offsets, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride, kb,
-            SCALE=mode, IS_INT8=is_int8, ASM=L.asm, EVEN_K=H % c.block_k == 0, QACT=qact,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=L.e_p2,
-            num_warps=c.num_warps, num_stages=c.num_stages, **act,
-        )
+        grid = (_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(I, c.block_n))
+        tiles = dict(EVEN_K=H % c.block_k == 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                     E_P2=L.e_p2, num_warps=c.num_warps, num_stages=c.num_stages)
+        if qact:
+            wrap_triton(_moe_gate_up_q_kernel)[grid](
+                xq, xs, sorted_slots, offsets, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride,
+                SCALE=mode, IS_INT8=is_int8, BLOCK_Q=min(block_i, max(16, QUANT_TILE // c.block_m)),
+                **act, **tiles,
+            )
+        else:
+            wrap_triton(_moe_gate_up_kernel)[grid](
+                xq, sorted_slots, offsets, w13, s13, h, L.A, E, H, I, s_stride, kb,
+                SCALE=mode, IS_INT8=is_int8, ASM=L.asm, **tiles,
+            )
 
 
 def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, checked, y, y32):
@@ -963,12 +1083,19 @@ def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, checked, y, y32
     )
     for ind, r in L.grouped:
         c = r.down
-        wrap_triton(_moe_down_kernel)[(_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))](
-            h, hs, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride, kb,
-            SCALE=mode, IS_INT8=is_int8, ASM=L.asm, EVEN_K=I % c.block_k == 0, ATOMIC=L.plan.atomic, QACT=qact,
-            DTYPE=_TL_DTYPE[y.dtype], BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, E_P2=L.e_p2,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        grid = (_tile_bound(L.S * ind, ind, c.block_m, E), triton.cdiv(H, c.block_n))
+        tiles = dict(EVEN_K=I % c.block_k == 0, ATOMIC=L.plan.atomic, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                     BLOCK_K=c.block_k, E_P2=L.e_p2, num_warps=c.num_warps, num_stages=c.num_stages)
+        if qact:
+            wrap_triton(_moe_down_q_kernel)[grid](
+                h, hs, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride,
+                SCALE=mode, IS_INT8=is_int8, **tiles,
+            )
+        else:
+            wrap_triton(_moe_down_kernel)[grid](
+                h, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride, kb,
+                SCALE=mode, IS_INT8=is_int8, ASM=L.asm, **tiles,
+            )
     n = T * H * L.on_grouped
     if L.plan.atomic:
         wrap_triton(_moe_cast_kernel)[(triton.cdiv(n, CAST_BLOCK),)](y32, y, n, BLOCK=CAST_BLOCK, num_warps=4)
@@ -1060,7 +1187,6 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     return y
 
 
-_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _plan_for(topk_ids, w13_or_w2, gate_up: bool, quantized: bool = False) -> Plan:

@@ -71,10 +71,12 @@ def _median_ms(fn, cudagraphs: bool, iters: int = 50, warmup: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def run(scheme: str = "mxfp8", tokens=(1, 2048), merge=(True,), graphs=(True, False)) -> list[dict]:
+def run(scheme: str = "mxfp8", tokens=(1, 2048), merge=(True,), graphs=(True, False),
+        lm_head=(False,)) -> list[dict]:
     """Llama 8B shapes, 4 layers: bf16 torch.compile against mxpass ``scheme``, once per
-    ``merge`` setting (``(True, False)`` also times the layers unmerged, in the same run);
-    1 token with and without CUDA graphs (``graphs``), more tokens without."""
+    ``merge`` setting (``(True, False)`` also times the layers unmerged, in the same run) and
+    per ``lm_head`` setting (``quantize_lm_head``; the 128256 x 4096 lm_head streams 1.05 GB
+    in bf16); 1 token with and without CUDA graphs (``graphs``), more tokens without."""
     import mxpass
 
     model = build_llama()
@@ -85,9 +87,11 @@ def run(scheme: str = "mxfp8", tokens=(1, 2048), merge=(True,), graphs=(True, Fa
             torch._dynamo.reset()
             variants = {"bf16 torch.compile": torch.compile(
                 model, fullgraph=True, mode="reduce-overhead" if cudagraphs else None)}
-            for mg in merge:
-                variants[f"mxpass {scheme}" + ("" if mg else " merge=False")] = torch.compile(
-                    model, fullgraph=True, backend=mxpass.backend(scheme=scheme, cudagraphs=cudagraphs, merge=mg))
+            settings = {f"mxpass {scheme}" + ("" if mg else " merge=False") + (" +lm_head" if lq else ""): (mg, lq)
+                        for mg in merge for lq in lm_head}
+            for name, (mg, lq) in settings.items():
+                variants[name] = torch.compile(model, fullgraph=True, backend=mxpass.backend(
+                    scheme=scheme, cudagraphs=cudagraphs, merge=mg, quantize_lm_head=lq))
             outs, times = {}, {}
             with torch.inference_mode():
                 for name, fn in variants.items():
@@ -100,12 +104,11 @@ def run(scheme: str = "mxfp8", tokens=(1, 2048), merge=(True,), graphs=(True, Fa
                     times[name] = _median_ms(call, cudagraphs)
                     print(f"  M={m} graphs={cudagraphs} {name}: {times[name]:.3f} ms (compile {compile_s:.0f} s)")
             base, a = times["bf16 torch.compile"], outs["bf16 torch.compile"]
-            for mg in merge:
-                name = f"mxpass {scheme}" + ("" if mg else " merge=False")
+            for name, (mg, lq) in settings.items():
                 rel = ((outs[name] - a).norm() / a.norm()).item()
                 rows.append(dict(bench="llama8b-4layers", tokens=m, cudagraphs=cudagraphs, scheme=scheme, merge=mg,
-                                 bf16_ms=base, mxpass_ms=times[name], speedup=base / times[name],
-                                 logits_rel_diff=rel))
+                                 lm_head_quantized=lq, bf16_ms=base, mxpass_ms=times[name],
+                                 speedup=base / times[name], logits_rel_diff=rel))
     return rows
 
 
@@ -174,4 +177,5 @@ def format_moe_table(rows: list[dict]) -> str:
 def format_table(rows: list[dict]) -> str:
     return _table(rows, ("tokens", lambda r: r["tokens"]),
                   ("CUDA graphs", lambda r: ("yes" if r["cudagraphs"] else "no")
-                   + ("" if r.get("merge", True) else ", layers unmerged")))
+                   + ("" if r.get("merge", True) else ", layers unmerged")
+                   + (", lm_head quantized" if r.get("lm_head_quantized") else "")))

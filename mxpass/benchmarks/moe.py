@@ -350,7 +350,7 @@ def kernel_stats() -> list[dict]:
     import mxpass.kernels.triton.moe as km
 
     out = []
-    for fn in (km._moe_gate_up_kernel, km._moe_down_kernel):
+    for fn in (km._moe_gate_up_kernel, km._moe_down_kernel, km._moe_gate_up_q_kernel, km._moe_down_q_kernel):
         try:
             for cache in getattr(fn, "device_caches", {}).values():
                 for key, k in cache[0].items():

@@ -345,7 +345,7 @@ QWEN3_TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, n
 
 @pytest.mark.parametrize("scheme, tokens, kernel, launched", [
     ("mxfp8", 1, "triton_moe (", ("_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel")),
-    ("fp8-dynamic", 8, "triton_moe_w8a8", ("_moe_prep_kernel", "_moe_gate_up_kernel", "_moe_down_kernel"))])
+    ("fp8-dynamic", 8, "triton_moe_w8a8", ("_moe_prep_kernel", "_moe_gate_up_q_kernel", "_moe_down_q_kernel"))])
 def test_tiny_qwen3_moe_compiled(monkeypatch, scheme, tokens, kernel, launched):
     """HF Qwen3-MoE through the mxpass backend with CUDA graphs: MXFP8 at one token (decode
     kernels), fp8-dynamic at 8 tokens (the fused W8A8 op, grouped kernels). The report names
