@@ -53,6 +53,8 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               y32 [T, H] (``plan.atomic``) + ``_moe_cast_kernel``, or fp32 rows
                               per slot + ``_moe_sum_kernel`` (fixed order over A: deterministic);
                               the two-op flow zeroes y32 with ``_moe_fill_kernel``
+    _moe_gate_up_q_kernel,    the same two GEMMs on quantized activations (below), token rows as
+    _moe_down_q_kernel        the MMA's left operand and weight rows as its right one
 
 The ops: ``mxpass::moe_gate_up_triton`` (prep, gate/up) and ``mxpass::moe_down_triton``
 (down, cast), between which the caller fake-quantizes h (W8A8 formats, the reference's
@@ -82,10 +84,11 @@ quantized_activations=True)``, registry ``triton_moe_w8a8``; per-token formats w
 numerics); each gate/up program stores its part of h in x.dtype, raises the rows' amax
 (atomic integer max of |h|'s bits), counts itself in the tile's (or slot's) arrival counter,
 and the last one to arrive quantizes the rows into hq / hs (``_last_quantizes``), so h's
-quantization needs no kernel of its own. The grouped GEMMs then run e4m3 x e4m3 (fp32 sums
-promoted every 32 products) or int8 x int8 (int32, exact) MMAs with the scales applied to
-the sums; the decode kernels rebuild the reference's fake-quantized values (q * s rounded
-to the output dtype) exactly. The plan has its own tiles from 128 slots per expert.
+quantization needs no kernel of its own. The grouped GEMMs (the ``_q`` kernels) then run
+e4m3 x e4m3 (fp32 sums promoted every 32 products) or int8 x int8 (int32, exact) MMAs with
+the scales applied to the sums; the decode kernels rebuild the reference's fake-quantized
+values (q * s rounded to the output dtype) exactly. The plan has its own tiles
+(``GROUPED_TILES_W8A8``) in every grouped regime.
 
 Measured figures and the reasons for the default plan: notes/moe-kernel-notes.md.
 """
