@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from typing import NamedTuple
 
@@ -217,10 +218,13 @@ def _touched_bytes(ids: torch.Tensor, s: MoEShape, bytes_per_weight: float) -> f
 
 
 def run(shapes=tuple(SHAPES), tokens=TOKENS, rotate: int = 4, warmup: int = 10, rep: int = 40,
-        sweep: bool = False, log=None, impls=None) -> list[dict]:
+        sweep: bool = False, log=None, impls=None, rounds: int = 1) -> list[dict]:
     """Rows: shape, T, impl, config, us, err, weight_gb (bytes of the experts routing 0 touches),
     tbps (those bytes / time), tflops, vs_hf and vs_fp8 (peer time / time). ``impls``: time only
-    these implementations (names as in the rows; None: all); the sweep runs regardless."""
+    these implementations (names as in the rows; None: all); the sweep runs regardless.
+    ``rounds``: time every implementation that many times, round after round (so a drift of
+    the GPU's speed during the run reaches all of them alike), and report the median
+    (``us_rounds``: every round's time)."""
     rows: list[dict] = []
 
     def emit(row):
@@ -231,12 +235,12 @@ def run(shapes=tuple(SHAPES), tokens=TOKENS, rotate: int = 4, warmup: int = 10, 
                 f.write(json.dumps(row, default=str) + "\n")
 
     for shape_name in shapes:
-        _bench_shape(shape_name, tokens, rotate, warmup, rep, sweep, emit, impls)
+        _bench_shape(shape_name, tokens, rotate, warmup, rep, sweep, emit, impls, rounds)
         torch.cuda.empty_cache()
     return rows
 
 
-def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit, only=None) -> None:
+def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit, only=None, rounds: int = 1) -> None:
     from mxpass.formats import get_format
 
     s = SHAPES[shape_name]
@@ -266,11 +270,11 @@ def _bench_shape(shape_name: str, tokens, rotate, warmup, rep, sweep, emit, only
     if only is not None:
         impls = {k: v for k, v in impls.items() if k in only}
     for T in tokens:
-        _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, rep, sweep, emit)
+        _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, rep, sweep, emit, rounds)
         torch.cuda.empty_cache()
 
 
-def _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, rep, sweep, emit) -> None:
+def _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, rep, sweep, emit, rounds=1) -> None:
     from mxpass.benchmarks.linear import graph_ms, rel_error
     from mxpass.ops import experts_reference, moe_reference
 
@@ -289,23 +293,45 @@ def _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, 
                              moe_reference(x0, ids0, tw0, q13, s13, q2, s2, fmt, "silu"))
         return refs[key]
 
+    def timed(fn, ref):
+        with torch.no_grad():
+            err = rel_error(fn(x0, ids0, tw0), ref)
+            ms = graph_ms(lambda: [fn(*a) for a in inputs], rotate, warmup, rep)
+        return ms, err
+
     def measure(row, fn, ref, weight_bytes):
         try:
-            with torch.no_grad():
-                err = rel_error(fn(x0, ids0, tw0), ref)
-                ms = graph_ms(lambda: [fn(*a) for a in inputs], rotate, warmup, rep)
+            ms, err = timed(fn, ref)
         except Exception as exc:  # a peer or configuration that cannot run here
             emit({**row, "error": repr(exc)[:300]})
             return None
         emit(_row(row, s, T, ms, err, weight_bytes, times))
         return ms
 
-    times: dict[str, float] = {}
+    # every implementation once per round, rounds interleaved; the median of the rounds
+    samples: dict[str, list[float]] = {impl: [] for impl in impls}
+    errs: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for impl, (key, fn, _) in impls.items():
+            if impl in failed:
+                continue
+            try:
+                ms, errs[impl] = timed(fn, ref_of(key))
+            except Exception as exc:  # a peer that cannot run here
+                failed[impl] = repr(exc)[:300]
+                continue
+            samples[impl].append(ms)
+    times: dict[str, float] = {impl: statistics.median(v) for impl, v in samples.items() if impl not in failed}
     for impl, (key, fn, bpw) in impls.items():
-        ms = measure({"shape": shape_name, "T": T, "impl": impl, "config": ""}, fn, ref_of(key),
-                     _touched_bytes(ids0, s, bpw))
-        if ms is not None:
-            times[impl] = ms
+        row = {"shape": shape_name, "T": T, "impl": impl, "config": ""}
+        if impl in failed:
+            emit({**row, "error": failed[impl]})
+            continue
+        if rounds > 1:
+            row["us_rounds"] = [ms * 1e3 for ms in samples[impl]]
+        others = {k: v for k, v in times.items() if k != impl}
+        emit(_row(row, s, T, times[impl], errs[impl], _touched_bytes(ids0, s, bpw), others))
     if sweep:
         fmt, q13, s13, q2, s2 = weights["fp8-w"]
         timed: dict = {}
@@ -374,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     p.add_argument("--impls", nargs="*", help="time only these implementations (default: all)")
     p.add_argument("--json", help="write the rows to this file (and append each row to <json>.log as measured)")
+    p.add_argument("--rounds", type=int, default=1, help="time every implementation this many times, interleaved; "
+                   "rows report the median")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the MoE benchmark measures GPU kernels: no CUDA device here")
@@ -381,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(" ".join(f"{k}={v}" for k, v in environment().items()), flush=True)
     rows = run(tuple(args.shapes), tuple(args.tokens), sweep=args.sweep, log=args.json and args.json + ".log",
-               impls=args.impls)
+               impls=args.impls, rounds=args.rounds)
     print(format_table(rows))
     if args.json:
         write_json(args.json, {"env": environment(), "rows": rows, "kernels": kernel_stats()}, default=str)
