@@ -85,7 +85,7 @@ numerics); each gate/up program stores its part of h in x.dtype, raises the rows
 (atomic integer max of |h|'s bits), counts itself in the tile's (or slot's) arrival counter,
 and the last one to arrive quantizes the rows into hq / hs (``_last_quantizes``), so h's
 quantization needs no kernel of its own. The grouped GEMMs (the ``_q`` kernels) then run
-e4m3 x e4m3 (fp32 sums promoted every 32 products) or int8 x int8 (int32, exact) MMAs with
+e4m3 x e4m3 (fp32 sums promoted once per 128-wide K step) or int8 x int8 (int32, exact) MMAs with
 the scales applied to the sums; the decode kernels rebuild the reference's fake-quantized
 values (q * s rounded to the output dtype) exactly. The plan has its own tiles
 (``GROUPED_TILES_W8A8``) in every grouped regime.
@@ -132,6 +132,7 @@ CHUNK = 16  # gemv: weight elements of one row a thread sums (one 16-byte load o
 COUNT_BLOCK = 1024  # slots per program of the count kernel
 ALIGN_MAX = 1024  # up to this many slots the prep kernel aligns the routing in one program
 QUANT_TILE = 4096  # values of h per step of the grouped kernels' last-arrival quantization
+FP8_PROMOTE = 128  # e4m3 MMAs: products summed by the tensor core before each fp32 promotion (``_qdot``)
 CAST_BLOCK = 1024
 FILL_BLOCK = 1024
 
@@ -181,15 +182,18 @@ def _mma(acc, q, xt, s_ptr, s_off, rows, row_mask, k0, KG, KB,
 
 
 @triton.jit
-def _qdot(a, b, acc, IS_INT8: tl.constexpr):
+def _qdot(a, b, acc, IS_INT8: tl.constexpr, PROMOTE: tl.constexpr):
     """acc += a @ b on quantized operands of one type: int8 x int8 into int32 (exact), or
-    e4m3 x e4m3 with fp32 sums promoted every 32 products (``max_num_imprecise_acc``;
-    Triton's sm_90 default lets the tensor core's reduced-precision fp8 accumulator run
-    over all of K). The scales are applied by the caller."""
+    e4m3 x e4m3 with the sums promoted to fp32 every PROMOTE products (``max_num_imprecise_acc``;
+    it must not exceed a's K width, or Triton promotes never). The launchers pass
+    min(128, BLOCK_K): one promotion per 128-wide K step. Triton's sm_90 default lets the
+    tensor core's reduced-precision fp8 accumulator run over all of K; promoting every 32
+    products (the setting before run 7 of the notes) cost 17% at Qwen3 T = 4096 and changed
+    the error against the reference by 2e-5. The scales are applied by the caller."""
     if IS_INT8:
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     else:
-        acc = tl.dot(a, b, acc, max_num_imprecise_acc=32)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE)
     return acc
 
 
@@ -461,6 +465,7 @@ def _moe_gate_up_q_kernel(
     RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
     BIT_MATH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PROMOTE: tl.constexpr,
 ):
     """Quantized activations: h tile [BLOCK_M, BLOCK_N] = silu(xq @ Wg^T) * (xq @ Wu^T) * scales
     for one expert's rows, then the last program of the tile quantizes its h rows into (hq,
@@ -497,7 +502,7 @@ def _moe_gate_up_q_kernel(
             k_mask = (k0 + rk) < H
             xa = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wb = tl.load(w_ptrs + k0, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = _qdot(xa, wb, acc, IS_INT8)
+        acc = _qdot(xa, wb, acc, IS_INT8, PROMOTE)
     acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, wrow, c_mask, SCALE)
     acc = acc * tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[:, None]
     g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
@@ -562,7 +567,7 @@ def _moe_down_q_kernel(
     A, E, H, I, S_STRIDE,
     # meta
     SCALE: tl.constexpr, IS_INT8: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     """Quantized activations: topk_weight * hs * (hq @ W2^T) tile [BLOCK_M, BLOCK_N] for one
     expert's positions, h rows the left MMA operand (as ``_moe_gate_up_q_kernel``): grid
@@ -589,7 +594,7 @@ def _moe_down_q_kernel(
             k_mask = (k0 + rk) < I
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _qdot(a, w, acc, IS_INT8)
+        acc = _qdot(a, w, acc, IS_INT8, PROMOTE)
     acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, n, n_mask, SCALE)
     tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32) * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
     _add_rows(y_ptr, acc * tw[:, None], slot, m_mask, n, n_mask, A, H, ATOMIC)
@@ -1059,6 +1064,7 @@ def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, checked, h, hq
             wrap_triton(_moe_gate_up_q_kernel)[grid](
                 xq, xs, sorted_slots, offsets, w13, s13, h, hq, hs, amax, arrive, L.A, E, H, I, s_stride,
                 SCALE=mode, IS_INT8=is_int8, BLOCK_Q=min(block_i, max(16, QUANT_TILE // c.block_m)),
+                PROMOTE=min(FP8_PROMOTE, c.block_k),
                 **act, **tiles,
             )
         else:
@@ -1092,7 +1098,7 @@ def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, checked, y, y32
         if qact:
             wrap_triton(_moe_down_q_kernel)[grid](
                 h, hs, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride,
-                SCALE=mode, IS_INT8=is_int8, **tiles,
+                SCALE=mode, IS_INT8=is_int8, PROMOTE=min(FP8_PROMOTE, c.block_k), **tiles,
             )
         else:
             wrap_triton(_moe_down_kernel)[grid](
