@@ -208,18 +208,10 @@ def _qacc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_INT8: tl.constexpr):
 
 
 @triton.jit
-def _w_scale(acc, s_ptr, s_off, cols, col_mask, SCALE: tl.constexpr):
-    """acc [BLOCK_M, cols] (fp32) times the "channel" scale of weight rows ``cols``, or the "tensor" scale."""
-    if SCALE == 2:  # _CHANNEL
-        acc = acc * tl.load(s_ptr + s_off + cols, mask=col_mask, other=0.0)[None, :]
-    else:  # _TENSOR
-        acc = acc * tl.load(s_ptr + s_off)
-    return acc
-
-
-@triton.jit
 def _out_scale(acc, s_ptr, s_off, rows, row_mask, SCALE: tl.constexpr):
-    """acc [BLOCK_N, ...] times the "tensor" / "channel" scale of ``rows`` [BLOCK_N, 1 ...]."""
+    """acc times the "tensor" / "channel" scale of the weight rows ``rows``, shaped to broadcast
+    against acc ([BLOCK_N] for a vector, [BLOCK_N, 1] where weight rows are acc's rows, [1, BLOCK_N]
+    where they are its columns)."""
     if SCALE == 1:  # _TENSOR
         acc = acc * tl.load(s_ptr + s_off)
     elif SCALE == 2:  # _CHANNEL
@@ -503,7 +495,7 @@ def _moe_gate_up_q_kernel(
             xa = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wb = tl.load(w_ptrs + k0, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _qdot(xa, wb, acc, IS_INT8, PROMOTE)
-    acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, wrow, c_mask, SCALE)
+    acc = _out_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, wrow[None, :], c_mask[None, :], SCALE)
     acc = acc * tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[:, None]
     g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     h = _silu_mul(g, u).to(dtype)
@@ -595,7 +587,7 @@ def _moe_down_q_kernel(
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _qdot(a, w, acc, IS_INT8, PROMOTE)
-    acc = _w_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, n, n_mask, SCALE)
+    acc = _out_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, n[None, :], n_mask[None, :], SCALE)
     tw = tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32) * tl.load(hs_ptr + pos, mask=m_mask, other=0.0)
     _add_rows(y_ptr, acc * tw[:, None], slot, m_mask, n, n_mask, A, H, ATOMIC)
 
@@ -1194,8 +1186,6 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     _down(L, hd, hs, ids, topk_weights.contiguous().view(-1), sorted_slots, offsets, w2.contiguous(), checked2,
           y, y32)
     return y
-
-
 
 
 def _plan_for(topk_ids, w13_or_w2, gate_up: bool, quantized: bool = False) -> Plan:
