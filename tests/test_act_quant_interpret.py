@@ -28,8 +28,8 @@ _CHILD = textwrap.dedent(
     for scheme in ("fp8-dynamic", "fp8-block", "int8"):
         fmt = get_format(scheme)
         for dtype in (torch.bfloat16, torch.float16):
-            for silu in (False, True):
-                M, K = 7, 384
+            for silu, M in ((False, 7), (True, 7)) + (((False, 20),) if fmt.activation == "group" else ()):
+                K = 384
                 wide = (torch.randn(M, K + 128) * 3).to(dtype)
                 x = wide[:, 64:64 + K]  # rows strided inside a wider tensor
                 x[1] = 0
@@ -40,7 +40,9 @@ _CHILD = textwrap.dedent(
                 y = F.silu(x) * up if silu else x
                 ref_data, ref_scale = quant.quantize_activation(fmt, y, None)
                 data, scale = act_quant.launch(x, up, scheme, store_f32=fmt.family == "fp8")
-                where = (scheme, dtype, silu)
+                where = (scheme, dtype, silu, M)
+                if fmt.activation == "group":  # cuBLAS block scaling's layout beyond decode sizes
+                    assert scale.stride() == ((1, M) if M > 16 else (K // 128, 1)), (where, scale.stride())
                 assert torch.equal(nanfill(scale), nanfill(ref_scale.reshape(scale.shape))), where
                 assert torch.isnan(scale[2:4]).any(1).all() and not torch.isnan(scale[[0, 1, 4, 5, 6]]).any(), where
                 if fmt.family == "int8":

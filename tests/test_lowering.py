@@ -86,6 +86,25 @@ def test_shared_activation_is_quantized_once():
         assert len(inputs) == gemms and len(set(inputs)) == 4, (merge, inputs)
 
 
+def test_cse_leaves_allocations_apart():
+    """Two identical ``empty`` buffers written by two kernels must stay two buffers: merged, one
+    writer would need a clone (a copy kernel per quantized activation in a decode step)."""
+    from mxpass.lowering.cse import merge_identical_nodes
+
+    def f(x):
+        a, b = torch.empty(4), torch.empty(4)
+        c, d = torch.empty_like(x), torch.empty_like(x)
+        return a.copy_(x), b.copy_(x * 2), c.copy_(x + 1), d.copy_(x + 1), x.abs(), x.abs()
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(torch.randn(4))
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.empty.memory_format) == 2
+    assert merge_identical_nodes(gm.graph) == 2  # the second abs and the second x + 1; no empty
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.empty.memory_format) == 2
+    assert ops.count(torch.ops.aten.empty_like.default) == 2
+
+
 def test_cse_keeps_nan_and_signed_zero_constants_apart():
     from mxpass.lowering.cse import merge_identical_nodes
 

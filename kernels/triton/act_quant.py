@@ -33,6 +33,7 @@ the GPU's fast ``exp``, whose last-bit differences can move a bf16 rounding of S
 
 from __future__ import annotations
 
+
 import torch
 import triton
 import triton.language as tl
@@ -115,7 +116,7 @@ def params(kind: int, dtype: torch.dtype, device_type: str) -> dict:
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up,
+def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up, stride_sm, stride_sg,
                       SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
                       RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                       BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr):
@@ -143,7 +144,7 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
     else:
         # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
         tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr + row * NG + g, s, mask=g < NG)
+    tl.store(s_ptr + row * stride_sm + g * stride_sg, s, mask=g < NG)
 
 
 def supports(fmt: Format, k: int, dtype: torch.dtype) -> tuple[bool, str]:
@@ -173,6 +174,20 @@ def _check(x: torch.Tensor, up: torch.Tensor | None, fmt: Format) -> None:
                          f"match x {tuple(x.shape)} {x.dtype} with unit stride along K")
 
 
+def _warps(M, block: int, kind: int) -> int:
+    """One program per row. A static M of at most 16 (decode) takes 32 warps: the row is then
+    latency-bound (HF Llama, 8B shapes, 1 token, CUDA graphs, H200: 0.4935 -> 0.4905 ms per
+    forward). Otherwise 4 warps, 8 for rows of 8192 or more, and 16 for such rows in 1 x 128
+    groups: in an HF Llama decoder layer at 4096 tokens (H200, ``python -m
+    mxpass.benchmarks.layer``, two runs each) fp8-block's four calls took 134-136 us with 16
+    warps against 144 with 8; 2 warps for per-token rows of 4096 gained nothing."""
+    if isinstance(M, int) and M <= 16:
+        return 32
+    if block >= 8192:
+        return 16 if kind == 1 else 8
+    return 4
+
+
 def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's body (``fmt``: a format name). ``store_f32``: data as the float32 values before
     the final cast to e4m3/int8 (Triton's interpreter converts to e4m3 wrongly; its tests check these)."""
@@ -185,18 +200,25 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     ng = int(K) // GROUP if kind == 1 else 1
     dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
-    scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
+    if kind == 1 and not (isinstance(M, int) and M <= 16):
+        # 1 x 128 groups beyond decode sizes go to cuBLAS block scaling, which takes the
+        # scales outer-dim-major (strides (1, M)): written so, they need no transposing copy
+        scale = torch.empty((ng, M), dtype=torch.float32, device=x.device).t()
+    else:
+        scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
     wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
+        scale.stride(0), scale.stride(1),
         SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32,
-        **params(kind, x.dtype, x.device.type), num_warps=8 if block >= 8192 else 4)
+        **params(kind, x.dtype, x.device.type), num_warps=_warps(M, block, kind))
     return data, scale
 
 
 @triton_op("mxpass::act_quant_triton", mutates_args=())
 def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(data [M, K], float32 scale [M, 1] or [M, K // 128]) of x, or of silu(x) * up when up is
-    given, in the activation encoding of the format named ``fmt``.
+    given, in the activation encoding of the format named ``fmt``. [M, K // 128] scales are
+    outer-dim-major (strides (1, M)) unless M is a static 16 or less.
 
     Same values as ``mxpass.quant.quantize_activation(get_format(fmt), y, None)`` (module
     docstring). Rows may be strided (a slice of a wider tensor); M may be symbolic.
