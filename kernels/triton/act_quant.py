@@ -200,9 +200,11 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     ng = int(K) // GROUP if kind == 1 else 1
     dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
-    if kind == 1 and not (isinstance(M, int) and M <= 16):
+    if kind == 1 and isinstance(M, int) and M > 16:
         # 1 x 128 groups beyond decode sizes go to cuBLAS block scaling, which takes the
-        # scales outer-dim-major (strides (1, M)): written so, they need no transposing copy
+        # scales outer-dim-major (strides (1, M)): written so, they need no transposing copy.
+        # A static M only (verified on the GPU there; a symbolic M has its rows padded, and
+        # the pad copies the scales anyway)
         scale = torch.empty((ng, M), dtype=torch.float32, device=x.device).t()
     else:
         scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
@@ -218,7 +220,7 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
 def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(data [M, K], float32 scale [M, 1] or [M, K // 128]) of x, or of silu(x) * up when up is
     given, in the activation encoding of the format named ``fmt``. [M, K // 128] scales are
-    outer-dim-major (strides (1, M)) unless M is a static 16 or less.
+    outer-dim-major (strides (1, M)) where M is static and above 16.
 
     Same values as ``mxpass.quant.quantize_activation(get_format(fmt), y, None)`` (module
     docstring). Rows may be strided (a slice of a wider tensor); M may be symbolic.
