@@ -63,9 +63,12 @@ def test_matches_reference(dtype, M, K, N, bias):
 def test_compiles_once_for_every_m_under_cuda_graphs(monkeypatch):
     """RMSNorm -> linear through the backend with a dynamic token count and CUDA graphs: one
     graph for M in {17, ..., 2048}, the GEMM is ``_scaled_mm`` called from Inductor's code (no
-    mxpass op), and each M matches the mxpass reference run op by op (the activation is
-    quantized by act_quant_triton from the RMSNorm's bf16 output, as eager PyTorch rounds
-    it; the reference kernel's graph would quantize Inductor's unrounded float32 instead)."""
+    mxpass op), and each M is as close to the unquantized model as the mxpass reference run
+    op by op. Not equal to that reference: with a symbolic M the activation is quantized by
+    Inductor's fused ATen math (act_quant_triton takes a static M only) from the RMSNorm's
+    unrounded float32 output, where eager PyTorch rounds it to bf16 first; that moves about
+    1/32 of the values across an e4m3 rounding boundary (one e4m3 step, 2**-4 relative), so
+    the two differ by about sqrt(1/32) * 2**-4 = 1.1e-2 (measured 1.22e-2 at M = 17)."""
     from torch._inductor.utils import run_and_get_code
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -77,17 +80,19 @@ def test_compiles_once_for_every_m_under_cuda_graphs(monkeypatch):
         torch._dynamo.reset()
         ref = torch.compile(model, backend=mxpass.backend(scheme="fp8-block", compiler="eager"), dynamic=True)
         refs = [ref(x).clone() for x in xs]
+        plain = [model(x).clone() for x in xs]
         torch._dynamo.reset()
         counting = CountingBackend(mxpass.backend(scheme="fp8-block", cudagraphs=True))
         fn = torch.compile(model, backend=counting, dynamic=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for i, (x, r) in enumerate(zip(xs, refs)):
+            for i, (x, r, p) in enumerate(zip(xs, refs, plain)):
                 if i == 0:
                     y, codes = run_and_get_code(fn, x)
                     code = "\n".join(codes)
                 else:
                     y = fn(x)
-                assert rel_err(y, r) < 2**-7, x.shape
+                assert rel_err(y, r) < 2**-5, x.shape  # the docstring's 1.1e-2, with margin
+                assert rel_err(y, p) <= rel_err(r, p) * 1.1, (x.shape, rel_err(y, p), rel_err(r, p))
                 assert mxpass.last_report().rewritten[0].kernel.startswith("cublas_scaled_mm_blockwise")
     assert counting.graphs == 1
     assert "_scaled_mm" in code and "torch.ops.mxpass" not in code
