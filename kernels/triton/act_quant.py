@@ -33,7 +33,6 @@ the GPU's fast ``exp``, whose last-bit differences can move a bf16 rounding of S
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
