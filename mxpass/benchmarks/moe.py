@@ -334,13 +334,13 @@ def _bench_tokens(shape_name, s, T, g, w13, w2, weights, impls, rotate, warmup, 
         emit(_row(row, s, T, times[impl], errs[impl], _touched_bytes(ids0, s, bpw), others))
     if sweep:
         fmt, q13, s13, q2, s2 = weights["fp8-w"]
-        timed: dict = {}
+        sweep_us: dict = {}
         for name, plan, part, tiles in _sweep_plans(s, T):
             ms = measure({"shape": shape_name, "T": T, "impl": "sweep", "config": name},
                          _mxpass_fn(fmt, q13, s13, q2, s2, plan), ref_of("fp8-w"), _touched_bytes(ids0, s, 1.0))
             if ms is not None:
-                timed[(part, tiles)] = ms * 1e3
-        combo = _best_combination(s, T, timed)
+                sweep_us[(part, tiles)] = ms * 1e3
+        combo = _best_combination(s, T, sweep_us)
         if combo is not None:
             measure({"shape": shape_name, "T": T, "impl": "sweep", "config": combo[0]},
                     _mxpass_fn(fmt, q13, s13, q2, s2, combo[1]), ref_of("fp8-w"), _touched_bytes(ids0, s, 1.0))
