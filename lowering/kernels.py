@@ -358,8 +358,8 @@ class CudaW8A8Gemv(_QuantizedInput):
         if problem.fmt.activation is None:
             return False, f"{problem.fmt.name} is not a W8A8 FP8/INT8 scheme"
         group = group_of(problem.fmt)
-        if group == 32 and problem.m < MX_GEMV_MIN_M:
-            return False, (f"MXFP8 at M={problem.m}: triton_mxfp8 is faster below M={MX_GEMV_MIN_M} "
+        if group == 32 and problem.m == 1 and problem.n < MX_GEMV_M1_MIN_N:
+            return False, (f"MXFP8 at M=1, N={problem.n}: triton_mxfp8 is faster below N={MX_GEMV_M1_MIN_N} "
                            "(docs/performance.md)")
         why = shape_problem(problem.k, group)
         return (False, why) if why else (True, "")
@@ -424,10 +424,10 @@ class TritonMoEW8A8(TritonMoE):
 #: Smallest static M at which the W8A16 formats take dequant_cublas_mm before triton_w8
 #: (measured on H200, docs/performance.md).
 W8A16_DEQUANT_MIN_M = 512
-#: Smallest static M at which MXFP8 W8A8 takes cuda_w8a8_gemv before triton_mxfp8 (H200,
-#: docs/performance.md: the CUDA GEMV 0.90-0.95x triton_mxfp8 at M = 1, 1.37-1.42x at M = 4,
-#: 1.06-1.16x at M = 16).
-MX_GEMV_MIN_M = 2
+#: Smallest N at which MXFP8 W8A8 at M = 1 takes cuda_w8a8_gemv before triton_mxfp8 (H200,
+#: docs/performance.md: 1.03-1.12x triton_mxfp8 at N = 4096 .. 28672, 0.76x at N = 1024,
+#: K = 4096). From M = 2 it is taken at every N (1.37-1.42x at M = 4, 1.06-1.16x at M = 16).
+MX_GEMV_M1_MIN_N = 4096
 #: The same for the MXFP8 formats before triton_mxfp8 (H200, same run: triton_mxfp8 faster at
 #: M = 128 on all three measured shapes, dequantize + cuBLAS at M = 256; docs/performance.md).
 MX_DEQUANT_MIN_M = 256

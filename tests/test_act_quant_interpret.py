@@ -1,7 +1,8 @@
 """Activation quantization in one pass (kernels/triton/act_quant.py) on the CPU, through
 Triton's interpreter (TRITON_INTERPRET=1, in a child process).
 
-Rows of x, or of silu(x) * up, quantized per token (e4m3, int8) or in 1 x 128 e4m3 groups,
+Rows of x, or of silu(x) * up, quantized per token (e4m3, int8), in 1 x 128 e4m3 groups or as
+MXFP8 (e4m3 with E8M0 bytes per 32),
 for bf16 and fp16, with an all-zero row, a row holding NaN, one holding Inf, a row of small
 values, rows strided inside a wider tensor, and M = 0; compared with
 ``mxpass.quant.quantize_activation`` of the same values. The interpreter converts float32 to
@@ -25,7 +26,7 @@ _CHILD = textwrap.dedent(
 
     torch.manual_seed(0)
     nanfill = lambda t: torch.nan_to_num(t, nan=7.0)
-    for scheme in ("fp8-dynamic", "fp8-block", "int8"):
+    for scheme in ("fp8-dynamic", "fp8-block", "int8", "mxfp8"):
         fmt = get_format(scheme)
         for dtype in (torch.bfloat16, torch.float16):
             for silu, M in ((False, 7), (True, 7)) + (((False, 20),) if fmt.activation == "group" else ()):
@@ -39,8 +40,16 @@ _CHILD = textwrap.dedent(
                 up = torch.randn(M, K).to(dtype) if silu else None
                 y = F.silu(x) * up if silu else x
                 ref_data, ref_scale = quant.quantize_activation(fmt, y, None)
-                data, scale = act_quant.launch(x, up, scheme, store_f32=fmt.family == "fp8")
+                data, scale = act_quant.launch(x, up, scheme, store_f32=fmt.family != "int8")
                 where = (scheme, dtype, silu, M)
+                cast = torch.where(data.isnan(), float("nan"), data).to(torch.float8_e4m3fn)
+                if fmt.family == "mxfp8":  # E8M0 bytes, 255 = NaN
+                    assert scale.dtype == torch.uint8 and scale.shape == (M, K // 32), where
+                    assert torch.equal(scale, ref_scale.view(torch.uint8)), where
+                    assert (scale[2:4] == 255).any(1).all() and not (scale[[0, 1, 4, 5, 6]] == 255).any(), where
+                    assert not torch.signbit(data[data == 0]).any(), where
+                    assert torch.equal(cast.view(torch.uint8), ref_data.view(torch.uint8)), where
+                    continue
                 if fmt.activation == "group":  # cuBLAS block scaling's layout beyond decode sizes
                     assert scale.stride() == ((1, M) if M > 16 else (K // 128, 1)), (where, scale.stride())
                 assert torch.equal(nanfill(scale), nanfill(ref_scale.reshape(scale.shape))), where
@@ -53,7 +62,6 @@ _CHILD = textwrap.dedent(
                 pre = torch.where(pre == 0, 0.0, pre)
                 assert torch.equal(nanfill(data), nanfill(pre)), where
                 assert not torch.signbit(data[data == 0]).any(), where  # -0 stored as +0
-                cast = torch.where(data.isnan(), float("nan"), data).to(torch.float8_e4m3fn)
                 assert torch.equal(cast.view(torch.uint8), ref_data.view(torch.uint8)), where
     data, scale = act_quant.launch(torch.zeros(0, 256, dtype=torch.bfloat16), None, "fp8-dynamic")
     assert data.shape == (0, 256) and scale.shape == (0, 1)

@@ -25,15 +25,16 @@ def test_taken_for_static_small_m(scheme):
     assert CudaW8A8Gemv().can_implement(_problem(scheme, m=16)) == (True, "")
 
 
-def test_mxfp8_from_m_2():
-    """MXFP8 takes the GEMV for a static M in 2..16; at M = 1 triton_mxfp8 measured faster."""
-    from mxpass.lowering.kernels import MX_GEMV_MIN_M
+def test_mxfp8_small_m():
+    """MXFP8 takes the GEMV for a static M in 2..16, and at M = 1 from N = 4096 (below it
+    triton_mxfp8 measured faster)."""
+    from mxpass.lowering.kernels import MX_GEMV_M1_MIN_N
 
-    assert MX_GEMV_MIN_M == 2
-    for m in (2, 4, 16):
-        assert CudaW8A8Gemv().can_implement(_problem("mxfp8", m=m)) == (True, "")
-    ok, why = CudaW8A8Gemv().can_implement(_problem("mxfp8", m=1))
-    assert not ok and "triton_mxfp8 is faster below M=2" in why
+    for m in (1, 2, 4, 16):
+        assert CudaW8A8Gemv().can_implement(_problem("mxfp8", m=m, n=MX_GEMV_M1_MIN_N)) == (True, "")
+    assert CudaW8A8Gemv().can_implement(_problem("mxfp8", m=2, n=1024)) == (True, "")
+    ok, why = CudaW8A8Gemv().can_implement(_problem("mxfp8", m=1, n=1024))
+    assert not ok and f"triton_mxfp8 is faster below N={MX_GEMV_M1_MIN_N}" in why
     ok, why = CudaW8A8Gemv().can_implement(_problem("mxfp8-w", m=4))
     assert not ok and "not a W8A8" in why
 

@@ -334,6 +334,12 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
     # 2 layers x (q, k, v: k/v have 64 rows, not a 128-row block, so not merged; o; gate/up merged; down)
     assert len(linears) == 12 and len(quantized) == 8, gm.graph
     assert notes["q_proj"] == notes["gate_proj"] == "input activation quantized by act_quant_triton", notes
+    # MXFP8 too: every input, one quantization per distinct input
+    gm, notes = compile_graph("mxfp8")
+    quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
+    assert len(quantized) == 8 and all(q.args[3] == "mxfp8" for q in quantized), gm.graph
+    assert notes["q_proj"] == notes["gate_proj"] == "input activation quantized by act_quant_triton", notes
+    assert notes["down_proj"] == "input silu*mul quantized by act_quant_triton", notes
 
 
 def test_dynamic_m_keeps_inductors_input_quantization():

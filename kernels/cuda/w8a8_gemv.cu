@@ -21,6 +21,14 @@
 // per (n/128, k/128), applied per 128 k. GROUP 32 (MXFP8): E8M0 bytes per (row, k/32) for
 // both, applied per step. Partial sums of a 128 / 32 group come from a zeroed accumulator.
 //
+// MXFP8 at M = 1 (MX1): with one row of x, seven of the mma's eight B columns would be
+// zero. They carry K blocks instead: a thread reads 16 contiguous bytes per 64 k, as in the
+// fp8 path (physical q*16 .. q*16+15), so in a 64-k step lanes q = 0, 1 hold block 0 of the
+// step and q = 2, 3 block 1. B column j holds x only in the lanes whose bytes lie in block
+// j of the 128-k chunk (zero elsewhere), so the four mmas of a chunk, chained into one
+// accumulator, leave the 32-k dot of block j in column j: per 128 k, one scale multiply per
+// block and row instead of one per mma output element.
+//
 // Split-K: the warps of a block share one 16-row tile and split K; partial tiles are summed
 // through shared memory in a fixed order (deterministic), then scaled, biased and stored.
 
@@ -105,9 +113,14 @@ struct Args {
   int k_per_warp;        // multiple of the step (64, or 32 for GROUP 32)
 };
 
-// NT: number of n8 tiles of x (M <= 8 * NT). STEP: physical k per outer iteration.
-template <int NT, int GROUP, bool INT8, typename OutT>
+__device__ __forceinline__ uint32_t byte_of(uint2 v, int b) {  // byte b (0..7) of v
+  return ((b < 4 ? v.x : v.y) >> ((b & 3) * 8)) & 0xff;
+}
+
+// NT: number of n8 tiles of x (M <= 8 * NT). MX1: GROUP 32 with M == 1 (see the top).
+template <int NT, int GROUP, bool INT8, typename OutT, bool MX1 = false>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
+  static_assert(!MX1 || (GROUP == 32 && NT == 1 && !INT8), "MX1 is MXFP8 at M = 1");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int n0 = blockIdx.x * 16;
@@ -141,13 +154,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   const uint8_t* xs8 = static_cast<const uint8_t*>(a.xs);
   const uint8_t* ws8 = static_cast<const uint8_t*>(a.ws);
   const int kb = K / 32;
+  // MX1: the 64-k steps u whose x this lane supplies (B column g = block (u % 2) * 2 + q / 2).
+  const bool mx1_lane = g < 4 && (g & 1) == (q >> 1);
   for (int k0 = k_begin; k0 < k_end; k0 += U * 64) {
     uint4 wa[U], wb[U], xv[U][NT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool in = k0 + u * 64 < k_end;
       const uint4 zero = make_uint4(0, 0, 0, 0);
-      if constexpr (GROUP == 32) {
+      if constexpr (MX1) {
+        const int k = k0 + u * 64 + q * 16;
+        wa[u] = in ? ld_stream16(w0 + k) : zero;
+        wb[u] = in ? ld_stream16(w1 + k) : zero;
+        xv[u][0] = (in && mx1_lane && (g >> 1) == (u & 1)) ? *reinterpret_cast<const uint4*>(xr[0] + k) : zero;
+      } else if constexpr (GROUP == 32) {
         const int k = k0 + u * 64 + q * 8;
         wa[u] = in ? ld_mx_pair(w0 + k) : zero;
         wb[u] = in ? ld_mx_pair(w1 + k) : zero;
@@ -162,7 +182,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
           xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
       }
     }
-    if constexpr (GROUP == 32) {
+    if constexpr (MX1) {
+      // Chunk c (128 k, blocks 4c .. 4c + 3 of this iteration): four chained mmas; column j
+      // of d is block 4c + j. Lane q < 2 holds columns 2q, 2q + 1 (rows g and g + 8).
+      const int blk0 = k0 / 32;
+      const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
+      const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
+      const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + blk0);
+#pragma unroll
+      for (int c = 0; c < U / 2; ++c) {
+        if (k0 + c * 128 >= k_end) break;
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        int di[4];
+#pragma unroll
+        for (int v = 2 * c; v < 2 * c + 2; ++v) {
+          mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
+          mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
+        }
+        if (q < 2) {
+          const int b0 = 4 * c + 2 * q, b1 = b0 + 1;
+          const float fx0 = e8m0_to_float(byte_of(sx, b0)), fx1 = e8m0_to_float(byte_of(sx, b1));
+          acc[0][0] = fmaf(d[0], e8m0_to_float(byte_of(sw0, b0)) * fx0, acc[0][0]);
+          acc[0][0] = fmaf(d[1], e8m0_to_float(byte_of(sw0, b1)) * fx1, acc[0][0]);
+          acc[0][2] = fmaf(d[2], e8m0_to_float(byte_of(sw1, b0)) * fx0, acc[0][2]);
+          acc[0][2] = fmaf(d[3], e8m0_to_float(byte_of(sw1, b1)) * fx1, acc[0][2]);
+        }
+      }
+    } else if constexpr (GROUP == 32) {
       // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
       // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
       const int blk0 = k0 / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
@@ -241,6 +287,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
   }
 
+  if constexpr (MX1) {
+    // Rows g and g + 8 are split over lanes q = 0, 1 (q = 2, 3 hold 0): sum the quad, in a
+    // fixed order; the store below writes column m = 0 from lane q = 0.
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 1);
+      acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 2);
+    }
+  }
+
   // Split-K reduction in a fixed order: warp w writes its tile, warp 0 sums w = 0, 1, ...
   __shared__ float part[kMaxWarps - 1][NT][4][32];
   if (nwarps > 1) {
@@ -278,9 +334,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
 }
 
-template <int NT, int GROUP, bool INT8, typename OutT>
+template <int NT, int GROUP, bool INT8, typename OutT, bool MX1 = false>
 cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT>;
+  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MX1>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -293,6 +349,9 @@ cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
 // SM (fewer, longer weight streams per SM read DRAM faster here; see the notes).
 template <int GROUP, bool INT8, typename OutT>
 cudaError_t launch_typed(const Args& a, int warps, int smem, cudaStream_t stream) {
+  if constexpr (GROUP == 32) {
+    if (a.M == 1) return launch_nt<1, 32, false, OutT, true>(a, warps, smem, stream);
+  }
   return a.M <= 8 ? launch_nt<1, GROUP, INT8, OutT>(a, warps, smem, stream)
                   : launch_nt<2, GROUP, INT8, OutT>(a, warps, smem, stream);
 }

@@ -3,7 +3,8 @@
 ``mxpass::act_quant_triton(x, up, fmt)`` quantizes the rows of ``x`` [M, K] (``up`` None) or of
 ``silu(x) * up`` (the input of a SwiGLU MLP's down projection, never written to memory) to
 the activation encoding of ``fmt``: dynamic per-token e4m3 (``fp8-dynamic``), 1 x 128 e4m3
-groups (``fp8-block``) or per-token int8 (``int8``). One program per row; the whole row stays in
+groups (``fp8-block``), per-token int8 (``int8``) or MXFP8 (``mxfp8``: e4m3 with one E8M0
+byte per 32, written as uint8). One program per row; the whole row stays in
 registers (K <= MAX_K), so the input is read once: Inductor's fused kernel for the same
 math reads a row twice when the row is longer than its persistent-reduction limit, and
 spends ~25 integer instructions per element emulating the dtype roundings that
@@ -18,6 +19,9 @@ in the input dtype: SiLU rounded to it, then the product rounded to it), element
             and s carry 8 significant bits, so y / s is never closer than 2**-17 (relative) to a
             bf16 rounding midpoint, and the product errs by at most 2**-23); fp16 divides.
     e4m3  clamp(q, +/-448), -0 -> +0, NaN -> 0x7F          int8  rint(clamp(q, -128, 127)), NaN -> 0
+
+MXFP8 has its own scale rule (``mxpass.schemes.mxfp8``, ``_mx_codes``): an integer max of the
+elements' exponent bytes, and a power-of-two multiply (exact) for the codes.
 
 Instructions per element decide its speed (it is issue-bound, not memory-bound, once
 SiLU*mul is in it): the amax reduction keeps NaN (max.NaN) instead of a second reduction
@@ -39,12 +43,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from mxpass.formats import Format, get_format
-from mxpass.schemes import fp8, int8
+from mxpass.schemes import fp8, int8, mxfp8
 
 MAX_K = 32768  # longest row held in registers (one row per program)
 GROUP = 128    # fp8-block activation groups
 # activation encodings (format family, granularity) -> kernel KIND
-KINDS = {("fp8", "token"): 0, ("fp8", "group"): 1, ("int8", "token"): 2}
+KINDS = {("fp8", "token"): 0, ("fp8", "group"): 1, ("int8", "token"): 2, ("mxfp8", "mx32"): 3}
+_GROUP_SIZE = {1: GROUP, 3: mxfp8.BLOCK_SIZE}  # elements per scale for the grouped KINDs
 
 
 @triton.jit
@@ -115,10 +120,29 @@ def params(kind: int, dtype: torch.dtype, device_type: str) -> dict:
 
 
 @triton.jit
+def _mx_codes(y, RTZ: tl.constexpr):
+    """MXFP8 (``mxpass.schemes.mxfp8``) of float32 blocks y [groups, 32]: (float32 codes, still
+    to be converted to e4m3, int32 E8M0 byte per group). The byte is the largest of the
+    elements' own bytes (the rule is monotone in |y|): the biased exponent of |y| rounded up
+    when its significand is >= 1.75, minus 8, at least 0; 255 (NaN) for a group holding
+    NaN/Inf. Codes: y * 2**(127 - byte), exact; +0 where that rounds to 0 in the input dtype
+    (|.| <= RTZ), 0 * y for a NaN group (NaN stays NaN)."""
+    a = tl.abs(y)
+    finite = a < float("inf")  # False for NaN too
+    bits = tl.where(finite, a, 0.0).to(tl.int32, bitcast=True)
+    byte = tl.maximum(((bits + (1 << 21)) >> 23) - 8, 0)
+    byte = tl.max(tl.where(finite, byte, 255), 1)
+    inv = tl.where(byte == 255, 0, (254 - byte) << 23).to(tl.float32, bitcast=True)
+    q = y * inv[:, None]
+    return tl.where(tl.abs(q) <= RTZ, 0.0, q), byte
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up, stride_sm, stride_sg,
                       SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
                       RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                      BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr):
+                      BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr,
+                      RTZ: tl.constexpr):
     row = tl.program_id(0)
     if row >= M:
         return
@@ -130,9 +154,13 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
     if SILU_MUL:
         up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
         y = _round(_round(y / (1.0 + tl.exp(-y)), HALF, BIT_MATH) * up, HALF, BIT_MATH)
-    amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
-    s = scale_of(amax, RANGE, EPS, HALF, BIT_MATH)
-    q = codes(y, s[:, None], tl.math.div_rn(1.0, s)[:, None], KIND, HALF, BIT_MATH, QMIN, QMAX)
+    if KIND == 3:
+        q, byte = _mx_codes(y, RTZ)
+        s = byte.to(tl.uint8)
+    else:
+        amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
+        s = scale_of(amax, RANGE, EPS, HALF, BIT_MATH)
+        q = codes(y, s[:, None], tl.math.div_rn(1.0, s)[:, None], KIND, HALF, BIT_MATH, QMIN, QMAX)
     if STORE_F32:
         if KIND != 2:
             # what the conversion below does on the GPU: clamp to +/-448, every NaN one NaN
@@ -150,7 +178,7 @@ def supports(fmt: Format, k: int, dtype: torch.dtype) -> tuple[bool, str]:
     """Whether ``act_quant_triton`` encodes this format's activation (the reason when not)."""
     if (fmt.family, fmt.activation) not in KINDS:
         return False, (f"{fmt.name} ({fmt.family} {fmt.activation} activations) is not one it encodes "
-                       f"(dynamic fp8 per token or 1x128, int8 per token)")
+                       f"(dynamic fp8 per token or 1x128, int8 per token, MXFP8)")
     if dtype not in (torch.bfloat16, torch.float16):
         return False, f"activation dtype {dtype} (it takes bf16 or fp16)"
     if k > MAX_K:
@@ -183,7 +211,7 @@ def _warps(M, block: int, kind: int) -> int:
     if isinstance(M, int) and M <= 16:
         return 32
     if block >= 8192:
-        return 16 if kind == 1 else 8
+        return 16 if kind in _GROUP_SIZE else 8
     return 4
 
 
@@ -195,11 +223,13 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     M, K = x.shape
     kind = KINDS[(f.family, f.activation)]
     block = triton.next_power_of_2(int(K))
-    gs = GROUP if kind == 1 else block
-    ng = int(K) // GROUP if kind == 1 else 1
+    gs = _GROUP_SIZE.get(kind, block)
+    ng = int(K) // gs if kind in _GROUP_SIZE else 1
     dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
-    if kind == 1 and isinstance(M, int) and M > 16:
+    if kind == 3:  # E8M0 bytes
+        scale = torch.empty((M, ng), dtype=torch.uint8, device=x.device)
+    elif kind == 1 and isinstance(M, int) and M > 16:
         # 1 x 128 groups beyond decode sizes go to cuBLAS block scaling, which takes the
         # scales outer-dim-major (strides (1, M)): written so, they need no transposing copy.
         # A static M only (verified on the GPU there; a symbolic M has its rows padded, and
@@ -211,15 +241,17 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
         scale.stride(0), scale.stride(1),
         SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32,
-        **params(kind, x.dtype, x.device.type), num_warps=_warps(M, block, kind))
+        RTZ=mxfp8.ROUNDS_TO_ZERO[x.dtype], **params(kind, x.dtype, x.device.type), num_warps=_warps(M, block, kind))
     return data, scale
 
 
 @triton_op("mxpass::act_quant_triton", mutates_args=())
 def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data [M, K], float32 scale [M, 1] or [M, K // 128]) of x, or of silu(x) * up when up is
-    given, in the activation encoding of the format named ``fmt``. [M, K // 128] scales are
-    outer-dim-major (strides (1, M)) where M is static and above 16.
+    """(data [M, K], scale) of x, or of silu(x) * up when up is given, in the activation
+    encoding of the format named ``fmt``. Scales: float32 [M, 1] (per token) or [M, K // 128]
+    (fp8-block: outer-dim-major, strides (1, M), where M is static and above 16); for MXFP8
+    the E8M0 bytes [M, K // 32] as uint8 (Triton has no e8m0 type; ``view`` them as
+    ``torch.float8_e8m0fnu``).
 
     Same values as ``mxpass.quant.quantize_activation(get_format(fmt), y, None)`` (module
     docstring). Rows may be strided (a slice of a wider tensor); M may be symbolic.

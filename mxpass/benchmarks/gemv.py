@@ -11,7 +11,7 @@ L2, replayed back to back; this is how a decode forward streams its weights. The
 kernel and cuBLAS bf16 are also timed the earlier way (``graph_ms``: 4 copies,
 ``do_bench`` clearing the L2 before every replay), as ``*_do_bench`` in the rows.
 
-    python -m mxpass.benchmarks.gemv [--json out.json]
+    python -m mxpass.benchmarks.gemv [--schemes mxfp8,int8] [--ms 1,16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts (at most 16)")
     args = p.parse_args(argv)
-    rows = run()
+    rows = run(schemes=tuple(args.schemes.split(",")), ms=tuple(int(m) for m in args.ms.split(",")))
     print(format_table(rows))
     write_json(args.json, rows)
 

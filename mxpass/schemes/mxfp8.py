@@ -65,8 +65,8 @@ _F32_TWO_POW_M127 = 0x00400000  # bits of 2**-127, a float32 subnormal
 # Half the smallest subnormal of the input dtype: a quotient at or below it rounds to
 # 0 in that dtype (a tie goes to the even neighbour, 0). For float32 only exact zeros:
 # the float32 multiply below already rounds as compressed-tensors' division does.
-_ROUNDS_TO_ZERO = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 0.0}
-_INPUT_DTYPES = tuple(_ROUNDS_TO_ZERO)
+ROUNDS_TO_ZERO = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 0.0}
+_INPUT_DTYPES = tuple(ROUNDS_TO_ZERO)
 
 
 class MXTensor(NamedTuple):
@@ -121,7 +121,7 @@ def _elements(blocks: torch.Tensor, byte: torch.Tensor, dtype: torch.dtype) -> t
     # rounds to +/-0 in x's dtype is stored as +0. Any other rounding to x's dtype only
     # happens in its subnormal range (below 2**-14 for fp16, 2**-126 for bf16), where
     # e4m3 gives +/-0 with the same sign anyway (its smallest step is 2**-9).
-    q = torch.where(q.abs() <= _ROUNDS_TO_ZERO[dtype], 0.0, q)
+    q = torch.where(q.abs() <= ROUNDS_TO_ZERO[dtype], 0.0, q)
     q = q.clamp(-E4M3_MAX, E4M3_MAX)
     # One NaN (0x7F) for every NaN: a NaN's sign differs between paths (compressed-tensors'
     # depends on the dtype; Inductor's AVX-512 clamp returns NaN with the sign bit set).

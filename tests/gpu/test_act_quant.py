@@ -52,6 +52,32 @@ def test_rows_match_quantize_activation(scheme, dtype, m, k):
     assert torch.equal(torch.nan_to_num(scale, nan=7.0), torch.nan_to_num(ref_scale.reshape(scale.shape), nan=7.0))
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 14336), (300, 384)])
+def test_mxfp8_rows_match_quantize(silu, dtype, m, k):
+    """MXFP8 (E8M0 bytes per 32): x alone bit-identical to mxpass.schemes.mxfp8; silu(gate) * up
+    within the fast-exp differences of the test below (a block's byte moves by one at most)."""
+    from mxpass.kernels.triton.act_quant import act_quant_triton
+
+    torch.manual_seed(m + k + silu)
+    x = _inputs(m, k, dtype, wide=not silu)
+    up = torch.randn(m, k, device="cuda").to(dtype) if silu else None
+    ref_data, ref_scale = quant.quantize_activation(get_format("mxfp8"), F.silu(x) * up if silu else x, None)
+    data, scale = act_quant_triton(x, up, "mxfp8")
+    assert scale.dtype == torch.uint8 and scale.shape == (m, k // 32)
+    ref_bytes = ref_scale.view(torch.uint8)
+    if m >= 5:
+        assert (scale[2:4] == 255).any(1).all() and not (scale[[0, 1, 4]] == 255).any()
+    if not silu:
+        assert torch.equal(scale, ref_bytes) and torch.equal(_bytes(data), _bytes(ref_data))
+        return
+    same_scale = (scale == ref_bytes).float().mean().item()
+    same_data = (_bytes(data) == _bytes(ref_data)).float().mean().item()
+    print(f"mxfp8 silu {dtype} M={m}: scales equal {same_scale:.6f}, data equal {same_data:.6f}")
+    assert (scale.int() - ref_bytes.int()).abs().max() <= 1 and same_scale >= 0.99 and same_data >= 0.999
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_silu_mul_rows_match_quantize_activation(scheme, dtype):
@@ -86,17 +112,18 @@ def _llama_mlp(hidden=512, inter=1536):
     return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_llama_inputs_are_quantized_by_the_kernel(monkeypatch, scheme):
+@pytest.mark.parametrize("scheme, tokens", [(s, 300) for s in SCHEMES] + [("mxfp8", 4)])
+def test_llama_inputs_are_quantized_by_the_kernel(monkeypatch, scheme, tokens):
     """An HF Llama compiled by the backend: every down_proj takes SiLU*mul and every o_proj the
     attention output quantized by act_quant_triton (report and generated code), with fp8-block
-    every input; the RMSNorm + quantize kernels are persistent reductions. Logits against the mxpass reference run op by
+    and mxfp8 (4 tokens: the CUDA GEMV, which takes a quantized input) every input; the
+    RMSNorm + quantize kernels are persistent reductions. Logits against the mxpass reference run op by
     op (compiler="eager", bf16 roundings as in eager PyTorch): no farther than the same graph
     with Inductor's quantization, which quantizes SiLU*mul without rounding it to bf16 first."""
     from mxpass.lowering import producers
 
     model = _llama_mlp()
-    ids = torch.randint(0, 512, (1, 300), device="cuda")
+    ids = torch.randint(0, 512, (1, tokens), device="cuda")
     with torch.inference_mode():
         torch._dynamo.reset()
         out, code = run_and_get_code(torch.compile(model, backend=mxpass.backend(scheme=scheme)), ids,
@@ -111,16 +138,16 @@ def test_llama_inputs_are_quantized_by_the_kernel(monkeypatch, scheme):
     assert notes.count("input silu*mul quantized by act_quant_triton") == 2, notes
     assert notes.count("input attention output quantized by act_quant_triton") == 2, notes
     # 1 x 128 groups: every input (shared by q/k/v and by gate/up); per token: RMSNorm fuses it
-    others = 10 if scheme == "fp8-block" else 0
-    assert notes.count("input activation quantized by act_quant_triton") == others, notes
+    every = scheme in ("fp8-block", "mxfp8")
+    assert notes.count("input activation quantized by act_quant_triton") == (10 if every else 0), notes
     src = code[0]
     launches = len(re.findall(r"_act_quant_kernel\w*\.run\(", src))
-    assert launches == (8 if scheme == "fp8-block" else 4), launches
+    assert launches == (8 if every else 4), launches
     bodies = dict(re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)'''", src, re.S))
     quantizing = [n for n, b in bodies.items() if n.startswith("triton_") and ("float8e4nv" in b or "tl.int8" in b)]
     # the first layer's RMSNorm fused with the embedding gather stays a looped reduction
     looped = [n for n in quantizing if n.startswith("triton_red_") and "embedding" not in n]
-    assert not looped and (quantizing or scheme == "fp8-block"), quantizing  # fp8-block: none left
+    assert not looped and (quantizing or every), quantizing  # fp8-block, mxfp8: none left
 
     def rel(a, b):
         return ((a.logits.float() - b.logits.float()).norm() / b.logits.float().norm()).item()

@@ -61,6 +61,30 @@ def test_large_shape_and_blocks_of_nan(scheme):
     assert rel_err(y[keep], _exact(f, xq[keep], xs[keep], wq, ws, None)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("k", [256, 4096])
+def test_mxfp8_one_row_block_scales(k):
+    """M = 1 MXFP8 (block dots in the mma's columns): every 32-k block of w and x gets its own
+    magnitude (2**-12 .. 2**12), so a block paired with another block's scale is far off;
+    an all-zero block, and a NaN in x, which makes the whole row NaN."""
+    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+
+    f = get_format("mxfp8")
+    g = torch.Generator(device="cuda").manual_seed(k)
+    n = 72
+    wmag = torch.exp2(torch.randint(-12, 13, (n, k // 32, 1), device="cuda", generator=g).float())
+    xmag = torch.exp2(torch.randint(-12, 13, (1, k // 32, 1), device="cuda", generator=g).float())
+    w = (torch.randn(n, k // 32, 32, device="cuda", generator=g) * wmag).reshape(n, k)
+    x = (torch.randn(1, k // 32, 32, device="cuda", generator=g) * xmag).reshape(1, k).bfloat16()
+    w[5, 64:96] = 0
+    wq, ws = quant.quantize_weight(f, w, "w")
+    xq, xs = quant.quantize_activation(f, x, None)
+    y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
+    assert rel_err(y, _exact(f, xq, xs, wq, ws, None)) < TOL[torch.bfloat16]
+    x[0, k - 1] = float("nan")
+    xq, xs = quant.quantize_activation(f, x, None)
+    assert torch.isnan(w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)).all()
+
+
 @pytest.mark.parametrize("scheme, tokens", [("fp8-dynamic", 1), ("int8", 1), ("mxfp8", 4)])
 def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, tokens):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -70,10 +94,6 @@ def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, t
     x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         torch._dynamo.reset()
-        monkeypatch.setenv("MXPASS_KERNEL", "reference")
-        ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
-        monkeypatch.delenv("MXPASS_KERNEL")
-        torch._dynamo.reset()
         from torch._dynamo.utils import counters
 
         counters.clear()
@@ -82,9 +102,20 @@ def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, t
             torch.compiler.cudagraph_mark_step_begin()
             out = fn(x).clone()
         assert counters["inductor"]["cudagraph_skips"] == 0
-        kernel = mxpass.last_report().rewritten[0].kernel
-        assert kernel.startswith("cuda_w8a8_gemv"), kernel
-        # the reference rounds the fake-quantized activation to bf16 (2**-9) before its matmul
+        entry = mxpass.last_report().rewritten[0]
+        assert entry.kernel.startswith("cuda_w8a8_gemv"), entry.kernel
+        # The reference quantizes the activation the same way: in Inductor's code (from the
+        # unrounded fp32 RMSNorm) where the kernel's input is, else (MXFP8: act_quant_triton,
+        # from the bf16 RMSNorm output) op by op as eager PyTorch rounds it. It rounds the
+        # fake-quantized activation to bf16 (2**-9) before its matmul.
+        torch._dynamo.reset()
+        if "quantized by act_quant_triton" in entry.input_quant:
+            assert scheme == "mxfp8", entry.input_quant
+            ref = torch.compile(model, backend=mxpass.backend(scheme=scheme, compiler="eager"))(x)
+        else:
+            monkeypatch.setenv("MXPASS_KERNEL", "reference")
+            ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
+            monkeypatch.delenv("MXPASS_KERNEL")
         assert rel_err(out, ref) < 2.0**-7
         # a dynamic-M graph keeps the kernel that serves every M, and says why
         torch._dynamo.reset()
