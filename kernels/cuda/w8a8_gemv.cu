@@ -21,13 +21,14 @@
 // per (n/128, k/128), applied per 128 k. GROUP 32 (MXFP8): E8M0 bytes per (row, k/32) for
 // both, applied per step. Partial sums of a 128 / 32 group come from a zeroed accumulator.
 //
-// MXFP8 at M = 1 (MX1): with one row of x, seven of the mma's eight B columns would be
-// zero. They carry K blocks instead: a thread reads 16 contiguous bytes per 64 k, as in the
-// fp8 path (physical q*16 .. q*16+15), so in a 64-k step lanes q = 0, 1 hold block 0 of the
-// step and q = 2, 3 block 1. B column j holds x only in the lanes whose bytes lie in block
-// j of the 128-k chunk (zero elsewhere), so the four mmas of a chunk, chained into one
-// accumulator, leave the 32-k dot of block j in column j: per 128 k, one scale multiply per
-// block and row instead of one per mma output element.
+// MXFP8 at M <= 4 (MXR, R = 1, 2 or 4 rows of x): with few rows of x, most of the mma's
+// eight B columns would be zero. They carry (row, K block) pairs instead: a thread reads 16
+// contiguous bytes per 64 k, as in the fp8 path (physical q*16 .. q*16+15), so in a 64-k
+// step lanes q = 0, 1 hold block 0 of the step and q = 2, 3 block 1. With C = 4 blocks per
+// chunk (R = 1, 2; 128 k) or C = 2 (R = 4; 64 k), B column j = m * C + b holds row m of x
+// only in the lanes whose bytes lie in block b of the chunk (zero elsewhere), so the chained
+// mmas of a chunk leave the 32-k dot of (row m, block b) in column j: one scale multiply per
+// block, row of w and row of x, instead of one per mma output element per block.
 //
 // Split-K: the warps of a block share one 16-row tile and split K; partial tiles are summed
 // through shared memory in a fixed order (deterministic), then scaled, biased and stored.
@@ -117,10 +118,12 @@ __device__ __forceinline__ uint32_t byte_of(uint2 v, int b) {  // byte b (0..7) 
   return ((b < 4 ? v.x : v.y) >> ((b & 3) * 8)) & 0xff;
 }
 
-// NT: number of n8 tiles of x (M <= 8 * NT). MX1: GROUP 32 with M == 1 (see the top).
-template <int NT, int GROUP, bool INT8, typename OutT, bool MX1 = false>
+// NT: number of n8 tiles of x (M <= 8 * NT). MXR: 0, or R for GROUP 32 with M <= R (see the top).
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
-  static_assert(!MX1 || (GROUP == 32 && NT == 1 && !INT8), "MX1 is MXFP8 at M = 1");
+  static_assert(MXR == 0 || (GROUP == 32 && NT == 1 && !INT8 && (MXR == 1 || MXR == 2 || MXR == 4)),
+                "MXR is MXFP8 with 1, 2 or 4 rows of x");
+  constexpr int C = MXR == 4 ? 2 : 4;  // MXR: blocks per chunk (columns per row of x)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int n0 = blockIdx.x * 16;
@@ -154,19 +157,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   const uint8_t* xs8 = static_cast<const uint8_t*>(a.xs);
   const uint8_t* ws8 = static_cast<const uint8_t*>(a.ws);
   const int kb = K / 32;
-  // MX1: the 64-k steps u whose x this lane supplies (B column g = block (u % 2) * 2 + q / 2).
-  const bool mx1_lane = g < 4 && (g & 1) == (q >> 1);
+  // MXR: this lane supplies B column g = (row mx_m of x, block g % C of the chunk): in the
+  // 64-k steps u whose half (u % (C / 2)) holds that block in lanes q / 2 == g % 2.
+  const int mx_m = g / C;
+  const bool mx_lane = MXR > 0 && mx_m < MXR && mx_m < a.M && (g & 1) == (q >> 1);
+  const uint8_t* mx_x = a.x + static_cast<size_t>(mx_lane ? mx_m : 0) * K;
   for (int k0 = k_begin; k0 < k_end; k0 += U * 64) {
     uint4 wa[U], wb[U], xv[U][NT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool in = k0 + u * 64 < k_end;
       const uint4 zero = make_uint4(0, 0, 0, 0);
-      if constexpr (MX1) {
+      if constexpr (MXR > 0) {
         const int k = k0 + u * 64 + q * 16;
         wa[u] = in ? ld_stream16(w0 + k) : zero;
         wb[u] = in ? ld_stream16(w1 + k) : zero;
-        xv[u][0] = (in && mx1_lane && (g >> 1) == (u & 1)) ? *reinterpret_cast<const uint4*>(xr[0] + k) : zero;
+        const bool half = C == 2 || ((g % C) >> 1) == (u & 1);
+        xv[u][0] = (in && mx_lane && half) ? *reinterpret_cast<const uint4*>(mx_x + k) : zero;
       } else if constexpr (GROUP == 32) {
         const int k = k0 + u * 64 + q * 8;
         wa[u] = in ? ld_mx_pair(w0 + k) : zero;
@@ -182,25 +189,27 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
           xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
       }
     }
-    if constexpr (MX1) {
-      // Chunk c (128 k, blocks 4c .. 4c + 3 of this iteration): four chained mmas; column j
-      // of d is block 4c + j. Lane q < 2 holds columns 2q, 2q + 1 (rows g and g + 8).
+    if constexpr (MXR > 0) {
+      // Chunk c (C blocks: C / 2 steps of 64 k, chained mmas): column j of d is (row j / C of
+      // x, block c * C + j % C of this iteration). Lane q holds columns 2q, 2q + 1: row
+      // m = 2q / C of x, blocks b0, b0 + 1, for rows g and g + 8 of w.
       const int blk0 = k0 / 32;
+      const int m = 2 * q / C;
       const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
       const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
-      const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + blk0);
+      const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(min(m, a.M - 1)) * kb + blk0);
 #pragma unroll
-      for (int c = 0; c < U / 2; ++c) {
-        if (k0 + c * 128 >= k_end) break;
+      for (int c = 0; c < U / (C / 2); ++c) {
+        if (k0 + c * C * 32 >= k_end) break;
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         int di[4];
 #pragma unroll
-        for (int v = 2 * c; v < 2 * c + 2; ++v) {
+        for (int v = c * (C / 2); v < (c + 1) * (C / 2); ++v) {
           mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
           mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
         }
-        if (q < 2) {
-          const int b0 = 4 * c + 2 * q, b1 = b0 + 1;
+        if (m < MXR) {
+          const int b0 = c * C + (2 * q) % C, b1 = b0 + 1;
           const float fx0 = e8m0_to_float(byte_of(sx, b0)), fx1 = e8m0_to_float(byte_of(sx, b1));
           acc[0][0] = fmaf(d[0], e8m0_to_float(byte_of(sw0, b0)) * fx0, acc[0][0]);
           acc[0][0] = fmaf(d[1], e8m0_to_float(byte_of(sw0, b1)) * fx1, acc[0][0]);
@@ -287,13 +296,24 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
   }
 
-  if constexpr (MX1) {
-    // Rows g and g + 8 are split over lanes q = 0, 1 (q = 2, 3 hold 0): sum the quad, in a
-    // fixed order; the store below writes column m = 0 from lane q = 0.
+  if constexpr (MXR > 0) {
+    // acc[0][0] / acc[0][2]: rows g / g + 8 of w, row m = 2q / C of x, over this lane's
+    // blocks. With C = 4 a row m of x spans lanes 2m and 2m + 1: sum them (for R = 1, lanes
+    // 2 and 3 hold 0 and the sum runs over the quad). Then move the sum for row m of x to
+    // the lane and register the store below reads it from: lane q, acc[0][i], m = 2q + i % 2.
+    if constexpr (C == 4) {
 #pragma unroll
-    for (int i = 0; i < 4; i += 2) {
-      acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 1);
-      acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 2);
+      for (int i = 0; i < 4; i += 2) acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 1);
+    }
+    if constexpr (MXR == 1) {
+#pragma unroll
+      for (int i = 0; i < 4; i += 2) acc[0][i] += __shfl_xor_sync(0xffffffffu, acc[0][i], 2);
+    }
+    const float v0 = acc[0][0], v2 = acc[0][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int src = (lane & ~3) | (((2 * q + (i & 1)) * C / 2) & 3);  // the lane holding row m
+      acc[0][i] = __shfl_sync(0xffffffffu, i < 2 ? v0 : v2, src);
     }
   }
 
@@ -334,9 +354,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
 }
 
-template <int NT, int GROUP, bool INT8, typename OutT, bool MX1 = false>
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0>
 cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MX1>;
+  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -350,7 +370,9 @@ cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
 template <int GROUP, bool INT8, typename OutT>
 cudaError_t launch_typed(const Args& a, int warps, int smem, cudaStream_t stream) {
   if constexpr (GROUP == 32) {
-    if (a.M == 1) return launch_nt<1, 32, false, OutT, true>(a, warps, smem, stream);
+    if (a.M == 1) return launch_nt<1, 32, false, OutT, 1>(a, warps, smem, stream);
+    if (a.M == 2) return launch_nt<1, 32, false, OutT, 2>(a, warps, smem, stream);
+    if (a.M <= 4) return launch_nt<1, 32, false, OutT, 4>(a, warps, smem, stream);
   }
   return a.M <= 8 ? launch_nt<1, GROUP, INT8, OutT>(a, warps, smem, stream)
                   : launch_nt<2, GROUP, INT8, OutT>(a, warps, smem, stream);

@@ -62,27 +62,31 @@ def test_large_shape_and_blocks_of_nan(scheme):
 
 
 @pytest.mark.parametrize("k", [256, 4096])
-def test_mxfp8_one_row_block_scales(k):
-    """M = 1 MXFP8 (block dots in the mma's columns): every 32-k block of w and x gets its own
-    magnitude (2**-12 .. 2**12), so a block paired with another block's scale is far off;
-    an all-zero block, and a NaN in x, which makes the whole row NaN."""
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_mxfp8_few_rows_block_scales(k, m):
+    """M <= 4 MXFP8 (row and block dots in the mma's columns): every 32-k block of w and x
+    gets its own magnitude (2**-12 .. 2**12), so a block or row paired with another's scale
+    is far off; an all-zero block, and a NaN in x, which makes its own row NaN and no other."""
     from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
 
     f = get_format("mxfp8")
-    g = torch.Generator(device="cuda").manual_seed(k)
+    g = torch.Generator(device="cuda").manual_seed(k + m)
     n = 72
     wmag = torch.exp2(torch.randint(-12, 13, (n, k // 32, 1), device="cuda", generator=g).float())
-    xmag = torch.exp2(torch.randint(-12, 13, (1, k // 32, 1), device="cuda", generator=g).float())
+    xmag = torch.exp2(torch.randint(-12, 13, (m, k // 32, 1), device="cuda", generator=g).float())
     w = (torch.randn(n, k // 32, 32, device="cuda", generator=g) * wmag).reshape(n, k)
-    x = (torch.randn(1, k // 32, 32, device="cuda", generator=g) * xmag).reshape(1, k).bfloat16()
+    x = (torch.randn(m, k // 32, 32, device="cuda", generator=g) * xmag).reshape(m, k).bfloat16()
     w[5, 64:96] = 0
     wq, ws = quant.quantize_weight(f, w, "w")
     xq, xs = quant.quantize_activation(f, x, None)
     y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
-    assert rel_err(y, _exact(f, xq, xs, wq, ws, None)) < TOL[torch.bfloat16]
-    x[0, k - 1] = float("nan")
+    exact = _exact(f, xq, xs, wq, ws, None)
+    for r in range(m):  # per row: rows of x have very different magnitudes
+        assert rel_err(y[r], exact[r]) < TOL[torch.bfloat16], r
+    x[m - 1, k - 1] = float("nan")
     xq, xs = quant.quantize_activation(f, x, None)
-    assert torch.isnan(w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)).all()
+    y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
+    assert torch.isnan(y[m - 1]).all() and not torch.isnan(y[:m - 1]).any()
 
 
 @pytest.mark.parametrize("scheme, tokens", [("fp8-dynamic", 1), ("int8", 1), ("mxfp8", 4)])
