@@ -30,7 +30,8 @@ clamp and the NaN encoding (measurements in docs/performance.md).
 
 Two differences from the ATen math, both outside what a model produces: Triton flushes fp32
 subnormals, so a group whose scale is subnormal (amax < 448 * 2**-126) quantizes as if
-its amax were 0 (Inductor's code for the ATen math flushes the same way); and SiLU uses
+its amax were 0 (Inductor's code for the ATen math flushes the same way; for MXFP8, an MX
+block whose values are all below 2**-126 gets byte 0 and zero codes); and SiLU uses
 the GPU's fast ``exp``, whose last-bit differences can move a bf16 rounding of SiLU(x)
 (measured on random inputs: see tests/gpu/test_act_quant.py).
 """
@@ -207,7 +208,9 @@ def _warps(M, block: int, kind: int) -> int:
     forward). Otherwise 4 warps, 8 for rows of 8192 or more, and 16 for such rows in 1 x 128
     groups: in an HF Llama decoder layer at 4096 tokens (H200, ``python -m
     mxpass.benchmarks.layer``, two runs each) fp8-block's four calls took 134-136 us with 16
-    warps against 144 with 8; 2 warps for per-token rows of 4096 gained nothing."""
+    warps against 144 with 8; 2 warps for per-token rows of 4096 gained nothing. MX blocks
+    take the 1 x 128 rule unmeasured beyond M = 16 (their linears reach this kernel only
+    through the GEMV, M <= 16)."""
     if isinstance(M, int) and M <= 16:
         return 32
     if block >= 8192:
