@@ -796,7 +796,7 @@ class Plan(NamedTuple):
     atomic: bool = True
 
 
-def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False) -> Plan:  # noqa: E741  (I: the intermediate size)
+def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: bool = False) -> Plan:  # noqa: E741  (I: the intermediate size)
     """The plan for one MoE layer's static shapes.
 
     Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
@@ -823,11 +823,18 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False) -> Pla
     16 x 64 87.3; T = 64 165-167 us for every 16-wide tile tried); up to 512 per expert
     gate/up 64 x 64 x 128 and down 64 x 128 x 128, 4 stages (Qwen3 T = 512: 228 us, 16-wide
     252-270, 32-wide 271; T = 4096: 850 us, the weight-rows-left kernels 955 us); above, down
-    128 x 128 x 128, 8 warps (Mixtral T = 4096).
+    128 x 128 x 128, 8 warps (Mixtral T = 4096). ``int8`` (with ``quantized``):
+    ``GROUPED_TILES_INT8``, the same but for 128 to 512 slots per expert, where int8's exact
+    sums keep no second accumulator for the fp32 promotion: gate/up 3 stages, down
+    128 x 128 x 128 with 4 warps and 3 stages. Two rounds each, us, fp8-dynamic's tiles ->
+    these: Qwen3 T = 4096 (256 per expert) 716-719 -> 672; Mixtral T = 1024 (256) 1224-1232 ->
+    1195; Mixtral T = 512 (128) 834 -> 820-831; but Qwen3 T = 512 (32) 223 -> 238 and T = 1024
+    (64) 278 -> 274, hence the regime starts at 128 (notes/moe-kernel-notes.md, run 9).
     """
     # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
-    return build_plan(E, decode_slots, GROUPED_TILES_W8A8 if quantized else GROUPED_TILES)
+    return build_plan(E, decode_slots, (GROUPED_TILES_INT8 if int8 else GROUPED_TILES_W8A8) if quantized
+                      else GROUPED_TILES)
 
 
 GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
@@ -841,6 +848,10 @@ GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
 GROUPED_TILES_W8A8 = ((32, Grouped(16, 128, 128), Grouped(16, 128, 128)),
                       (512, Grouped(64, 64, 128, num_stages=4), Grouped(64, 128, 128, num_stages=4)),
                       (None, Grouped(64, 64, 128, num_stages=4), Grouped(128, 128, 128, num_warps=8, num_stages=4)))
+GROUPED_TILES_INT8 = (GROUPED_TILES_W8A8[0],
+                      (128, *GROUPED_TILES_W8A8[1][1:]),
+                      (512, Grouped(64, 64, 128, num_stages=3), Grouped(128, 128, 128, num_stages=3)),
+                      GROUPED_TILES_W8A8[2])
 
 
 def build_plan(E: int, decode_slots: int, tiles=GROUPED_TILES, gemv: Gemv = GEMV, atomic: bool = True) -> Plan:
@@ -1192,7 +1203,7 @@ def _plan_for(topk_ids, w13_or_w2, gate_up: bool, quantized: bool = False) -> Pl
     A = topk_ids.shape[1]
     if gate_up:
         E, two_i, H = w13_or_w2.shape
-        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized)
+        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized, w13_or_w2.dtype == torch.int8)
     E, H, I = w13_or_w2.shape  # noqa: E741
     return default_plan(int(E), int(A), int(H), int(I))
 
