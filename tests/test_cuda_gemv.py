@@ -106,6 +106,16 @@ def test_scale_layouts():
     assert (xstride, wstride, tuple(ws_.shape)) == (2, 2, (2, 2))
     with pytest.raises(ValueError, match="neither"):
         G._scale_args(torch.ones(2), torch.ones(40), 3, 40, 256, 0)
+    # MXFP8: E8M0 bytes, read 8 at a time: a view off an 8-byte boundary is copied, values kept
+    xq, xs, wq, ws = _quantized("mxfp8", 3, 256, 40)
+    buf = torch.zeros(1 + xs.numel(), dtype=torch.uint8)
+    buf[1:] = xs.view(torch.uint8).reshape(-1)
+    shifted = buf[1:].view(3, 8).view(torch.float8_e8m0fnu)  # contiguous, one byte off
+    assert shifted.is_contiguous() and shifted.data_ptr() % 8
+    assert torch.equal(shifted.view(torch.uint8), xs.view(torch.uint8))
+    xs_, _, ws_, _ = G._scale_args(shifted, ws, 3, 40, 256, 32)
+    assert xs_.dtype == ws_.dtype == torch.uint8 and xs_.data_ptr() % 8 == 0 and ws_.data_ptr() % 8 == 0
+    assert torch.equal(xs_, xs.view(torch.uint8)) and torch.equal(ws_, ws.view(torch.uint8))
 
 
 @pytest.mark.parametrize("n, k, group", [(12288, 4096, 0), (4096, 14336, 128), (48, 256, 0), (1, 128, 128)])

@@ -148,8 +148,11 @@ def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
 def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
     """(xs, xs row stride, ws, ws row stride) as the kernel reads them."""
     if group == 32:
-        xs8, ws8 = xs.reshape(m, k // 32), ws.reshape(n, k // 32)
-        return xs8.view(torch.uint8).contiguous(), 0, ws8.view(torch.uint8).contiguous(), 0
+        # the kernel reads 8 E8M0 bytes at a time: rows are 8-byte multiples (K % 256 == 0),
+        # and a view starting off an 8-byte boundary is copied
+        xs8, ws8 = (t.reshape(r, k // 32).view(torch.uint8).contiguous() for t, r in ((xs, m), (ws, n)))
+        xs8, ws8 = (t if t.data_ptr() % 8 == 0 else t.clone() for t in (xs8, ws8))
+        return xs8, 0, ws8, 0
     if group == 128:
         kb = -(-k // 128)
         return xs.reshape(m, kb).float().contiguous(), kb, ws.float().contiguous(), ws.shape[-1]
