@@ -425,8 +425,8 @@ class TritonMoEW8A8(TritonMoE):
 #: (measured on H200, docs/performance.md).
 W8A16_DEQUANT_MIN_M = 512
 #: Smallest N at which MXFP8 W8A8 at M = 1 takes cuda_w8a8_gemv before triton_mxfp8 (H200,
-#: docs/performance.md: 1.03-1.12x triton_mxfp8 at N = 4096 .. 28672, 0.76x at N = 1024,
-#: K = 4096). From M = 2 it is taken at every N (M = 2 and 4: 1.6-2.0x faster than
+#: docs/performance.md: 1.03-1.20x triton_mxfp8 at N = 4096 .. 28672; 0.76x at N = 1024,
+#: 0.93x at 2048, 1.0x at 3072, K = 4096). From M = 2 it is taken at every N (M = 2 and 4: 1.6-2.0x faster than
 #: triton_mxfp8 at N = 1024 .. 28672; M = 16: 1.06-1.16x).
 MX_GEMV_M1_MIN_N = 4096
 #: The same for the MXFP8 formats before triton_mxfp8 (H200, same run: triton_mxfp8 faster at
