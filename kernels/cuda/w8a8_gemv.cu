@@ -235,9 +235,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
         if (k0 + u * 64 >= k_end) break;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int b = 2 * u + h, sh = (b & 3) * 8;
-          const float fw0 = e8m0_to_float(((b < 4 ? sw0.x : sw0.y) >> sh) & 0xff);
-          const float fw1 = e8m0_to_float(((b < 4 ? sw1.x : sw1.y) >> sh) & 0xff);
+          const int b = 2 * u + h;
+          const float fw0 = e8m0_to_float(byte_of(sw0, b)), fw1 = e8m0_to_float(byte_of(sw1, b));
 #pragma unroll
           for (int t = 0; t < NT; ++t) {
             const uint4& X = xv[u][t];
@@ -248,8 +247,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
             else
               mma_k32<false>(d, di, wa[u].z, wb[u].z, wa[u].w, wb[u].w, X.z, X.w);
             // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
-            const float fx0 = e8m0_to_float(((b < 4 ? sx0[t].x : sx0[t].y) >> sh) & 0xff);
-            const float fx1 = e8m0_to_float(((b < 4 ? sx1[t].x : sx1[t].y) >> sh) & 0xff);
+            const float fx0 = e8m0_to_float(byte_of(sx0[t], b)), fx1 = e8m0_to_float(byte_of(sx1[t], b));
             acc[t][0] = fmaf(d[0], fw0 * fx0, acc[t][0]);
             acc[t][1] = fmaf(d[1], fw0 * fx1, acc[t][1]);
             acc[t][2] = fmaf(d[2], fw1 * fx0, acc[t][2]);
