@@ -17,13 +17,41 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
 
 
-def _llama():
+def _llama(**config):
+    """The TINY Llama, with ``config`` overriding its entries."""
     import transformers
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         return transformers.AutoModelForCausalLM.from_config(
-            transformers.LlamaConfig(**TINY), dtype=torch.bfloat16).eval()
+            transformers.LlamaConfig(**dict(TINY, **config)), dtype=torch.bfloat16).eval()
+
+
+def _graph_replay(model, ids, sync_debug: bool = False):
+    """Compile with CUDA graphs, run three forwards, then profile one more replay (under
+    ``torch.cuda.set_sync_debug_mode("error")`` when ``sync_debug``). Returns the logits of
+    the third forward, the report and the profile; Dynamo's counters start from zero."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    counters.clear()
+    fast = torch.compile(model, backend=mxpass.backend(cudagraphs=True), fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fast(ids, use_cache=False).logits.clone()
+        report = mxpass.last_report()
+        torch.cuda.synchronize()
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                torch.compiler.cudagraph_mark_step_begin()
+                fast(ids, use_cache=False)
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, report, prof
 
 
 def rel_err(a, b):
@@ -112,21 +140,8 @@ def test_one_layer_matches_reference_kernel(monkeypatch, tokens, n, kernel):
 def test_cudagraphs_capture_without_weight_copies():
     """CUDA graphs are captured (no skip) and a replay copies only the token ids."""
     from torch._dynamo.utils import counters
-    from torch.profiler import ProfilerActivity, profile
 
-    model = _llama()
-    ids = torch.randint(0, TINY["vocab_size"], (1, 1), device="cuda")
-    counters.clear()
-    fast = torch.compile(model, backend=mxpass.backend(cudagraphs=True), fullgraph=True)
-    with torch.inference_mode():
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            fast(ids, use_cache=False)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            torch.compiler.cudagraph_mark_step_begin()
-            fast(ids, use_cache=False)
-            torch.cuda.synchronize()
+    _, _, prof = _graph_replay(_llama(), torch.randint(0, TINY["vocab_size"], (1, 1), device="cuda"))
     assert counters["inductor"]["cudagraph_skips"] == 0
     copies = [e for e in prof.events() if e.name == "aten::copy_"]
     assert len(copies) <= 1, [e.name for e in copies]  # the token ids into the graph's input buffer
@@ -138,32 +153,13 @@ def test_mxfp8_decode_gemv_captured_without_copies_or_syncs():
     token ids and synchronizes nothing, and the logits stay near the op-by-op reference
     (the other linears run triton_mxfp8 on Inductor's quantization: see the Llama test above
     for the sizes of these differences)."""
-    import transformers
     from torch._dynamo.utils import counters
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.LlamaConfig(**dict(TINY, intermediate_size=4096)), dtype=torch.bfloat16).eval()
+    model = _llama(intermediate_size=4096)
     ids = torch.randint(0, TINY["vocab_size"], (1, 1), device="cuda")
-    counters.clear()
-    fast = torch.compile(model, backend=mxpass.backend(cudagraphs=True), fullgraph=True)
+    out, rep, prof = _graph_replay(model, ids, sync_debug=True)
+    torch._dynamo.reset()
     with torch.inference_mode():
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            out = fast(ids, use_cache=False).logits.clone()
-        rep = mxpass.last_report()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                torch.compiler.cudagraph_mark_step_begin()
-                fast(ids, use_cache=False)
-                torch.cuda.synchronize()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch._dynamo.reset()
         ref = torch.compile(model, backend=mxpass.backend(compiler="eager"))(ids, use_cache=False).logits
     assert counters["inductor"]["cudagraph_skips"] == 0
     gemv = [e for e in rep.rewritten if e.kernel.startswith("cuda_w8a8_gemv")]
