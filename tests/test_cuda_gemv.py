@@ -120,8 +120,24 @@ def test_scale_layouts():
 
 @pytest.mark.parametrize("n, k, group", [(12288, 4096, 0), (4096, 14336, 128), (48, 256, 0), (1, 128, 128)])
 def test_plan_covers_k(n, k, group):
-    warps, per = G.plan(n, k, group)
+    warps, per, steps = G.plan(n, k, group)
     assert 1 <= warps <= 8 and per % G._step(group) == 0 and warps * per >= k > (warps - 1) * per
+    assert steps in (4, 8)
+
+
+@pytest.mark.parametrize("n, k, group, steps", [
+    (12288, 4096, 0, 4),    # one wave at 4 steps; 8 would add one
+    (28672, 4096, 0, 8),    # more than one wave either way
+    (4096, 14336, 0, 8),    # long K per warp
+    (4096, 4096, 0, 4),
+    (2048, 4096, 0, 8),     # at most one block per SM
+    (5120, 2048, 0, 4),
+    (2048, 768, 0, 4),      # a warp holds less than one 8-step iteration
+    (28672, 4096, 32, 4),   # MXFP8 and fp8-block always load 4 steps
+    (4096, 14336, 128, 4),
+])
+def test_plan_steps(n, k, group, steps):
+    assert G.plan(n, k, group, num_sms=132)[2] == steps
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and G.nvcc_path() is None, reason="no CUDA toolkit")

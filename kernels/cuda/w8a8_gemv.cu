@@ -119,7 +119,7 @@ __device__ __forceinline__ uint32_t byte_of(uint2 v, int b) {  // byte b (0..7) 
 }
 
 // NT: number of n8 tiles of x (M <= 8 * NT). MXR: 0, or R for GROUP 32 with M <= R (see the top).
-template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0>
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   static_assert(MXR == 0 || (GROUP == 32 && NT == 1 && !INT8 && (MXR == 1 || MXR == 2 || MXR == 4)),
                 "MXR is MXFP8 with 1, 2 or 4 rows of x");
@@ -150,8 +150,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
 
-  // 256 k per iteration: four 16-byte loads per row of w and of x in flight per thread.
-  constexpr int U = 4;
+  // U * 64 k per iteration: U 16-byte loads per row of w and of x in flight per thread,
+  // consumed in passes of S = 4 steps (256 k: one 8-byte word of MX scales per row).
+  constexpr int S = 4;
+  static_assert(U % S == 0, "U: a multiple of 4 steps");
   const float* xsf = static_cast<const float*>(a.xs);
   const float* wsf = static_cast<const float*>(a.ws);
   const uint8_t* xs8 = static_cast<const uint8_t*>(a.xs);
@@ -163,131 +165,139 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   const bool mx_lane = MXR > 0 && mx_m < MXR && mx_m < a.M && (g & 1) == (q >> 1);
   const uint8_t* mx_x = a.x + static_cast<size_t>(mx_lane ? mx_m : 0) * K;
   for (int k0 = k_begin; k0 < k_end; k0 += U * 64) {
-    uint4 wa[U], wb[U], xv[U][NT];
+    uint4 wa_all[U], wb_all[U], xv_all[U][NT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool in = k0 + u * 64 < k_end;
       const uint4 zero = make_uint4(0, 0, 0, 0);
       if constexpr (MXR > 0) {
         const int k = k0 + u * 64 + q * 16;
-        wa[u] = in ? ld_stream16(w0 + k) : zero;
-        wb[u] = in ? ld_stream16(w1 + k) : zero;
+        wa_all[u] = in ? ld_stream16(w0 + k) : zero;
+        wb_all[u] = in ? ld_stream16(w1 + k) : zero;
         const bool half = C == 2 || ((g % C) >> 1) == (u & 1);
-        xv[u][0] = (in && mx_lane && half) ? *reinterpret_cast<const uint4*>(mx_x + k) : zero;
+        xv_all[u][0] = (in && mx_lane && half) ? *reinterpret_cast<const uint4*>(mx_x + k) : zero;
       } else if constexpr (GROUP == 32) {
         const int k = k0 + u * 64 + q * 8;
-        wa[u] = in ? ld_mx_pair(w0 + k) : zero;
-        wb[u] = in ? ld_mx_pair(w1 + k) : zero;
+        wa_all[u] = in ? ld_mx_pair(w0 + k) : zero;
+        wb_all[u] = in ? ld_mx_pair(w1 + k) : zero;
 #pragma unroll
-        for (int t = 0; t < NT; ++t) xv[u][t] = (in && xin[t]) ? ld_mx_pair_x(xr[t] + k) : zero;
+        for (int t = 0; t < NT; ++t) xv_all[u][t] = (in && xin[t]) ? ld_mx_pair_x(xr[t] + k) : zero;
       } else {
         const int k = k0 + u * 64 + q * 16;
-        wa[u] = in ? ld_stream16(w0 + k) : zero;
-        wb[u] = in ? ld_stream16(w1 + k) : zero;
+        wa_all[u] = in ? ld_stream16(w0 + k) : zero;
+        wb_all[u] = in ? ld_stream16(w1 + k) : zero;
 #pragma unroll
         for (int t = 0; t < NT; ++t)
-          xv[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
+          xv_all[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
       }
     }
-    if constexpr (MXR > 0) {
-      // Chunk c (C blocks: C / 2 steps of 64 k, chained mmas): column j of d is (row j / C of
-      // x, block c * C + j % C of this iteration). Lane q holds columns 2q, 2q + 1: row
-      // m = 2q / C of x, blocks b0, b0 + 1, for rows g and g + 8 of w.
-      const int blk0 = k0 / 32;
-      const int m = 2 * q / C;
-      const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
-      const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
-      const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(min(m, a.M - 1)) * kb + blk0);
 #pragma unroll
-      for (int c = 0; c < U / (C / 2); ++c) {
-        if (k0 + c * C * 32 >= k_end) break;
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        int di[4];
+    for (int h = 0; h < U / S; ++h) {  // 256 k per scale word: one pass per 4 loaded steps
+      const int kq = k0 + h * S * 64;
+      if (kq >= k_end) break;
+      const uint4(&wa)[S] = *reinterpret_cast<const uint4(*)[S]>(&wa_all[h * S]);
+      const uint4(&wb)[S] = *reinterpret_cast<const uint4(*)[S]>(&wb_all[h * S]);
+      const uint4(&xv)[S][NT] = *reinterpret_cast<const uint4(*)[S][NT]>(&xv_all[h * S]);
+      if constexpr (MXR > 0) {
+        // Chunk c (C blocks: C / 2 steps of 64 k, chained mmas): column j of d is (row j / C of
+        // x, block c * C + j % C of this iteration). Lane q holds columns 2q, 2q + 1: row
+        // m = 2q / C of x, blocks b0, b0 + 1, for rows g and g + 8 of w.
+        const int blk0 = kq / 32;
+        const int m = 2 * q / C;
+        const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
+        const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
+        const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(min(m, a.M - 1)) * kb + blk0);
 #pragma unroll
-        for (int v = c * (C / 2); v < (c + 1) * (C / 2); ++v) {
-          mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
-          mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
-        }
-        if (m < MXR) {
-          const int b0 = c * C + (2 * q) % C, b1 = b0 + 1;
-          const float fx0 = e8m0_to_float(byte_of(sx, b0)), fx1 = e8m0_to_float(byte_of(sx, b1));
-          acc[0][0] = fmaf(d[0], e8m0_to_float(byte_of(sw0, b0)) * fx0, acc[0][0]);
-          acc[0][0] = fmaf(d[1], e8m0_to_float(byte_of(sw0, b1)) * fx1, acc[0][0]);
-          acc[0][2] = fmaf(d[2], e8m0_to_float(byte_of(sw1, b0)) * fx0, acc[0][2]);
-          acc[0][2] = fmaf(d[3], e8m0_to_float(byte_of(sw1, b1)) * fx1, acc[0][2]);
-        }
-      }
-    } else if constexpr (GROUP == 32) {
-      // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
-      // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
-      const int blk0 = k0 / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
-      const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
-      const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
-      uint2 sx0[NT], sx1[NT];
+        for (int c = 0; c < S / (C / 2); ++c) {
+          if (kq + c * C * 32 >= k_end) break;
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          int di[4];
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
-        sx0[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m0) * kb + blk0);
-        sx1[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m1) * kb + blk0);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (k0 + u * 64 >= k_end) break;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int b = 2 * u + h;
-          const float fw0 = e8m0_to_float(byte_of(sw0, b)), fw1 = e8m0_to_float(byte_of(sw1, b));
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            const uint4& X = xv[u][t];
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            int di[4];
-            if (h == 0)
-              mma_k32<false>(d, di, wa[u].x, wb[u].x, wa[u].y, wb[u].y, X.x, X.y);
-            else
-              mma_k32<false>(d, di, wa[u].z, wb[u].z, wa[u].w, wb[u].w, X.z, X.w);
-            // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
-            const float fx0 = e8m0_to_float(byte_of(sx0[t], b)), fx1 = e8m0_to_float(byte_of(sx1[t], b));
-            acc[t][0] = fmaf(d[0], fw0 * fx0, acc[t][0]);
-            acc[t][1] = fmaf(d[1], fw0 * fx1, acc[t][1]);
-            acc[t][2] = fmaf(d[2], fw1 * fx0, acc[t][2]);
-            acc[t][3] = fmaf(d[3], fw1 * fx1, acc[t][3]);
+          for (int v = c * (C / 2); v < (c + 1) * (C / 2); ++v) {
+            mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
+            mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
+          }
+          if (m < MXR) {
+            const int b0 = c * C + (2 * q) % C, b1 = b0 + 1;
+            const float fx0 = e8m0_to_float(byte_of(sx, b0)), fx1 = e8m0_to_float(byte_of(sx, b1));
+            acc[0][0] = fmaf(d[0], e8m0_to_float(byte_of(sw0, b0)) * fx0, acc[0][0]);
+            acc[0][0] = fmaf(d[1], e8m0_to_float(byte_of(sw0, b1)) * fx1, acc[0][0]);
+            acc[0][2] = fmaf(d[2], e8m0_to_float(byte_of(sw1, b0)) * fx0, acc[0][2]);
+            acc[0][2] = fmaf(d[3], e8m0_to_float(byte_of(sw1, b1)) * fx1, acc[0][2]);
           }
         }
-      }
-    } else {
-      // Two 64-k steps (128 k, one fp8-block group) into a fresh accumulator, then added:
-      // chaining every mma.sync into one accumulator serializes on its latency (measured
-      // 25 vs 18 us at M = 1, K x N = 4096 x 12288).
-#pragma unroll
-      for (int u = 0; u < U; u += 2) {
-        if (k0 + u * 64 >= k_end) break;
-        const int blk = (k0 + u * 64) / 128;
-        const float sw = GROUP == 128 ? wsf[static_cast<size_t>(n0 / 128) * a.ws_stride_n + blk] : 1.f;
+      } else if constexpr (GROUP == 32) {
+        // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
+        // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
+        const int blk0 = kq / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
+        const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
+        const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
+        uint2 sx0[NT], sx1[NT];
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          int di[4] = {0, 0, 0, 0};
+          const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
+          sx0[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m0) * kb + blk0);
+          sx1[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m1) * kb + blk0);
+        }
 #pragma unroll
-          for (int v = u; v < u + 2; ++v) {
-            mma_k32<INT8>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][t].x, xv[v][t].y);
-            mma_k32<INT8>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][t].z, xv[v][t].w);
+        for (int u = 0; u < S; ++u) {
+          if (kq + u * 64 >= k_end) break;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int b = 2 * u + h;
+            const float fw0 = e8m0_to_float(byte_of(sw0, b)), fw1 = e8m0_to_float(byte_of(sw1, b));
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              const uint4& X = xv[u][t];
+              float d[4] = {0.f, 0.f, 0.f, 0.f};
+              int di[4];
+              if (h == 0)
+                mma_k32<false>(d, di, wa[u].x, wb[u].x, wa[u].y, wb[u].y, X.x, X.y);
+              else
+                mma_k32<false>(d, di, wa[u].z, wb[u].z, wa[u].w, wb[u].w, X.z, X.w);
+              // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
+              const float fx0 = e8m0_to_float(byte_of(sx0[t], b)), fx1 = e8m0_to_float(byte_of(sx1[t], b));
+              acc[t][0] = fmaf(d[0], fw0 * fx0, acc[t][0]);
+              acc[t][1] = fmaf(d[1], fw0 * fx1, acc[t][1]);
+              acc[t][2] = fmaf(d[2], fw1 * fx0, acc[t][2]);
+              acc[t][3] = fmaf(d[3], fw1 * fx1, acc[t][3]);
+            }
           }
-          if constexpr (INT8) {
-            // |sum| <= 127 * 127 * 128 < 2^24: exact in fp32
+        }
+      } else {
+        // Two 64-k steps (128 k, one fp8-block group) into a fresh accumulator, then added:
+        // chaining every mma.sync into one accumulator serializes on its latency (measured
+        // 25 vs 18 us at M = 1, K x N = 4096 x 12288).
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[t][i] += static_cast<float>(di[i]);
-          } else if constexpr (GROUP == 0) {
+        for (int u = 0; u < S; u += 2) {
+          if (kq + u * 64 >= k_end) break;
+          const int blk = (kq + u * 64) / 128;
+          const float sw = GROUP == 128 ? wsf[static_cast<size_t>(n0 / 128) * a.ws_stride_n + blk] : 1.f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[t][i] += d[i];
-          } else {
-            const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
-            const float sx0 = xsf[static_cast<size_t>(m0) * a.xs_stride_m + blk];
-            const float sx1 = xsf[static_cast<size_t>(m1) * a.xs_stride_m + blk];
-            acc[t][0] = fmaf(d[0], sw * sx0, acc[t][0]);
-            acc[t][1] = fmaf(d[1], sw * sx1, acc[t][1]);
-            acc[t][2] = fmaf(d[2], sw * sx0, acc[t][2]);
-            acc[t][3] = fmaf(d[3], sw * sx1, acc[t][3]);
+          for (int t = 0; t < NT; ++t) {
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            int di[4] = {0, 0, 0, 0};
+#pragma unroll
+            for (int v = u; v < u + 2; ++v) {
+              mma_k32<INT8>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][t].x, xv[v][t].y);
+              mma_k32<INT8>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][t].z, xv[v][t].w);
+            }
+            if constexpr (INT8) {
+              // |sum| <= 127 * 127 * 128 < 2^24: exact in fp32
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[t][i] += static_cast<float>(di[i]);
+            } else if constexpr (GROUP == 0) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[t][i] += d[i];
+            } else {
+              const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
+              const float sx0 = xsf[static_cast<size_t>(m0) * a.xs_stride_m + blk];
+              const float sx1 = xsf[static_cast<size_t>(m1) * a.xs_stride_m + blk];
+              acc[t][0] = fmaf(d[0], sw * sx0, acc[t][0]);
+              acc[t][1] = fmaf(d[1], sw * sx1, acc[t][1]);
+              acc[t][2] = fmaf(d[2], sw * sx0, acc[t][2]);
+              acc[t][3] = fmaf(d[3], sw * sx1, acc[t][3]);
+            }
           }
         }
       }
@@ -352,9 +362,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
 }
 
-template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0>
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4>
 cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR>;
+  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR, U>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -363,16 +373,23 @@ cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// One n8 tile of x (M <= 8): 4 or 8 steps of 64 k loaded per iteration.
+template <int GROUP, bool INT8, typename OutT, int MXR = 0>
+cudaError_t launch_steps(const Args& a, int warps, int steps, int smem, cudaStream_t stream) {
+  return steps == 8 ? launch_nt<1, GROUP, INT8, OutT, MXR, 8>(a, warps, smem, stream)
+                    : launch_nt<1, GROUP, INT8, OutT, MXR, 4>(a, warps, smem, stream);
+}
+
 // smem: dynamic shared memory per block that the kernel does not use; it caps the blocks per
 // SM (fewer, longer weight streams per SM read DRAM faster here; see the notes).
 template <int GROUP, bool INT8, typename OutT>
-cudaError_t launch_typed(const Args& a, int warps, int smem, cudaStream_t stream) {
+cudaError_t launch_typed(const Args& a, int warps, int steps, int smem, cudaStream_t stream) {
   if constexpr (GROUP == 32) {
-    if (a.M == 1) return launch_nt<1, 32, false, OutT, 1>(a, warps, smem, stream);
-    if (a.M == 2) return launch_nt<1, 32, false, OutT, 2>(a, warps, smem, stream);
-    if (a.M <= 4) return launch_nt<1, 32, false, OutT, 4>(a, warps, smem, stream);
+    if (a.M == 1) return launch_steps<32, false, OutT, 1>(a, warps, steps, smem, stream);
+    if (a.M == 2) return launch_steps<32, false, OutT, 2>(a, warps, steps, smem, stream);
+    if (a.M <= 4) return launch_steps<32, false, OutT, 4>(a, warps, steps, smem, stream);
   }
-  return a.M <= 8 ? launch_nt<1, GROUP, INT8, OutT>(a, warps, smem, stream)
+  return a.M <= 8 ? launch_steps<GROUP, INT8, OutT>(a, warps, steps, smem, stream)
                   : launch_nt<2, GROUP, INT8, OutT>(a, warps, smem, stream);
 }
 
@@ -380,27 +397,28 @@ cudaError_t launch_typed(const Args& a, int warps, int smem, cudaStream_t stream
 
 // group: 0 (per-row / per-tensor scales), 32 (MXFP8, E8M0 byte scales), 128 (fp8-block).
 // int8: operands are int8 (group must be 0). out_bf16: output (and bias) bf16, else fp16.
-// warps: 1..8, splitting K; k_per_warp: a multiple of 128 (256 for group 32); smem: see launch_typed.
+// warps: 1..8, splitting K; k_per_warp: a multiple of 128 (256 for group 32); steps: 64-k steps
+// loaded per iteration at M <= 8 (4 or 8; M > 8 always 4); smem: see launch_typed.
 extern "C" int mxpass_w8a8_gemv(const void* x, const void* xs, int xs_stride_m, const void* w,
                                 const void* ws, int ws_stride_n, const void* bias, void* y, int M,
                                 int N, int K, int group, int int8, int out_bf16, int warps,
-                                int k_per_warp, int smem, cudaStream_t stream) {
+                                int k_per_warp, int steps, int smem, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return 0;
   Args a{static_cast<const uint8_t*>(x), xs, static_cast<const uint8_t*>(w), ws, bias, y,
          M, N, K, xs_stride_m, ws_stride_n, k_per_warp};
   cudaError_t err;
   if (int8) {
-    err = out_bf16 ? launch_typed<0, true, __nv_bfloat16>(a, warps, smem, stream)
-                   : launch_typed<0, true, __half>(a, warps, smem, stream);
+    err = out_bf16 ? launch_typed<0, true, __nv_bfloat16>(a, warps, steps, smem, stream)
+                   : launch_typed<0, true, __half>(a, warps, steps, smem, stream);
   } else if (group == 32) {
-    err = out_bf16 ? launch_typed<32, false, __nv_bfloat16>(a, warps, smem, stream)
-                   : launch_typed<32, false, __half>(a, warps, smem, stream);
+    err = out_bf16 ? launch_typed<32, false, __nv_bfloat16>(a, warps, steps, smem, stream)
+                   : launch_typed<32, false, __half>(a, warps, steps, smem, stream);
   } else if (group == 128) {
-    err = out_bf16 ? launch_typed<128, false, __nv_bfloat16>(a, warps, smem, stream)
-                   : launch_typed<128, false, __half>(a, warps, smem, stream);
+    err = out_bf16 ? launch_typed<128, false, __nv_bfloat16>(a, warps, steps, smem, stream)
+                   : launch_typed<128, false, __half>(a, warps, steps, smem, stream);
   } else {
-    err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, smem, stream)
-                   : launch_typed<0, false, __half>(a, warps, smem, stream);
+    err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, steps, smem, stream)
+                   : launch_typed<0, false, __half>(a, warps, steps, smem, stream);
   }
   return static_cast<int>(err);
 }

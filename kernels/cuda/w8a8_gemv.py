@@ -81,7 +81,7 @@ def library(device: torch.device) -> ctypes.CDLL:
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                            ctypes.c_int, ctypes.c_void_p]
             _LIBS[cap] = lib
         return _LIBS[cap]
@@ -104,13 +104,19 @@ def shape_problem(k: int, group: int) -> str | None:
     return None
 
 
-def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int]:
-    """(warps per block, K per warp). A block owns 16 output rows; its warps split K.
+def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int, int]:
+    """(warps per block, K per warp, 64-k steps loaded per iteration). A block owns 16 output
+    rows; its warps split K.
 
     Measured on H200 (docs/performance.md): 4 warps per block when the grid then holds at
     least ~20 warps per SM (N = 12288: 18.0 us with 4, 20.8 with 8; N = 28672: 36.7 / 35.9),
     8 when N is small (N = 4096, K = 14336: 21.3 us with 8, 28.5 with 4); each warp keeps
-    at least 256 k."""
+    at least 256 k. Steps: 8 (512 k, twice the registers) for per-channel / per-tensor scales
+    when the grid takes more than one wave anyway (N = 28672: fp8-dynamic 32.3 -> 29.5 us at
+    M = 1) or a warp walks a long K (K = 14336, N = 4096: 18.2 -> 17.3; int8 18.8 -> 16.4) or
+    the grid has at most one block per SM and a warp at least 512 k (N = 2048: 6.0 -> 5.4);
+    else 4, where the larger register file would add a wave (N = 12288: 14.7 with 4, 16.3
+    with 8). MXFP8 and fp8-block keep 4 (mixed or worse with 8)."""
     step = _step(group)
     tiles = -(-n // 16)
     warps = 1
@@ -120,7 +126,8 @@ def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int]:
         warps *= 2
     per = -(-k // warps)
     per = -(-per // step) * step
-    return -(-k // per), per
+    steps = 8 if group == 0 and (tiles * warps > num_sms * 32 or per >= 1536 or (tiles <= num_sms and per >= 512)) else 4
+    return -(-k // per), per, steps
 
 
 def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
@@ -164,8 +171,9 @@ def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
 
 
 def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
-                   smem: int = 0) -> None:
-    """Launch the kernel into ``y`` [M, N] (benchmarks pass their own ``warps`` / ``k_per_warp`` / ``smem``)."""
+                   smem: int = 0, steps: int = 4) -> None:
+    """Launch the kernel into ``y`` [M, N] (benchmarks pass their own ``warps`` / ``k_per_warp`` /
+    ``smem`` / ``steps``: 64-k steps loaded per iteration at M <= 8, 4 or 8)."""
     m, k = xq.shape
     n = w.shape[0]
     if m == 0:
@@ -176,12 +184,12 @@ def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None,
             raise ValueError(f"mxpass::w8a8_gemv: {what} must be 16-byte aligned")
     xs_, xs_stride, ws_, ws_stride = _scale_args(xs, ws, m, n, k, group)
     if warps is None:
-        warps, k_per_warp = plan(n, k, group, torch.cuda.get_device_properties(xq.device).multi_processor_count)
+        warps, k_per_warp, steps = plan(n, k, group, torch.cuda.get_device_properties(xq.device).multi_processor_count)
     stream = torch.cuda.current_stream(xq.device).cuda_stream
     err = library(xq.device).mxpass_w8a8_gemv(
         xq.data_ptr(), xs_.data_ptr(), xs_stride, w.data_ptr(), ws_.data_ptr(), ws_stride,
         None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), m, n, k, group,
-        int(xq.dtype == torch.int8), int(y.dtype == torch.bfloat16), warps, k_per_warp, smem, stream)
+        int(xq.dtype == torch.int8), int(y.dtype == torch.bfloat16), warps, k_per_warp, steps, smem, stream)
     if err:
         raise RuntimeError(f"mxpass::w8a8_gemv: CUDA launch failed (cudaError {err})")
 

@@ -44,6 +44,27 @@ def test_matches_fp32_math(scheme, m, dtype):
     assert rel_err(y, _exact(f, xq, xs, wq, ws, bias)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8", "fp8-block", "int8", "mxfp8"])
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
+@pytest.mark.parametrize("warps, per", [(1, 1280), (2, 768), (3, 512)])
+def test_eight_steps_per_iteration(scheme, m, warps, per):
+    """512 k loaded per iteration (the plan's choice for long K or multi-wave grids), with
+    partial iterations (768 = 1.5 x 512; 1280 = 2.5 x 512) and a warp whose last pass is empty."""
+    from mxpass.kernels.cuda.w8a8_gemv import group_of, w8a8_gemv_into
+
+    f = get_format(scheme)
+    g = torch.Generator(device="cuda").manual_seed(100 * m + warps)
+    k, n = 1280, 72
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    act = torch.tensor([0.03], device="cuda") if f.static_activation else None
+    xq, xs = quant.quantize_activation(f, x, act)
+    wq, ws = quant.quantize_weight(f, w, "w")
+    y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    w8a8_gemv_into(y, xq, xs, wq, ws, None, group_of(f), warps=warps, k_per_warp=per, steps=8)
+    assert rel_err(y, _exact(f, xq, xs, wq, ws, None)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("scheme", ["fp8-block", "mxfp8"])
 def test_large_shape_and_blocks_of_nan(scheme):
     """Llama-8B-sized layer; a NaN activation group makes only its own rows NaN."""
