@@ -32,6 +32,11 @@
 //
 // Split-K: the warps of a block share one 16-row tile and split K; partial tiles are summed
 // through shared memory in a fixed order (deterministic), then scaled, biased and stored.
+//
+// Loads in flight: a warp loads U = 4 or 8 steps of 64 k (the `steps` argument, M <= 8 only)
+// before it consumes them in passes of 4 steps (256 k: one 8-byte word of MX scales per row).
+// 8 steps double the registers holding loads; the planner (w8a8_gemv.py) takes them where
+// that does not add a wave.
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
