@@ -120,9 +120,9 @@ def test_scale_layouts():
 
 @pytest.mark.parametrize("n, k, group", [(12288, 4096, 0), (4096, 14336, 128), (48, 256, 0), (1, 128, 128)])
 def test_plan_covers_k(n, k, group):
-    warps, per, steps = G.plan(n, k, group)
+    warps, per, steps, fe8 = G.plan(n, k, group)
     assert 1 <= warps <= 8 and per % G._step(group) == 0 and warps * per >= k > (warps - 1) * per
-    assert steps in (4, 8)
+    assert steps in (4, 8) and fe8 is False  # no MXFP8 case here
 
 
 @pytest.mark.parametrize("n, k, group, steps", [
@@ -138,6 +138,19 @@ def test_plan_covers_k(n, k, group):
 ])
 def test_plan_steps(n, k, group, steps):
     assert G.plan(n, k, group, num_sms=132)[2] == steps
+
+
+@pytest.mark.parametrize("n, k, m, fe8", [
+    (4096, 14336, 1, True),     # 256 blocks of 8 warps: fits 16 warps per SM
+    (12288, 4096, 1, False),    # 92 registers would add a wave
+    (28672, 4096, 2, False),
+    (12288, 4096, 4, True),     # M = 3, 4 always
+    (6144, 4096, 3, True),
+    (12288, 4096, 8, False),    # M >= 5: the one-MMA-per-block path
+])
+def test_plan_fast_e8m0(n, k, m, fe8):
+    assert G.plan(n, k, 32, num_sms=132, m=m)[3] is fe8
+    assert G.plan(n, k, 0, num_sms=132, m=m)[3] is False
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and G.nvcc_path() is None, reason="no CUDA toolkit")

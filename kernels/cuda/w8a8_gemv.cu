@@ -43,6 +43,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace {
 
 constexpr int kMaxWarps = 8;
@@ -98,6 +100,26 @@ __device__ __forceinline__ float e8m0_to_float(uint32_t e) {
   return e == 255 ? __int_as_float(0x7fc00000) : (e == 0 ? __int_as_float(0x00400000) : f);
 }
 
+__device__ __forceinline__ uint32_t byte_of(uint2 v, int b) {  // byte b (0..7) of v
+  return ((b < 4 ? v.x : v.y) >> ((b & 3) * 8)) & 0xff;
+}
+
+// Byte b (0..7) of v as an E8M0 scale. FAST: exact for bytes 1..254 only (two instructions);
+// taken (FE8 kernels) for the passes whose scale words has_special() finds free of 0 and 255.
+template <bool FAST>
+__device__ __forceinline__ float e8m0_at(uint2 v, int b) {
+  if constexpr (FAST) {
+    const uint32_t w = b < 4 ? v.x : v.y;
+    const int s = (b & 3) * 8;
+    return __uint_as_float((s <= 23 ? w << (23 - s) : w >> (s - 23)) & 0x7f800000u);
+  } else {
+    return e8m0_to_float(byte_of(v, b));
+  }
+}
+__device__ __forceinline__ bool has_special(uint2 v) {  // a byte 0 (2^-127) or 255 (NaN)
+  return (__vcmpeq4(v.x, 0u) | __vcmpeq4(v.y, 0u) | __vcmpeq4(v.x, 0xffffffffu) | __vcmpeq4(v.y, 0xffffffffu)) != 0;
+}
+
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
@@ -119,12 +141,8 @@ struct Args {
   int k_per_warp;        // multiple of the step (64, or 32 for GROUP 32)
 };
 
-__device__ __forceinline__ uint32_t byte_of(uint2 v, int b) {  // byte b (0..7) of v
-  return ((b < 4 ? v.x : v.y) >> ((b & 3) * 8)) & 0xff;
-}
-
 // NT: number of n8 tiles of x (M <= 8 * NT). MXR: 0, or R for GROUP 32 with M <= R (see the top).
-template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4>
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4, bool FE8 = false>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   static_assert(MXR == 0 || (GROUP == 32 && NT == 1 && !INT8 && (MXR == 1 || MXR == 2 || MXR == 4)),
                 "MXR is MXFP8 with 1, 2 or 4 rows of x");
@@ -212,25 +230,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
         const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
         const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
         const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(min(m, a.M - 1)) * kb + blk0);
+        auto pass = [&](auto fast) {
+          constexpr bool F = decltype(fast)::value;
 #pragma unroll
-        for (int c = 0; c < S / (C / 2); ++c) {
-          if (kq + c * C * 32 >= k_end) break;
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          int di[4];
+          for (int c = 0; c < S / (C / 2); ++c) {
+            if (kq + c * C * 32 >= k_end) break;
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            int di[4];
 #pragma unroll
-          for (int v = c * (C / 2); v < (c + 1) * (C / 2); ++v) {
-            mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
-            mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
+            for (int v = c * (C / 2); v < (c + 1) * (C / 2); ++v) {
+              mma_k32<false>(d, di, wa[v].x, wb[v].x, wa[v].y, wb[v].y, xv[v][0].x, xv[v][0].y);
+              mma_k32<false>(d, di, wa[v].z, wb[v].z, wa[v].w, wb[v].w, xv[v][0].z, xv[v][0].w);
+            }
+            if (m < MXR) {
+              const int b0 = c * C + (2 * q) % C, b1 = b0 + 1;
+              const float fx0 = e8m0_at<F>(sx, b0), fx1 = e8m0_at<F>(sx, b1);
+              acc[0][0] = fmaf(d[0], e8m0_at<F>(sw0, b0) * fx0, acc[0][0]);
+              acc[0][0] = fmaf(d[1], e8m0_at<F>(sw0, b1) * fx1, acc[0][0]);
+              acc[0][2] = fmaf(d[2], e8m0_at<F>(sw1, b0) * fx0, acc[0][2]);
+              acc[0][2] = fmaf(d[3], e8m0_at<F>(sw1, b1) * fx1, acc[0][2]);
+            }
           }
-          if (m < MXR) {
-            const int b0 = c * C + (2 * q) % C, b1 = b0 + 1;
-            const float fx0 = e8m0_to_float(byte_of(sx, b0)), fx1 = e8m0_to_float(byte_of(sx, b1));
-            acc[0][0] = fmaf(d[0], e8m0_to_float(byte_of(sw0, b0)) * fx0, acc[0][0]);
-            acc[0][0] = fmaf(d[1], e8m0_to_float(byte_of(sw0, b1)) * fx1, acc[0][0]);
-            acc[0][2] = fmaf(d[2], e8m0_to_float(byte_of(sw1, b0)) * fx0, acc[0][2]);
-            acc[0][2] = fmaf(d[3], e8m0_to_float(byte_of(sw1, b1)) * fx1, acc[0][2]);
-          }
-        }
+        };
+        // warp-uniform: the two versions of the pass hold mma.sync, which every lane must reach
+        if (FE8 && !__any_sync(0xffffffffu, has_special(sw0) || has_special(sw1) || has_special(sx)))
+          pass(std::integral_constant<bool, FE8>{});
+        else
+          pass(std::false_type{});
       } else if constexpr (GROUP == 32) {
         // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
         // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
@@ -367,9 +393,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
 }
 
-template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4>
+template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4, bool FE8 = false>
 cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR, U>;
+  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR, U, FE8>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -379,20 +405,27 @@ cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
 }
 
 // One n8 tile of x (M <= 8): 4 or 8 steps of 64 k loaded per iteration.
-template <int GROUP, bool INT8, typename OutT, int MXR = 0>
+template <int GROUP, bool INT8, typename OutT, int MXR = 0, bool FE8 = false>
 cudaError_t launch_steps(const Args& a, int warps, int steps, int smem, cudaStream_t stream) {
-  return steps == 8 ? launch_nt<1, GROUP, INT8, OutT, MXR, 8>(a, warps, smem, stream)
-                    : launch_nt<1, GROUP, INT8, OutT, MXR, 4>(a, warps, smem, stream);
+  return steps == 8 ? launch_nt<1, GROUP, INT8, OutT, MXR, 8, FE8>(a, warps, smem, stream)
+                    : launch_nt<1, GROUP, INT8, OutT, MXR, 4, FE8>(a, warps, smem, stream);
+}
+
+// MXFP8 at M <= 4 (MXR), with or without the two-instruction E8M0 decode.
+template <typename OutT, int MXR>
+cudaError_t launch_mxr(const Args& a, int warps, int steps, bool fe8, int smem, cudaStream_t stream) {
+  return fe8 ? launch_steps<32, false, OutT, MXR, true>(a, warps, steps, smem, stream)
+             : launch_steps<32, false, OutT, MXR, false>(a, warps, steps, smem, stream);
 }
 
 // smem: dynamic shared memory per block that the kernel does not use; it caps the blocks per
 // SM (fewer, longer weight streams per SM read DRAM faster here; see the notes).
 template <int GROUP, bool INT8, typename OutT>
-cudaError_t launch_typed(const Args& a, int warps, int steps, int smem, cudaStream_t stream) {
+cudaError_t launch_typed(const Args& a, int warps, int steps, bool fe8, int smem, cudaStream_t stream) {
   if constexpr (GROUP == 32) {
-    if (a.M == 1) return launch_steps<32, false, OutT, 1>(a, warps, steps, smem, stream);
-    if (a.M == 2) return launch_steps<32, false, OutT, 2>(a, warps, steps, smem, stream);
-    if (a.M <= 4) return launch_steps<32, false, OutT, 4>(a, warps, steps, smem, stream);
+    if (a.M == 1) return launch_mxr<OutT, 1>(a, warps, steps, fe8, smem, stream);
+    if (a.M == 2) return launch_mxr<OutT, 2>(a, warps, steps, fe8, smem, stream);
+    if (a.M <= 4) return launch_mxr<OutT, 4>(a, warps, steps, fe8, smem, stream);
   }
   return a.M <= 8 ? launch_steps<GROUP, INT8, OutT>(a, warps, steps, smem, stream)
                   : launch_nt<2, GROUP, INT8, OutT>(a, warps, smem, stream);
@@ -403,27 +436,29 @@ cudaError_t launch_typed(const Args& a, int warps, int steps, int smem, cudaStre
 // group: 0 (per-row / per-tensor scales), 32 (MXFP8, E8M0 byte scales), 128 (fp8-block).
 // int8: operands are int8 (group must be 0). out_bf16: output (and bias) bf16, else fp16.
 // warps: 1..8, splitting K; k_per_warp: a multiple of 128 (256 for group 32); steps: 64-k steps
-// loaded per iteration at M <= 8 (4 or 8; M > 8 always 4); smem: see launch_typed.
+// loaded per iteration at M <= 8 (4 or 8; M > 8 always 4); fe8: MXFP8 at M <= 4 decodes its
+// E8M0 scales with two instructions where a pass's scale words hold no 0 / 255 byte (more
+// registers); smem: see launch_typed.
 extern "C" int mxpass_w8a8_gemv(const void* x, const void* xs, int xs_stride_m, const void* w,
                                 const void* ws, int ws_stride_n, const void* bias, void* y, int M,
                                 int N, int K, int group, int int8, int out_bf16, int warps,
-                                int k_per_warp, int steps, int smem, cudaStream_t stream) {
+                                int k_per_warp, int steps, int fe8, int smem, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return 0;
   Args a{static_cast<const uint8_t*>(x), xs, static_cast<const uint8_t*>(w), ws, bias, y,
          M, N, K, xs_stride_m, ws_stride_n, k_per_warp};
   cudaError_t err;
   if (int8) {
-    err = out_bf16 ? launch_typed<0, true, __nv_bfloat16>(a, warps, steps, smem, stream)
-                   : launch_typed<0, true, __half>(a, warps, steps, smem, stream);
+    err = out_bf16 ? launch_typed<0, true, __nv_bfloat16>(a, warps, steps, fe8 != 0, smem, stream)
+                   : launch_typed<0, true, __half>(a, warps, steps, fe8 != 0, smem, stream);
   } else if (group == 32) {
-    err = out_bf16 ? launch_typed<32, false, __nv_bfloat16>(a, warps, steps, smem, stream)
-                   : launch_typed<32, false, __half>(a, warps, steps, smem, stream);
+    err = out_bf16 ? launch_typed<32, false, __nv_bfloat16>(a, warps, steps, fe8 != 0, smem, stream)
+                   : launch_typed<32, false, __half>(a, warps, steps, fe8 != 0, smem, stream);
   } else if (group == 128) {
-    err = out_bf16 ? launch_typed<128, false, __nv_bfloat16>(a, warps, steps, smem, stream)
-                   : launch_typed<128, false, __half>(a, warps, steps, smem, stream);
+    err = out_bf16 ? launch_typed<128, false, __nv_bfloat16>(a, warps, steps, fe8 != 0, smem, stream)
+                   : launch_typed<128, false, __half>(a, warps, steps, fe8 != 0, smem, stream);
   } else {
-    err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, steps, smem, stream)
-                   : launch_typed<0, false, __half>(a, warps, steps, smem, stream);
+    err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, steps, fe8 != 0, smem, stream)
+                   : launch_typed<0, false, __half>(a, warps, steps, fe8 != 0, smem, stream);
   }
   return static_cast<int>(err);
 }

@@ -79,10 +79,10 @@ def library(device: torch.device) -> ctypes.CDLL:
             lib = ctypes.CDLL(_build(cap))
             fn = lib.mxpass_w8a8_gemv
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_int, ctypes.c_void_p]
+            ptr, i32 = ctypes.c_void_p, ctypes.c_int
+            # x, xs, xs_stride_m, w, ws, ws_stride_n, bias, y, then M N K group int8 out_bf16
+            # warps k_per_warp steps fe8 smem, then the stream
+            fn.argtypes = [ptr, ptr, i32, ptr, ptr, i32, ptr, ptr] + [i32] * 11 + [ptr]
             _LIBS[cap] = lib
         return _LIBS[cap]
 
@@ -104,9 +104,9 @@ def shape_problem(k: int, group: int) -> str | None:
     return None
 
 
-def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int, int]:
-    """(warps per block, K per warp, 64-k steps loaded per iteration). A block owns 16 output
-    rows; its warps split K.
+def plan(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[int, int, int, bool]:
+    """(warps per block, K per warp, 64-k steps loaded per iteration, fast E8M0 decode) for
+    M = ``m``. A block owns 16 output rows; its warps split K.
 
     Measured on H200 (docs/performance.md): 4 warps per block when the grid then holds at
     least ~20 warps per SM (N = 12288: 18.0 us with 4, 20.8 with 8; N = 28672: 36.7 / 35.9),
@@ -116,7 +116,13 @@ def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int, int]
     M = 1) or a warp walks a long K (K = 14336, N = 4096: 18.2 -> 17.3; int8 18.8 -> 16.4) or
     the grid has at most one block per SM and a warp at least 512 k (N = 2048: 6.0 -> 5.4);
     else 4, where the larger register file would add a wave (N = 12288: 14.7 with 4, 16.3
-    with 8). MXFP8 and fp8-block keep 4 (mixed or worse with 8)."""
+    with 8). MXFP8 and fp8-block keep 4 (mixed or worse with 8).
+
+    Fast E8M0 decode (MXFP8 at M <= 4; two instructions per scale where a 256-k pass holds no
+    0 / 255 byte, at 80-92 registers instead of 58-74): at M = 3, 4 always (4096 x 12288
+    15.9 -> 15.4 us, 4096 x 28672 35.0 -> 32.5, 14336 x 4096 19.7 -> 17.6); at M = 1, 2
+    only where the grid fits 16 warps per SM (14336 x 4096: 19.2 -> 17.5), since at 92
+    registers a larger grid takes another wave (4096 x 12288: 15.5 -> 17.5)."""
     step = _step(group)
     tiles = -(-n // 16)
     warps = 1
@@ -127,7 +133,9 @@ def plan(n: int, k: int, group: int, num_sms: int = 132) -> tuple[int, int, int]
     per = -(-k // warps)
     per = -(-per // step) * step
     steps = 8 if group == 0 and (tiles * warps > num_sms * 32 or per >= 1536 or (tiles <= num_sms and per >= 512)) else 4
-    return -(-k // per), per, steps
+    warps = -(-k // per)
+    fe8 = group == 32 and (3 <= m <= 4 or (m <= 2 and tiles * warps <= num_sms * 16))
+    return warps, per, steps, fe8
 
 
 def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
@@ -171,9 +179,9 @@ def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
 
 
 def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
-                   smem: int = 0, steps: int = 4) -> None:
+                   smem: int = 0, steps: int = 4, fast_e8m0: bool = False) -> None:
     """Launch the kernel into ``y`` [M, N] (benchmarks pass their own ``warps`` / ``k_per_warp`` /
-    ``smem`` / ``steps``: 64-k steps loaded per iteration at M <= 8, 4 or 8)."""
+    ``smem`` / ``steps`` / ``fast_e8m0``: see ``plan``)."""
     m, k = xq.shape
     n = w.shape[0]
     if m == 0:
@@ -184,12 +192,12 @@ def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None,
             raise ValueError(f"mxpass::w8a8_gemv: {what} must be 16-byte aligned")
     xs_, xs_stride, ws_, ws_stride = _scale_args(xs, ws, m, n, k, group)
     if warps is None:
-        warps, k_per_warp, steps = plan(n, k, group, torch.cuda.get_device_properties(xq.device).multi_processor_count)
+        warps, k_per_warp, steps, fast_e8m0 = plan(n, k, group, torch.cuda.get_device_properties(xq.device).multi_processor_count, m)
     stream = torch.cuda.current_stream(xq.device).cuda_stream
     err = library(xq.device).mxpass_w8a8_gemv(
         xq.data_ptr(), xs_.data_ptr(), xs_stride, w.data_ptr(), ws_.data_ptr(), ws_stride,
         None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), m, n, k, group,
-        int(xq.dtype == torch.int8), int(y.dtype == torch.bfloat16), warps, k_per_warp, steps, smem, stream)
+        int(xq.dtype == torch.int8), int(y.dtype == torch.bfloat16), warps, k_per_warp, steps, int(fast_e8m0), smem, stream)
     if err:
         raise RuntimeError(f"mxpass::w8a8_gemv: CUDA launch failed (cudaError {err})")
 

@@ -84,11 +84,20 @@ def test_large_shape_and_blocks_of_nan(scheme):
 
 @pytest.mark.parametrize("k", [256, 4096])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_mxfp8_few_rows_block_scales(k, m):
+@pytest.mark.parametrize("fast_e8m0", [False, True])
+def test_mxfp8_few_rows_block_scales(k, m, fast_e8m0):
     """M <= 4 MXFP8 (row and block dots in the mma's columns): every 32-k block of w and x
     gets its own magnitude (2**-12 .. 2**12), so a block or row paired with another's scale
-    is far off; an all-zero block, and a NaN in x, which makes its own row NaN and no other."""
-    from mxpass.kernels.cuda.w8a8_gemv import w8a8_gemv
+    is far off; an all-zero block, and a NaN in x, which makes its own row NaN and no other.
+    Both E8M0 decodes: the fast one must hand the passes holding a 0 or 255 byte to the exact one."""
+    from mxpass.kernels.cuda.w8a8_gemv import plan, w8a8_gemv_into
+
+    def w8a8_gemv(xq, xs, wq, ws, bias, group, dtype):
+        y = torch.full((xq.shape[0], wq.shape[0]), float("nan"), device="cuda", dtype=dtype)
+        warps, per, steps, _ = plan(wq.shape[0], k, group, m=xq.shape[0])
+        w8a8_gemv_into(y, xq, xs, wq, ws, bias, group, warps=warps, k_per_warp=per, steps=steps,
+                       fast_e8m0=fast_e8m0)
+        return y
 
     f = get_format("mxfp8")
     g = torch.Generator(device="cuda").manual_seed(k + m)
@@ -99,6 +108,7 @@ def test_mxfp8_few_rows_block_scales(k, m):
     x = (torch.randn(m, k // 32, 32, device="cuda", generator=g) * xmag).reshape(m, k).bfloat16()
     w[5, 64:96] = 0
     wq, ws = quant.quantize_weight(f, w, "w")
+    assert (ws.view(torch.uint8)[5, 2] == 0).item()  # the zero block's E8M0 byte is 0
     xq, xs = quant.quantize_activation(f, x, None)
     y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
     exact = _exact(f, xq, xs, wq, ws, None)
