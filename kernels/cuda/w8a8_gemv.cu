@@ -116,6 +116,11 @@ __device__ __forceinline__ float e8m0_at(uint2 v, int b) {
     return e8m0_to_float(byte_of(v, b));
   }
 }
+// The 8 E8M0 bytes of row `row` from block `blk` on (rows of kb bytes; K % 256 == 0 and
+// 8-byte aligned rows keep every word in range and aligned).
+__device__ __forceinline__ uint2 e8m0_word(const uint8_t* s, int row, int kb, int blk) {
+  return *reinterpret_cast<const uint2*>(s + static_cast<size_t>(row) * kb + blk);
+}
 __device__ __forceinline__ bool has_special(uint2 v) {  // a byte 0 (2^-127) or 255 (NaN)
   return (__vcmpeq4(v.x, 0u) | __vcmpeq4(v.y, 0u) | __vcmpeq4(v.x, 0xffffffffu) | __vcmpeq4(v.y, 0xffffffffu)) != 0;
 }
@@ -227,9 +232,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
         // m = 2q / C of x, blocks b0, b0 + 1, for rows g and g + 8 of w.
         const int blk0 = kq / 32;
         const int m = 2 * q / C;
-        const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
-        const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
-        const uint2 sx = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(min(m, a.M - 1)) * kb + blk0);
+        const uint2 sw0 = e8m0_word(ws8, r0, kb, blk0);
+        const uint2 sw1 = e8m0_word(ws8, r1, kb, blk0);
+        const uint2 sx = e8m0_word(xs8, min(m, a.M - 1), kb, blk0);
         auto pass = [&](auto fast) {
           constexpr bool F = decltype(fast)::value;
 #pragma unroll
@@ -261,14 +266,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
         // wa[u] / wb[u] / xv[u]: .x .y hold block 2u, .z .w block 2u + 1 (ld_mx_pair): one mma
         // per block into a fresh accumulator, scaled by that block's two E8M0 scales.
         const int blk0 = kq / 32;  // 8 blocks per iteration; K % 256 == 0 keeps these words in range
-        const uint2 sw0 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r0) * kb + blk0);
-        const uint2 sw1 = *reinterpret_cast<const uint2*>(ws8 + static_cast<size_t>(r1) * kb + blk0);
+        const uint2 sw0 = e8m0_word(ws8, r0, kb, blk0);
+        const uint2 sw1 = e8m0_word(ws8, r1, kb, blk0);
         uint2 sx0[NT], sx1[NT];
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           const int m0 = min(t * 8 + q * 2, a.M - 1), m1 = min(t * 8 + q * 2 + 1, a.M - 1);
-          sx0[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m0) * kb + blk0);
-          sx1[t] = *reinterpret_cast<const uint2*>(xs8 + static_cast<size_t>(m1) * kb + blk0);
+          sx0[t] = e8m0_word(xs8, m0, kb, blk0);
+          sx1[t] = e8m0_word(xs8, m1, kb, blk0);
         }
 #pragma unroll
         for (int u = 0; u < S; ++u) {
@@ -276,7 +281,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int b = 2 * u + h;
-            const float fw0 = e8m0_to_float(byte_of(sw0, b)), fw1 = e8m0_to_float(byte_of(sw1, b));
+            const float fw0 = e8m0_at<false>(sw0, b), fw1 = e8m0_at<false>(sw1, b);
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
               const uint4& X = xv[u][t];
@@ -287,7 +292,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
               else
                 mma_k32<false>(d, di, wa[u].z, wb[u].z, wa[u].w, wb[u].w, X.z, X.w);
               // accumulator columns (x rows) of this thread: t*8 + q*2 + {0, 1}
-              const float fx0 = e8m0_to_float(byte_of(sx0[t], b)), fx1 = e8m0_to_float(byte_of(sx1[t], b));
+              const float fx0 = e8m0_at<false>(sx0[t], b), fx1 = e8m0_at<false>(sx1[t], b);
               acc[t][0] = fmaf(d[0], fw0 * fx0, acc[t][0]);
               acc[t][1] = fmaf(d[1], fw0 * fx1, acc[t][1]);
               acc[t][2] = fmaf(d[2], fw1 * fx0, acc[t][2]);
