@@ -92,10 +92,10 @@ def test_mxfp8_few_rows_block_scales(k, m, fast_e8m0):
     Both E8M0 decodes: the fast one must hand the passes holding a 0 or 255 byte to the exact one."""
     from mxpass.kernels.cuda.w8a8_gemv import plan, w8a8_gemv_into
 
-    def w8a8_gemv(xq, xs, wq, ws, bias, group, dtype):
-        y = torch.full((xq.shape[0], wq.shape[0]), float("nan"), device="cuda", dtype=dtype)
-        warps, per, steps, _ = plan(wq.shape[0], k, group, m=xq.shape[0])
-        w8a8_gemv_into(y, xq, xs, wq, ws, bias, group, warps=warps, k_per_warp=per, steps=steps,
+    def mx_gemv(xq, xs, wq, ws):  # the planned launch with the decode under test
+        y = torch.full((xq.shape[0], wq.shape[0]), float("nan"), device="cuda", dtype=torch.bfloat16)
+        warps, per, steps, _ = plan(wq.shape[0], k, 32, m=xq.shape[0])
+        w8a8_gemv_into(y, xq, xs, wq, ws, None, 32, warps=warps, k_per_warp=per, steps=steps,
                        fast_e8m0=fast_e8m0)
         return y
 
@@ -110,13 +110,13 @@ def test_mxfp8_few_rows_block_scales(k, m, fast_e8m0):
     wq, ws = quant.quantize_weight(f, w, "w")
     assert (ws.view(torch.uint8)[5, 2] == 0).item()  # the zero block's E8M0 byte is 0
     xq, xs = quant.quantize_activation(f, x, None)
-    y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
+    y = mx_gemv(xq, xs, wq, ws)
     exact = _exact(f, xq, xs, wq, ws, None)
     for r in range(m):  # per row: rows of x have very different magnitudes
         assert rel_err(y[r], exact[r]) < TOL[torch.bfloat16], r
     x[m - 1, k - 1] = float("nan")
     xq, xs = quant.quantize_activation(f, x, None)
-    y = w8a8_gemv(xq, xs, wq, ws, None, 32, torch.bfloat16)
+    y = mx_gemv(xq, xs, wq, ws)
     assert torch.isnan(y[m - 1]).all() and not torch.isnan(y[:m - 1]).any()
 
 
