@@ -133,6 +133,8 @@ def test_plan_covers_k(n, k, group):
     (2048, 4096, 0, 8),     # at most one block per SM
     (5120, 2048, 0, 4),
     (2048, 768, 0, 4),      # a warp holds less than one 8-step iteration
+    (9216, 2560, 0, 4),     # 7 warps launched (not the 8 planned): one wave
+    (9216, 3584, 0, 4),
     (28672, 4096, 32, 4),   # MXFP8 and fp8-block always load 4 steps
     (4096, 14336, 128, 4),
 ])
