@@ -116,9 +116,10 @@ def plan(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[in
     M = 1) or a warp walks a long K (K = 14336, N = 4096: 18.2 -> 17.3; int8 18.8 -> 16.4) or
     the grid has at most one block per SM and a warp at least 512 k (N = 2048: 6.0 -> 5.4);
     else 4, where the larger register file would add a wave (N = 12288: 14.7 with 4, 16.3
-    with 8). MXFP8 and fp8-block keep 4 (mixed or worse with 8). The wave count is that of
-    the warps launched: K = 2560 / 3584, N = 9216 launch 7 (one wave; 8 planned would be two),
-    where 4 steps took 8.6 / 10.6 us and 8 steps 11.0 / 13.0 (fp8-dynamic, M = 1).
+    with 8). MXFP8 and fp8-block keep 4 (mixed or worse with 8). The wave test counts the
+    warps launched: K = 2560 / 3584, N = 9216 launch 7 per block, within 32 warps per SM (the
+    8 planned were past it), and 4 steps took 8.6 / 10.6 us there, 8 steps 11.0 / 13.0
+    (fp8-dynamic, M = 1).
 
     Fast E8M0 decode (MXFP8 at M <= 4; two instructions per scale where a 256-k pass holds no
     0 / 255 byte, at 80-92 registers instead of 58-74): at M = 3, 4 always (4096 x 12288
