@@ -60,3 +60,22 @@ def run_under_triton_interpreter(child: str, timeout: int) -> None:
     if proc.returncode != 0 and "interpret" in proc.stderr.lower() and "not supported" in proc.stderr.lower():
         pytest.skip(f"Triton interpreter cannot run these kernels: {proc.stderr[-300:]}")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def same_quantization_reference(model, x, entry, monkeypatch, **backend_kw):
+    """The reference output of ``model(x)`` whose activation quantization matches what the
+    kernel of report entry ``entry`` was given. An input quantized by act_quant_triton (the
+    CUDA GEMV) is the bf16 producer output quantized as eager PyTorch rounds it, so the
+    reference is the graph run op by op (``compiler="eager"``); elsewhere both sides quantize
+    in Inductor's code (from the unrounded fp32 producer), so it is the reference kernel
+    compiled (``MXPASS_KERNEL=reference``). ``backend_kw``: mxpass.backend options."""
+    import mxpass
+
+    torch._dynamo.reset()
+    if "quantized by act_quant_triton" in entry.input_quant:
+        return torch.compile(model, backend=mxpass.backend(compiler="eager", **backend_kw))(x)
+    monkeypatch.setenv("MXPASS_KERNEL", "reference")
+    try:
+        return torch.compile(model, backend=mxpass.backend(**backend_kw))(x)
+    finally:
+        monkeypatch.delenv("MXPASS_KERNEL")

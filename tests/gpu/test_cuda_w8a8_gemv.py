@@ -6,6 +6,7 @@ import torch
 import mxpass
 from mxpass import quant
 from mxpass.formats import get_format
+from tests.conftest import same_quantization_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -139,18 +140,11 @@ def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, t
         assert counters["inductor"]["cudagraph_skips"] == 0
         entry = mxpass.last_report().rewritten[0]
         assert entry.kernel.startswith("cuda_w8a8_gemv"), entry.kernel
-        # The reference quantizes the activation the same way: in Inductor's code (from the
-        # unrounded fp32 RMSNorm) where the kernel's input is, else (MXFP8: act_quant_triton,
-        # from the bf16 RMSNorm output) op by op as eager PyTorch rounds it. It rounds the
-        # fake-quantized activation to bf16 (2**-9) before its matmul.
-        torch._dynamo.reset()
-        if "quantized by act_quant_triton" in entry.input_quant:
-            assert scheme == "mxfp8", entry.input_quant
-            ref = torch.compile(model, backend=mxpass.backend(scheme=scheme, compiler="eager"))(x)
-        else:
-            monkeypatch.setenv("MXPASS_KERNEL", "reference")
-            ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
-            monkeypatch.delenv("MXPASS_KERNEL")
+        # only MXFP8's input is quantized by act_quant_triton here; the reference quantizes
+        # the activation as the kernel's input was, and rounds the fake-quantized activation
+        # to bf16 (2**-9) before its matmul
+        assert "quantized by act_quant_triton" not in entry.input_quant or scheme == "mxfp8", entry.input_quant
+        ref = same_quantization_reference(model, x, entry, monkeypatch, scheme=scheme)
         assert rel_err(out, ref) < 2.0**-7
         # a dynamic-M graph keeps the kernel that serves every M, and says why
         torch._dynamo.reset()

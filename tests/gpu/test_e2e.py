@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mxpass
+from tests.conftest import same_quantization_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -110,12 +111,10 @@ def test_one_layer_matches_reference_kernel(monkeypatch, tokens, n, kernel):
     """RMSNorm -> linear through the backend: the kernel the registry picks for this static M
     vs the reference on the same quantized values.
 
-    Where the kernel takes its input quantized by act_quant_triton (the CUDA GEMV), that
-    kernel quantizes the RMSNorm output as eager PyTorch rounds it (bf16), so the reference
-    is the graph run op by op (compiler="eager"); elsewhere both runs quantize in Inductor's
-    code (from the unrounded fp32 RMSNorm) and the reference is the reference kernel compiled.
-    The GEMMs then differ in fp32 summation order and round to bf16 (2**-9 relative), so
-    2**-7 is generous.
+    The reference quantizes the activation as the kernel's input was
+    (``same_quantization_reference``: op by op where act_quant_triton quantized it, for the
+    CUDA GEMV; else Inductor's code on both sides). The GEMMs then differ in fp32 summation
+    order and round to bf16 (2**-9 relative), so 2**-7 is generous.
     """
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -126,12 +125,7 @@ def test_one_layer_matches_reference_kernel(monkeypatch, tokens, n, kernel):
         torch._dynamo.reset()
         out = torch.compile(model, backend=mxpass.backend)(x)
         entry = mxpass.last_report().rewritten[0]
-        torch._dynamo.reset()
-        if "quantized by act_quant_triton" in entry.input_quant:
-            ref = torch.compile(model, backend=mxpass.backend(compiler="eager"))(x)
-        else:
-            monkeypatch.setenv("MXPASS_KERNEL", "reference")
-            ref = torch.compile(model, backend=mxpass.backend)(x)
+        ref = same_quantization_reference(model, x, entry, monkeypatch)
     assert entry.kernel.startswith(kernel), entry.kernel
     assert ("quantized by act_quant_triton" in entry.input_quant) == (kernel == "cuda_w8a8_gemv"), entry.input_quant
     assert rel_err(out, ref) < 2**-7
