@@ -142,6 +142,20 @@ def test_plan_steps(n, k, group, steps):
     assert G.plan(n, k, group, num_sms=132)[2] == steps
 
 
+@pytest.mark.parametrize("n, k, group, m, warps", [
+    (12288, 4096, 0, 1, 4),     # ~23 warps per SM at 4: per-channel scales keep 4
+    (12288, 4096, 128, 1, 8),   # fp8-block at M <= 8: 8 warps of 512 k
+    (28672, 4096, 128, 8, 8),
+    (13824, 5120, 128, 1, 8),   # 8 x 640
+    (12288, 4096, 128, 16, 4),  # two n8 tiles of x: 4
+    (12288, 2048, 128, 1, 4),   # 8 warps would hold 256 k each
+    (12288, 4096, 32, 1, 4),    # MXFP8 keeps the general rule
+])
+def test_plan_warps(n, k, group, m, warps):
+    got, per, _, _ = G.plan(n, k, group, num_sms=132, m=m)
+    assert got == warps and got * per >= k > (got - 1) * per
+
+
 @pytest.mark.parametrize("n, k, m, fe8", [
     (4096, 14336, 1, True),     # 256 blocks of 8 warps: fits 16 warps per SM
     (12288, 4096, 1, False),    # 92 registers would add a wave

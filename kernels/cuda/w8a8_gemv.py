@@ -125,7 +125,13 @@ def plan(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[in
     0 / 255 byte, at 80-92 registers instead of 58-74): at M = 3, 4 always (4096 x 12288
     15.9 -> 15.4 us, 4096 x 28672 35.0 -> 32.5, 14336 x 4096 19.7 -> 17.6); at M = 1, 2
     only where the grid fits 16 warps per SM (14336 x 4096: 19.2 -> 17.5), since at 92
-    registers a larger grid takes another wave (4096 x 12288: 15.5 -> 17.5)."""
+    registers a larger grid takes another wave (4096 x 12288: 15.5 -> 17.5).
+
+    fp8-block (128 x 128 scales) at M <= 8 takes 8 warps wherever each keeps >= 512 k, also
+    on grids past ~20 warps per SM (M = 1, 4 -> 8 warps, us: 4096 x 12288 15.4 -> 14.9,
+    4096 x 28672 31.6 -> 29.6, 5120 x 13824 23.8 -> 21.1, 8192 x 28672 61.7 -> 57.2; M = 8
+    16.3 -> 15.5 and 32.8 -> 30.8), but not at M = 9..16 (two n8 tiles of x; M = 16: 19.1 ->
+    19.2, 35.0 -> 38.9, 24.1 -> 26.7, 66.3 -> 73.0)."""
     step = _step(group)
     tiles = -(-n // 16)
     warps = 1
@@ -133,6 +139,8 @@ def plan(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[in
         warps *= 2
     while warps < 8 and tiles * warps < num_sms * 20 and k // (warps * 2) >= 256:
         warps *= 2
+    if group == 128 and m <= 8 and k // 8 >= 512:
+        warps = 8  # fp8-block with one n8 tile of x: 8 warps of >= 512 k also on large grids
     per = -(-k // warps)
     per = -(-per // step) * step
     warps = -(-k // per)  # the warps launched (rounding per up can leave the last one empty)
