@@ -294,14 +294,19 @@ def _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive, rows, row_mask, bit
 def _moe_count_kernel(
     ids_ptr, cnt_ptr,  # ids [S] integer, cnt [E] int32 (zeroed)
     S, E,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, E_P2: tl.constexpr,
 ):
-    """cnt[e] += number of slots routed to e; ids outside [0, E) are skipped: grid (cdiv(S, BLOCK),)."""
+    """cnt[e] += number of slots routed to e; ids outside [0, E) are skipped: grid (cdiv(S, BLOCK),).
+    Each program counts its BLOCK slots in a histogram (bin E: invalid ids and the tail) and adds
+    it with one atomic per expert it saw (one atomic per slot contended on E counters: 7.4 us at
+    S = 32768, E = 128)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < S
     e = tl.load(ids_ptr + offs, mask=m, other=-1)
     ok = m & (e >= 0) & (e < E)
-    tl.atomic_add(cnt_ptr + tl.where(ok, e, 0).to(tl.int32), 1, mask=ok, sem="relaxed")
+    cnt = tl.histogram(tl.where(ok, e, E).to(tl.int32), E_P2)
+    r = tl.arange(0, E_P2)
+    tl.atomic_add(cnt_ptr + r, cnt, mask=(r < E) & (cnt > 0), sem="relaxed")
 
 
 @triton.jit
@@ -1033,7 +1038,7 @@ def _prep(L: _Launch, x, ids, kind: int | None, y32, n_y, counts):
     )
     big = L.S * L.on_grouped * _at_least(L.S, ALIGN_MAX + 1)  # slots the count / scatter kernels align
     wrap_triton(_moe_count_kernel)[(triton.cdiv(big, COUNT_BLOCK),)](
-        ids, counters, L.S, L.E, BLOCK=COUNT_BLOCK, num_warps=4)
+        ids, counters, L.S, L.E, BLOCK=COUNT_BLOCK, E_P2=L.e_p2, num_warps=4)
     scatter_block = max(16, min(1024, 8192 // L.e_p2))
     wrap_triton(_moe_scatter_kernel)[(triton.cdiv(big, scatter_block),)](
         ids, counters, sorted_slots, offsets, L.S, L.E, BLOCK=scatter_block, E_P2=L.e_p2, num_warps=4)
