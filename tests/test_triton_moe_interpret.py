@@ -119,15 +119,17 @@ _CHILD = textwrap.dedent(
     ids = torch.tensor([0, 2, 3, 3, 7, 2, -2, 3, 0, 3]).view(5, 2)
     flat = ids.view(-1)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
-    for align_max in (mk.ALIGN_MAX, 4):
-        mk.ALIGN_MAX = align_max
+    # (and with 4 slots per count program: three programs add to one expert's count)
+    for align_max, block in ((mk.ALIGN_MAX, mk.COUNT_BLOCK), (4, mk.COUNT_BLOCK), (4, 4)):
+        mk.ALIGN_MAX, mk.COUNT_BLOCK = align_max, block
         _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids,
                                                             w13f[:, :64, :64].contiguous(), torch.empty(0), "none",
                                                             plans["grouped"])
         assert offsets.tolist() == [0, *torch.cumsum(counts, 0).tolist()], (align_max, offsets)
         for e in range(E):
             seg = sorted_slots[offsets[e]:offsets[e + 1]].tolist()
-            assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (align_max, e, seg)
+            assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (align_max, block, e, seg)
+    mk.COUNT_BLOCK = 1024
     # the fused op's whole path with the count / scatter alignment (ALIGN_MAX still 4 < S)
     fmt = get_format("int8")
     (q13, s13), (q2, s2) = experts(fmt, w13f), experts(fmt, w2f)
