@@ -50,6 +50,11 @@ _CHILD = textwrap.dedent(
         "grouped": mk.Plan(0, gemv, gemv, (mk.Regime(1, 9, g16, mk.Grouped(16, 64, 32)),
                                            mk.Regime(9, None, mk.Grouped(32, 64, 64, num_warps=2), g16))),
         "grouped-sum": mk.Plan(0, gemv, gemv, (mk.Regime(1, None, g16, g16),), atomic=False),
+        # the weight-only kernels with token rows on the left (EVEN_K false at H = 160 / BLOCK_K 64)
+        "tokens-left": mk.Plan(0, gemv, gemv, (mk.Regime(1, 9, g16._replace(tokens_left=True),
+                                                         mk.Grouped(16, 64, 32, tokens_left=True)),
+                                               mk.Regime(9, None, mk.Grouped(32, 64, 64, num_warps=2, tokens_left=True),
+                                                         g16._replace(tokens_left=True)))),
     }
 
     def routings():

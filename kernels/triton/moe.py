@@ -161,23 +161,34 @@ def _expert_tile(off_ptr, j, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
-def _mma(acc, q, xt, s_ptr, s_off, rows, row_mask, k0, KG, KB,
+def _mma(acc, q, x, s_ptr, s_off, rows, row_mask, k0, KG, KB,
          dtype: tl.constexpr, SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] += W tile @ x^T tile, W from the raw tile q [BLOCK_N, BLOCK_K] of
-    ``rows`` at K step k0 (s_off: this expert's first scale; KG = K / 32, KB = ceil(K / 128))."""
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_RIGHT: tl.constexpr = False):
+    """The MMA of one K step with W from the raw tile q [BLOCK_N, BLOCK_K] of weight rows ``rows``
+    at k0 (s_off: this expert's first scale; KG = K / 32, KB = ceil(K / 128)), converted to
+    dtype in registers: acc [BLOCK_N, BLOCK_M] += W @ x^T for x = the x^T tile [BLOCK_K, BLOCK_M]
+    (W the left operand, taken from registers), or with W_RIGHT acc [BLOCK_M, BLOCK_N] += x @ W^T
+    for x = [BLOCK_M, BLOCK_K] (token rows on the left; the converted W goes through shared
+    memory as the right operand)."""
     if SCALE == 4:  # _MX: powers of two, exact in x.dtype
         rg = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         eb = tl.load(s_ptr + s_off + rows[:, None] * KG + rg[None, :],
                      mask=row_mask[:, None] & (rg < KG)[None, :], other=127)
-        acc = tl.dot(_dequant_tile(q, eb, BLOCK_N, BLOCK_K, dtype), xt, acc)
-    elif SCALE == 3:  # _BLOCK: BLOCK_K divides 128, so the step lies in one scale column
-        sb = tl.load(s_ptr + s_off + (rows // 128) * KB + k0 // 128, mask=row_mask, other=0.0)
-        acc += tl.dot(_w8_to_float(q, dtype, IS_INT8, ASM), xt) * sb[:, None]
+        w = _dequant_tile(q, eb, BLOCK_N, BLOCK_K, dtype)
     elif SCALE == 0:  # _NONE: q is already in x.dtype
-        acc = tl.dot(q, xt, acc)
+        w = q
     else:
-        acc = tl.dot(_w8_to_float(q, dtype, IS_INT8, ASM), xt, acc)
+        w = _w8_to_float(q, dtype, IS_INT8, ASM)
+    if SCALE == 3:  # _BLOCK: BLOCK_K divides 128, so the step lies in one scale column
+        sb = tl.load(s_ptr + s_off + (rows // 128) * KB + k0 // 128, mask=row_mask, other=0.0)
+        if W_RIGHT:
+            acc += tl.dot(x, tl.trans(w)) * sb[None, :]
+        else:
+            acc += tl.dot(w, x) * sb[:, None]
+    elif W_RIGHT:
+        acc = tl.dot(x, tl.trans(w), acc)
+    else:
+        acc = tl.dot(w, x, acc)
     return acc
 
 
@@ -452,6 +463,107 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
+def _gate_up_rows(I, BLOCK_N: tl.constexpr):
+    """(weight rows, mask) [2 BLOCK_N] of w13 [2I, H] that program_id(1)'s BLOCK_N columns of h
+    need: its BLOCK_N gate rows, then the BLOCK_N up rows (one MMA, split by ``_store_h``)."""
+    c = tl.arange(0, 2 * BLOCK_N)
+    col = tl.program_id(1) * BLOCK_N + c % BLOCK_N  # column of h this weight row serves
+    return col + (c // BLOCK_N) * I, col < I
+
+
+@triton.jit
+def _store_h(h_ptr, acc, pos, m_mask, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h tile = silu(gate) * up from acc [BLOCK_M, 2 BLOCK_N] (``_gate_up_rows``' columns), stored
+    at rows ``pos`` of h [S, I]; returns (h, its store mask)."""
+    g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    h = _silu_mul(g, u).to(h_ptr.dtype.element_ty)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = m_mask[:, None] & (n < I)[None, :]
+    tl.store(h_ptr + pos.to(tl.int64)[:, None] * I + n[None, :], h, mask=mask)
+    return h, mask
+
+
+@triton.jit
+def _moe_gate_up_tl_kernel(
+    # pointers and sizes as ``_moe_gate_up_kernel``
+    x_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr,
+    A, E, H, I, S_STRIDE, KB,
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """``_moe_gate_up_kernel`` with the gathered token rows as the left MMA operand: h tile
+    [BLOCK_M, BLOCK_N] from one [BLOCK_M, 2 BLOCK_N] product (gate rows, then up rows, as
+    ``_moe_gate_up_q_kernel``), each W tile converted in registers and given to the MMA as its
+    right operand (``_mma`` W_RIGHT): grid (tiles, cdiv(I, BLOCK_N))."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < p_end
+    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    wrow, c_mask = _gate_up_rows(I, BLOCK_N)
+    e64 = e.to(tl.int64)
+    s_off = e64 * S_STRIDE
+    x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * H + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + e64 * (2 * I) * H + wrow.to(tl.int64)[:, None] * H + rk[None, :]  # [2 BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        xa, q = _tl_loads(x_ptrs, w_ptrs, k0, rk, H, m_mask, c_mask, EVEN_K)
+        acc = _mma(acc, q, xa, s_ptr, s_off, wrow, c_mask, k0, H // 32, KB, h_ptr.dtype.element_ty, SCALE, IS_INT8,
+                   ASM, 2 * BLOCK_N, BLOCK_K, W_RIGHT=True)
+    acc = _out_scale(acc, s_ptr, s_off, wrow[None, :], c_mask[None, :], SCALE)
+    _store_h(h_ptr, acc, pos, m_mask, I, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _tl_loads(x_ptrs, w_ptrs, k0, rk, K, m_mask, w_mask, EVEN_K: tl.constexpr):
+    """K step k0 of the tokens-left kernels: the token rows [BLOCK_M, BLOCK_K] and the raw weight
+    rows [rows, BLOCK_K] (zeros past K and outside the masks)."""
+    if EVEN_K:
+        xa = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+        q = tl.load(w_ptrs + k0, mask=w_mask[:, None], other=0.0)
+    else:
+        k_mask = (k0 + rk) < K
+        xa = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        q = tl.load(w_ptrs + k0, mask=w_mask[:, None] & k_mask[None, :], other=0.0)
+    return xa, q
+
+
+@triton.jit
+def _moe_down_tl_kernel(
+    # pointers and sizes as ``_moe_down_kernel``
+    h_ptr, tw_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, y_ptr,
+    A, E, H, I, S_STRIDE, KB,
+    SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_P2: tl.constexpr,
+):
+    """``_moe_down_kernel`` with the h rows as the left MMA operand and each converted W2 tile
+    as the right one (``_mma`` W_RIGHT): tile [BLOCK_M, BLOCK_N], grid (tiles, cdiv(H, BLOCK_N))."""
+    e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    rk = tl.arange(0, BLOCK_K)
+    pos = p0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < p_end
+    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H
+    e64 = e.to(tl.int64)
+    s_off = e64 * S_STRIDE
+    a_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + e64 * H * I + n.to(tl.int64)[:, None] * I + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        a, q = _tl_loads(a_ptrs, w_ptrs, k0, rk, I, m_mask, n_mask, EVEN_K)
+        acc = _mma(acc, q, a, s_ptr, s_off, n, n_mask, k0, I // 32, KB, h_ptr.dtype.element_ty, SCALE, IS_INT8, ASM,
+                   BLOCK_N, BLOCK_K, W_RIGHT=True)
+    acc = _out_scale(acc, s_ptr, s_off, n[None, :], n_mask[None, :], SCALE)
+    acc = acc * tl.load(tw_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    _add_rows(y_ptr, acc, slot, m_mask, n, n_mask, A, H, ATOMIC)
+
+
+@triton.jit
 def _moe_gate_up_q_kernel(
     # pointers
     x_ptr, xs_ptr, sorted_ptr, off_ptr, w_ptr, s_ptr, h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr,
@@ -476,17 +588,12 @@ def _moe_gate_up_q_kernel(
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
-    dtype = h_ptr.dtype.element_ty
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     pos = p0 + rm
     m_mask = pos < p_end
     tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
-    c = tl.arange(0, 2 * BLOCK_N)
-    n0 = tl.program_id(1) * BLOCK_N
-    col = n0 + c % BLOCK_N  # column of h this weight row serves
-    c_mask = col < I
-    wrow = col + (c // BLOCK_N) * I  # gate rows, then up rows
+    wrow, c_mask = _gate_up_rows(I, BLOCK_N)
     e64 = e.to(tl.int64)
     x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * H + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + e64 * (2 * I) * H + wrow.to(tl.int64)[None, :] * H + rk[:, None]  # [BLOCK_K, 2 BLOCK_N]: W^T
@@ -502,11 +609,7 @@ def _moe_gate_up_q_kernel(
         acc = _qdot(xa, wb, acc, IS_INT8, PROMOTE)
     acc = _out_scale(acc.to(tl.float32), s_ptr, e64 * S_STRIDE, wrow[None, :], c_mask[None, :], SCALE)
     acc = acc * tl.load(xs_ptr + tok, mask=m_mask, other=0.0)[:, None]
-    g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    h = _silu_mul(g, u).to(dtype)
-    n = n0 + tl.arange(0, BLOCK_N)
-    mask = m_mask[:, None] & (n < I)[None, :]
-    tl.store(h_ptr + pos.to(tl.int64)[:, None] * I + n[None, :], h, mask=mask)
+    h, mask = _store_h(h_ptr, acc, pos, m_mask, I, BLOCK_M, BLOCK_N)
     # the tile's first position p0 indexes its arrival counter
     _last_quantizes(h_ptr, hq_ptr, hs_ptr, amax_ptr, arrive_ptr + p0, pos, m_mask, tl.max(_abs_bits(h, mask), 1),
                     I, IS_INT8, RANGE, EPS, QMIN, QMAX, HALF, BIT_MATH, BLOCK_Q)
@@ -778,6 +881,7 @@ class Grouped(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    tokens_left: bool = False  # weight-only kernels: token rows as the left MMA operand (``_moe_*_tl_kernel``)
 
 
 class Regime(NamedTuple):
@@ -1076,7 +1180,7 @@ def _gate_up(L: _Launch, xq, xs, ids, sorted_slots, offsets, w13, checked, h, hq
                 **act, **tiles,
             )
         else:
-            wrap_triton(_moe_gate_up_kernel)[grid](
+            wrap_triton(_moe_gate_up_tl_kernel if c.tokens_left else _moe_gate_up_kernel)[grid](
                 xq, sorted_slots, offsets, w13, s13, h, L.A, E, H, I, s_stride, kb,
                 SCALE=mode, IS_INT8=is_int8, ASM=L.asm, **tiles,
             )
@@ -1109,7 +1213,7 @@ def _down(L: _Launch, h, hs, ids, tw, sorted_slots, offsets, w2, checked, y, y32
                 SCALE=mode, IS_INT8=is_int8, PROMOTE=min(FP8_PROMOTE, c.block_k), **tiles,
             )
         else:
-            wrap_triton(_moe_down_kernel)[grid](
+            wrap_triton(_moe_down_tl_kernel if c.tokens_left else _moe_down_kernel)[grid](
                 h, tw, sorted_slots, offsets, w2, s2, y32, L.A, E, H, I, s_stride, kb,
                 SCALE=mode, IS_INT8=is_int8, ASM=L.asm, **tiles,
             )
