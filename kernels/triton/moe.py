@@ -905,7 +905,8 @@ class Plan(NamedTuple):
     atomic: bool = True
 
 
-def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: bool = False) -> Plan:  # noqa: E741  (I: the intermediate size)
+def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: bool = False,  # noqa: E741  (I: the intermediate size)
+                 mx: bool = False) -> Plan:
     """The plan for one MoE layer's static shapes.
 
     Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
@@ -939,20 +940,39 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: 
     these: Qwen3 T = 4096 (256 per expert) 716-719 -> 672; Mixtral T = 1024 (256) 1224-1232 ->
     1195; Mixtral T = 512 (128) 834 -> 820-831; but Qwen3 T = 512 (32) 223 -> 238 and T = 1024
     (64) 278 -> 274, hence the regime starts at 128 (notes/moe-kernel-notes.md, run 9).
+
+    Weight-only kernels with token rows on the left (``Grouped.tokens_left``, run 11 of the
+    notes; us, the weight-rows-left tiles above -> these): from 32 slots per expert to 512
+    for every format (gate/up 64 x 64 x 128 then 64 x 64 x 64, down 64 x 128 x 64, 4 warps):
+    fp8-w Qwen3 T = 512 381 -> 308, T = 4096 1180 -> 1069, Mixtral T = 512 1214 -> 1177; bf16
+    Qwen3 T = 4096 1053 -> 980. Above 512 per expert fp8-w keeps the weight-rows-left tiles
+    (Mixtral T = 4096 7983 against 8436-8934). ``mx`` (MXFP8 weights, whose per-32 dequantize
+    gains most): ``GROUPED_TILES_MX``, tokens left from 8 slots per expert: Qwen3 T = 128
+    363 -> 306, T = 512 503 -> 380, T = 1024 707 -> 553, T = 4096 1860 -> 1461; Mixtral
+    T = 64 883 -> 640, T = 4096 12773 -> 11003, but T = 512 1959 -> 2042.
     """
     # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
-    return build_plan(E, decode_slots, (GROUPED_TILES_INT8 if int8 else GROUPED_TILES_W8A8) if quantized
-                      else GROUPED_TILES)
+    if quantized:
+        return build_plan(E, decode_slots, GROUPED_TILES_INT8 if int8 else GROUPED_TILES_W8A8)
+    return build_plan(E, decode_slots, GROUPED_TILES_MX if mx else GROUPED_TILES)
 
 
 GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
 # (upper end of the regime in slots per expert S / E, gate/up tiles, down tiles)
+_TL = Grouped(64, 128, 64, tokens_left=True)  # the tokens-left down tiles from 32 slots per expert
 GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
                  (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
-                 (128, Grouped(64, 64, 64), Grouped(64, 128, 64, num_warps=8)),
-                 (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+                 (128, Grouped(64, 64, 128, tokens_left=True), _TL),
+                 (512, Grouped(64, 64, 64, tokens_left=True), _TL),
                  (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
+# MXFP8 weights (``default_plan(mx=True)``): token rows on the left from 8 slots per expert
+GROUPED_TILES_MX = (GROUPED_TILES[0],
+                    (32, Grouped(32, 64, 128, tokens_left=True), Grouped(32, 64, 128, tokens_left=True)),
+                    GROUPED_TILES[2],
+                    (512, Grouped(128, 64, 64, num_warps=8, tokens_left=True), _TL),
+                    (None, Grouped(128, 64, 64, num_warps=8, tokens_left=True),
+                     Grouped(128, 128, 64, num_warps=8, tokens_left=True)))
 # the quantized-activation kernels (_moe_gate_up_q_kernel / _moe_down_q_kernel), from their sweep
 GROUPED_TILES_W8A8 = ((32, Grouped(16, 128, 128), Grouped(16, 128, 128)),
                       (512, Grouped(64, 64, 128, num_stages=4), Grouped(64, 128, 128, num_stages=4)),
@@ -1308,13 +1328,14 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
     return y
 
 
-def _plan_for(topk_ids, w13_or_w2, gate_up: bool, quantized: bool = False) -> Plan:
+def _plan_for(topk_ids, w13_or_w2, gate_up: bool, granularity: str, quantized: bool = False) -> Plan:
     A = topk_ids.shape[1]
+    mx = granularity == "mx32"
     if gate_up:
         E, two_i, H = w13_or_w2.shape
-        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized, w13_or_w2.dtype == torch.int8)
+        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized, w13_or_w2.dtype == torch.int8, mx)
     E, H, I = w13_or_w2.shape  # noqa: E741
-    return default_plan(int(E), int(A), int(H), int(I))
+    return default_plan(int(E), int(A), int(H), int(I), mx=mx)
 
 
 @triton_op("mxpass::moe_gate_up_triton", mutates_args=())
@@ -1330,7 +1351,7 @@ def moe_gate_up_triton(
     x: bf16/fp16 [T, H] (fake-quantized by the caller where the format quantizes
     activations). Under torch.compile Inductor traces into this body and launches the
     kernels from its generated code; T may be symbolic (no branch on it)."""
-    return moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity, _plan_for(topk_ids, w13, True))
+    return moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, granularity, _plan_for(topk_ids, w13, True, granularity))
 
 
 @triton_op("mxpass::moe_down_triton", mutates_args=())
@@ -1346,7 +1367,7 @@ def moe_down_triton(
 ) -> torch.Tensor:
     """y [T, H]: the down half, routed-weight multiply and top-k sum (module docstring)."""
     return moe_down_with_plan(h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, granularity,
-                              _plan_for(topk_ids, w2, False))
+                              _plan_for(topk_ids, w2, False, granularity))
 
 
 @triton_op("mxpass::moe_fused_triton", mutates_args=())
@@ -1365,7 +1386,7 @@ def moe_fused_triton(
     bf16/fp16 experts (``quantize`` False), or per-token e4m3 / int8 activations quantized
     inside the kernels (``quantize`` True)."""
     return moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, granularity,
-                               _plan_for(topk_ids, w13, True, quantize), quantize)
+                               _plan_for(topk_ids, w13, True, granularity, quantize), quantize)
 
 
 def takes_quantized_activations(fmt) -> bool:

@@ -125,7 +125,10 @@ def test_every_path_alone(weights):
         "decode": km.Plan(10**9, base.gate_up_gemv, base.down_gemv, (km.Regime(10**9 + 1, None, last.gate_up, last.down),)),
         "grouped-sum": base._replace(atomic=False),
     }
-    for i, r in enumerate(base.regimes):  # every regime's tiles forced alone, from 16 x 64 x 128 to 128 x 128 x 128
+    # every regime's tiles forced alone, from 16 x 64 x 128 to 128 x 128 x 128, weight rows or token
+    # rows on the left (the MXFP8 plan's tiles too)
+    mx = km.default_plan(E, A, H, I, mx=True)
+    for i, r in enumerate(base.regimes + tuple(r for r in mx.regimes if r not in base.regimes)):
         plans[f"grouped-{i}"] = km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, r.gate_up, r.down),))
     for scheme in ("mxfp8", "int8"):
         fmt, w, ref_fn = weights[scheme]
