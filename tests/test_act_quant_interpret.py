@@ -63,6 +63,27 @@ _CHILD = textwrap.dedent(
                 assert torch.equal(nanfill(data), nanfill(pre)), where
                 assert not torch.signbit(data[data == 0]).any(), where  # -0 stored as +0
                 assert torch.equal(cast.view(torch.uint8), ref_data.view(torch.uint8)), where
+    # MXFP8 quantize-dequantize (fake=True): mxfp8.fake_quantize's values bit for bit, with the
+    # same NaN / Inf / zero / small rows, strided rows, and K = 96 (3 blocks, not a power of two)
+    from mxpass.schemes import mxfp8
+    for dtype in (torch.bfloat16, torch.float16):
+        for K in (384, 96):
+            wide = (torch.randn(7, K + 64) * 3).to(dtype)
+            x = wide[:, 32:32 + K]
+            x[1] = 0
+            x[2, 5] = float("nan")
+            x[3, 7] = float("inf")
+            x[4] *= 1e-3
+            y = torch.ops.mxpass.mx_fake_quant_triton(x)
+            ref = mxfp8.fake_quantize(x)
+            assert y.dtype == dtype and y.shape == x.shape, (dtype, K)
+            assert torch.equal(y.isnan(), ref.isnan()) and y.isnan()[2:4].any(1).all(), (dtype, K)
+            assert torch.equal(torch.nan_to_num(y).view(torch.int16), torch.nan_to_num(ref).view(torch.int16)), (dtype, K)
+    try:
+        act_quant.launch(torch.zeros(2, 256, dtype=torch.bfloat16), None, "fp8-dynamic", fake=True)
+        raise AssertionError("fake quantization of fp8-dynamic accepted")
+    except ValueError as e:
+        assert "mxfp8 only" in str(e)
     data, scale = act_quant.launch(torch.zeros(0, 256, dtype=torch.bfloat16), None, "fp8-dynamic")
     assert data.shape == (0, 256) and scale.shape == (0, 1)
     print("ok")

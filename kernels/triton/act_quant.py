@@ -44,6 +44,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from mxpass.formats import Format, get_format
+from mxpass.kernels.triton.mxfp8_linear import _e8m0_to_fp32
 from mxpass.schemes import fp8, int8, mxfp8
 
 MAX_K = 32768  # longest row held in registers (one row per program)
@@ -143,7 +144,7 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
                       SILU_MUL: tl.constexpr, KIND: tl.constexpr, HALF: tl.constexpr,
                       RANGE: tl.constexpr, EPS: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                       BLOCK_G: tl.constexpr, GS: tl.constexpr, BIT_MATH: tl.constexpr, STORE_F32: tl.constexpr,
-                      RTZ: tl.constexpr):
+                      RTZ: tl.constexpr, FAKE: tl.constexpr = False):
     row = tl.program_id(0)
     if row >= M:
         return
@@ -162,7 +163,10 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
         amax = tl.reduce(tl.abs(y), 1, _max_keeping_nan)  # NaN if the group holds NaN
         s = scale_of(amax, RANGE, EPS, HALF, BIT_MATH)
         q = codes(y, s[:, None], tl.math.div_rn(1.0, s)[:, None], KIND, HALF, BIT_MATH, QMIN, QMAX)
-    if STORE_F32:
+    if FAKE:  # MXFP8 (KIND 3) only: the dequantized values in the input dtype (``mxfp8.fake_quantize``)
+        v = to_e4m3(q, BIT_MATH).to(tl.float32) * _e8m0_to_fp32(byte)[:, None]
+        tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+    elif STORE_F32:
         if KIND != 2:
             # what the conversion below does on the GPU: clamp to +/-448, every NaN one NaN
             q = tl.where(q != q, float("nan"), tl.minimum(tl.maximum(q, QMIN), QMAX))
@@ -172,7 +176,8 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
     else:
         # cvt.rn.satfinite: |q| > 448 -> 448, NaN -> 0x7F; |q| <= 450 here (q <= 448 * (1 + 2**-8), rounded)
         tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr + row * stride_sm + g * stride_sg, s, mask=g < NG)
+    if not FAKE:
+        tl.store(s_ptr + row * stride_sm + g * stride_sg, s, mask=g < NG)
 
 
 def supports(fmt: Format, k: int, dtype: torch.dtype) -> tuple[bool, str]:
@@ -218,19 +223,26 @@ def _warps(M, block: int, kind: int) -> int:
     return 4
 
 
-def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool = False,
+           fake: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's body (``fmt``: a format name). ``store_f32``: data as the float32 values before
-    the final cast to e4m3/int8 (Triton's interpreter converts to e4m3 wrongly; its tests check these)."""
+    the final cast to e4m3/int8 (Triton's interpreter converts to e4m3 wrongly; its tests check these).
+    ``fake`` (MXFP8 only): data = the quantize-dequantized values in x.dtype, no scales written
+    (the returned scale is a one-byte stand-in)."""
     f = get_format(fmt)
     _check(x, up, f)
     M, K = x.shape
     kind = KINDS[(f.family, f.activation)]
+    if fake and kind != 3:
+        raise ValueError(f"act_quant_triton: fake quantization is implemented for mxfp8 only, not {f.name}")
     block = triton.next_power_of_2(int(K))
     gs = _GROUP_SIZE.get(kind, block)
     ng = int(K) // gs if kind in _GROUP_SIZE else 1
-    dtype = torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
+    dtype = x.dtype if fake else torch.float32 if store_f32 else torch.int8 if kind == 2 else torch.float8_e4m3fn
     data = torch.empty((M, K), dtype=dtype, device=x.device)
-    if kind == 3:  # E8M0 bytes
+    if fake:
+        scale = torch.empty((1, 1), dtype=torch.uint8, device=x.device)
+    elif kind == 3:  # E8M0 bytes
         scale = torch.empty((M, ng), dtype=torch.uint8, device=x.device)
     elif kind == 1 and isinstance(M, int) and M > 16:
         # 1 x 128 groups beyond decode sizes go to cuBLAS block scaling, which takes the
@@ -243,7 +255,7 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
         scale.stride(0), scale.stride(1),
-        SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32,
+        SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32, FAKE=fake,
         RTZ=mxfp8.ROUNDS_TO_ZERO[x.dtype], **params(kind, x.dtype, x.device.type), num_warps=_warps(M, block, kind))
     return data, scale
 
@@ -260,3 +272,14 @@ def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tupl
     docstring). Rows may be strided (a slice of a wider tensor); M may be symbolic.
     """
     return launch(x, up, fmt)
+
+
+@triton_op("mxpass::mx_fake_quant_triton", mutates_args=())
+def mx_fake_quant_triton(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, K % 32 == 0) quantized to MXFP8 and dequantized, in x.dtype: the
+    values of ``mxpass.schemes.mxfp8.fake_quantize(x)`` in one pass over each row (for a tensor
+    no producer kernel can fuse this into, such as a MoE op's h). Differs from it only where a
+    dequantized value is an fp32 subnormal (below 2**-126 in magnitude): Triton flushes it to 0."""
+    if x.shape[-1] % mxfp8.BLOCK_SIZE:
+        raise ValueError(f"mx_fake_quant_triton: K={x.shape[-1]} is not a multiple of {mxfp8.BLOCK_SIZE}")
+    return launch(x, None, "mxfp8", fake=True)[0]

@@ -115,6 +115,7 @@ __all__ = [
     "Regime",
     "build_plan",
     "default_plan",
+    "fake_quantize_h",
     "moe_down_with_plan",
     "moe_gate_up_with_plan",
     "moe_triton",
@@ -1401,6 +1402,18 @@ def runs_fused(fmt, quantized_activations: bool) -> bool:
     return quantized_activations or fmt is None or fmt.activation is None
 
 
+def fake_quantize_h(fmt, h: torch.Tensor) -> torch.Tensor:
+    """The format's activation fake-quantization of h [S, I] between the two ops: for MXFP8
+    ``mxpass::mx_fake_quant_triton`` (same values; h comes from an op, so no producer kernel
+    can take the quantization in, and Inductor's kernels for the ATen math took 154 us where
+    this one takes ~30 at Qwen3-30B T = 4096: docs/performance.md), else the ATen math."""
+    from mxpass import quant
+
+    if fmt is not None and fmt.family == "mxfp8" and fmt.activation is not None:
+        return torch.ops.mxpass.mx_fake_quant_triton(h)
+    return quant.fake_quantize_activation(fmt, h, None)
+
+
 def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, plan: Plan | None = None,
                quantized_activations: bool = False):
     """The whole MoE for a Format ``fmt`` (or ``None``: unquantized bf16/fp16 weights) as the
@@ -1411,8 +1424,9 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
     kernels; the grouped GEMMs then run e4m3 / int8 MMAs on q_x * q_w with the scales applied
     to the sums, i.e. on q * s unrounded where the reference rounds q * s to x.dtype first
     (the decode path rounds as the reference does). Other formats: x and h fake-quantized
-    (quantize-dequantize in x.dtype) as ATen math (``mxpass.quant``), exactly as
-    ``moe_reference`` does, around ``mxpass::moe_gate_up_triton`` and ``mxpass::moe_down_triton``."""
+    (quantize-dequantize in x.dtype: x as ATen math (``mxpass.quant``), h by
+    ``fake_quantize_h``), the values ``moe_reference`` computes, around
+    ``mxpass::moe_gate_up_triton`` and ``mxpass::moe_down_triton``."""
     from mxpass import quant
 
     gran = "none" if fmt is None else fmt.weight_granularity
@@ -1429,7 +1443,7 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
         h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran)
     else:
         h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan)
-    h = quant.fake_quantize_activation(fmt, h, None)
+    h = fake_quantize_h(fmt, h)
     args = (h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
     if plan is None:
         return torch.ops.mxpass.moe_down_triton(*args)
