@@ -78,6 +78,23 @@ def test_mxfp8_rows_match_quantize(silu, dtype, m, k):
     assert (scale.int() - ref_bytes.int()).abs().max() <= 1 and same_scale >= 0.99 and same_data >= 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (300, 768), (4096, 2048)])
+def test_mx_fake_quant_matches_fake_quantize(dtype, m, k):
+    """mxpass::mx_fake_quant_triton (h of the MoE path) bit-identical to mxfp8.fake_quantize,
+    NaN/Inf/zero/small rows included, rows strided in a wider tensor; opcheck of the op."""
+    from mxpass.schemes import mxfp8
+
+    torch.manual_seed(m + k)
+    x = _inputs(m, k, dtype, wide=True)
+    y = torch.ops.mxpass.mx_fake_quant_triton(x)
+    ref = mxfp8.fake_quantize(x)
+    assert y.dtype == dtype and y.shape == (m, k)
+    assert torch.equal(y.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(y).view(torch.int16), torch.nan_to_num(ref).view(torch.int16))
+    torch.library.opcheck(torch.ops.mxpass.mx_fake_quant_triton.default, (x,))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_silu_mul_rows_match_quantize_activation(scheme, dtype):
