@@ -92,7 +92,8 @@ def test_mx_fake_quant_matches_fake_quantize(dtype, m, k):
     assert y.dtype == dtype and y.shape == (m, k)
     assert torch.equal(y.isnan(), ref.isnan())
     assert torch.equal(torch.nan_to_num(y).view(torch.int16), torch.nan_to_num(ref).view(torch.int16))
-    torch.library.opcheck(torch.ops.mxpass.mx_fake_quant_triton.default, (x,))
+    # opcheck compares outputs with assert_close, which fails on NaN: finite rows only
+    torch.library.opcheck(torch.ops.mxpass.mx_fake_quant_triton.default, (torch.randn_like(x),))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
