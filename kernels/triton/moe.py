@@ -1405,8 +1405,8 @@ def runs_fused(fmt, quantized_activations: bool) -> bool:
 def fake_quantize_h(fmt, h: torch.Tensor) -> torch.Tensor:
     """The format's activation fake-quantization of h [S, I] between the two ops: for MXFP8
     ``mxpass::mx_fake_quant_triton`` (same values; h comes from an op, so no producer kernel
-    can take the quantization in, and Inductor's kernels for the ATen math took 154 us where
-    this one takes ~30 at Qwen3-30B T = 4096: docs/performance.md), else the ATen math."""
+    can take the quantization in, and Inductor's kernels for the ATen math took ~110 us where
+    this one takes 31 at Qwen3-30B T = 4096: docs/performance.md), else the ATen math."""
     from mxpass import quant
 
     if fmt is not None and fmt.family == "mxfp8" and fmt.activation is not None:
