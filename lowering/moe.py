@@ -12,7 +12,8 @@ does is traced like model code:
 - ``triton_moe`` (CUDA, sm_89+; every format): weight-only formats as the same fused op
   without quantization; W8A8 formats with the format's activation quantization of x as
   ATen math (it fuses into x's producer), ``mxpass::moe_gate_up_triton``, the activation
-  quantization of h as ATen math, ``mxpass::moe_down_triton``: the reference's numerics.
+  quantization of h (MXFP8: ``mxpass::mx_fake_quant_triton``, one Triton pass; others: ATen
+  math), ``mxpass::moe_down_triton``: the reference's numerics.
   All are ``triton_op``s, so Inductor launches their kernels from its generated code
   (``kernels/triton/moe.py``).
 - ``reference`` (any device): per-expert dequantization, both activation quantizations,
