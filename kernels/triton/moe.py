@@ -944,13 +944,14 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: 
 
     Weight-only kernels with token rows on the left (``Grouped.tokens_left``, run 11 of the
     notes; us, the weight-rows-left tiles above -> these): from 32 slots per expert to 512
-    for every format (gate/up 64 x 64 x 128 then 64 x 64 x 64, down 64 x 128 x 64, 4 warps):
-    fp8-w Qwen3 T = 512 381 -> 308, T = 4096 1180 -> 1069, Mixtral T = 512 1214 -> 1177; bf16
-    Qwen3 T = 4096 1053 -> 980. Above 512 per expert fp8-w keeps the weight-rows-left tiles
-    (Mixtral T = 4096 7983 against 8436-8934). ``mx`` (MXFP8 weights, whose per-32 dequantize
-    gains most): ``GROUPED_TILES_MX``, tokens left from 8 slots per expert: Qwen3 T = 128
-    363 -> 306, T = 512 503 -> 380, T = 1024 707 -> 553, T = 4096 1860 -> 1461; Mixtral
-    T = 64 883 -> 640, T = 4096 12773 -> 11003, but T = 512 1959 -> 2042.
+    for every format (gate/up 64 x 64 x 64, down 64 x 128 x 64, 4 warps): fp8-w Qwen3
+    T = 512 381 -> 313, T = 4096 1180 -> 1069, Mixtral T = 256 916 -> 741, T = 512 1214 ->
+    1177; bf16 Qwen3 T = 512 336 -> 328, T = 4096 1053 -> 980, Mixtral T = 256 814 -> 746.
+    Above 512 per expert fp8-w keeps the weight-rows-left tiles (Mixtral T = 4096 7983
+    against 8436-8934). ``mx`` (MXFP8 weights, whose per-32 dequantize gains most):
+    ``GROUPED_TILES_MX``, tokens left from 8 slots per expert: Qwen3 T = 128 363 -> 306,
+    T = 512 503 -> 387, T = 1024 707 -> 537, T = 4096 1860 -> 1461; Mixtral T = 64 883 ->
+    640, T = 256 1374 -> 1343, T = 4096 12773 -> 11003, but T = 512 1959 -> 2042.
     """
     # few slots on many experts: mostly distinct experts (S = E / 4: ~12% duplicates)
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
@@ -964,7 +965,7 @@ GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
 _TL = Grouped(64, 128, 64, tokens_left=True)  # the tokens-left down tiles from 32 slots per expert
 GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
                  (32, Grouped(32, 64, 128), Grouped(32, 64, 128)),
-                 (128, Grouped(64, 64, 128, tokens_left=True), _TL),
+                 (128, Grouped(64, 64, 64, tokens_left=True), _TL),
                  (512, Grouped(64, 64, 64, tokens_left=True), _TL),
                  (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
 # MXFP8 weights (``default_plan(mx=True)``): token rows on the left from 8 slots per expert
