@@ -39,7 +39,8 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               offsets = its exclusive prefix sum, each slot at offsets[e] + rank,
                               ranks from atomic increments after a barrier); above, it zeroes the
                               counters of
-    _moe_count_kernel         per-expert slot counts (atomic increments of a zeroed int32 [E])
+    _moe_count_kernel         per-expert slot counts (each program's histogram added with one
+                              atomic per expert into a zeroed int32 [E])
     _moe_scatter_kernel       exclusive prefix sum of the counts -> offsets [E + 1]; each slot's
                               position = offsets[e] + rank (rank: an atomic increment of a second
                               zeroed counter); sorted_slots[position] = s. Positions are unpadded:
@@ -53,12 +54,15 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
                               y32 [T, H] (``plan.atomic``) + ``_moe_cast_kernel``, or fp32 rows
                               per slot + ``_moe_sum_kernel`` (fixed order over A: deterministic);
                               the two-op flow zeroes y32 with ``_moe_fill_kernel``
+    _moe_gate_up_tl_kernel,   the same two GEMMs with the token rows as the MMA's left operand
+    _moe_down_tl_kernel       and each converted weight tile as its right one (gate and up in one
+                              product), for the regimes whose tiles say ``tokens_left``
     _moe_gate_up_q_kernel,    the same two GEMMs on quantized activations (below), token rows as
     _moe_down_q_kernel        the MMA's left operand and weight rows as its right one
 
 The ops: ``mxpass::moe_gate_up_triton`` (prep, gate/up) and ``mxpass::moe_down_triton``
 (down, cast), between which the caller fake-quantizes h (W8A8 formats, the reference's
-numerics); ``mxpass::moe_fused_triton`` (all of it in one op, for weight-only formats and,
+numerics; ``fake_quantize_h``); ``mxpass::moe_fused_triton`` (all of it in one op, for weight-only formats and,
 with ``quantize``, for per-token e4m3 / int8 activations, below).
 
 Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
