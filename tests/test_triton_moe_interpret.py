@@ -186,13 +186,17 @@ def test_default_plan_regimes():
         assert plan.regimes[0].gate_up.block_m == 16 and plan.regimes[0].s_hi == 8 * E
         # weight-only kernels with token rows on the left: from 32 to 512 slots per expert, and
         # for MXFP8 weights from 8 per expert on (the same regime bounds)
-        mx = mk.default_plan(E, A, H, I, mx=True)
+        mx = mk.default_plan(E, A, H, I, granularity="mx32")
         mk._check_plan(mx, 4)
         assert [r.s_hi for r in mx.regimes] == [r.s_hi for r in plan.regimes]
-        for r, m in zip(plan.regimes, mx.regimes):
+        # and for 128 x 128 block scales from 32 to 128 per expert only
+        blk = mk.default_plan(E, A, H, I, granularity="block")
+        mk._check_plan(blk, 3)
+        for r, m, b in zip(plan.regimes, mx.regimes, blk.regimes, strict=True):
             lo = r.s_lo  # the regime is S in [s_lo, s_hi)
             assert r.gate_up.tokens_left == r.down.tokens_left == (32 * E <= lo < 512 * E), (E, r)
             assert m.gate_up.tokens_left == m.down.tokens_left == (lo >= 8 * E), (E, m)
+            assert b.gate_up.tokens_left == b.down.tokens_left == (32 * E <= lo < 128 * E), (E, b)
         # the fused W8A8 op's plan (its own kernels and tiles): the same decode range, then
         # 16-wide tiles below 32 slots per expert, 64-wide up to 512, down 128-wide above;
         # 128-wide K steps throughout (no conversion in registers)

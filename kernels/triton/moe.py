@@ -911,7 +911,7 @@ class Plan(NamedTuple):
 
 
 def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: bool = False,  # noqa: E741  (I: the intermediate size)
-                 mx: bool = False) -> Plan:
+                 granularity: str = "channel") -> Plan:
     """The plan for one MoE layer's static shapes.
 
     Fastest of ``python -m mxpass.benchmarks.moe --sweep`` and ``mxpass.benchmarks.moe_plans`` on
@@ -952,7 +952,10 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: 
     T = 512 381 -> 313, T = 4096 1180 -> 1069, Mixtral T = 256 916 -> 741, T = 512 1214 ->
     1177; bf16 Qwen3 T = 512 336 -> 328, T = 4096 1053 -> 980, Mixtral T = 256 814 -> 746.
     Above 512 per expert fp8-w keeps the weight-rows-left tiles (Mixtral T = 4096 7983
-    against 8436-8934). ``mx`` (MXFP8 weights, whose per-32 dequantize gains most):
+    against 8436-8934). ``granularity`` "block" (128 x 128 weight scales, applied to every K
+    step's product): ``GROUPED_TILES_BLOCK``, tokens left only from 32 to 128 slots per
+    expert (fp8-w-block Qwen3 T = 512 407 -> 374; at T = 4096 the weight-rows-left tiles
+    1337 against 1458-1686). "mx32" (MXFP8 weights, whose per-32 dequantize gains most):
     ``GROUPED_TILES_MX``, tokens left from 8 slots per expert: Qwen3 T = 128 363 -> 306,
     T = 512 503 -> 387, T = 1024 707 -> 537, T = 4096 1860 -> 1461; Mixtral T = 64 883 ->
     640, T = 256 1374 -> 1343, T = 4096 12773 -> 11003, but T = 512 1959 -> 2042.
@@ -961,7 +964,8 @@ def default_plan(E: int, A: int, H: int, I: int, quantized: bool = False, int8: 
     decode_slots = max(A, 16, E // 4) if E >= 32 else A
     if quantized:
         return build_plan(E, decode_slots, GROUPED_TILES_INT8 if int8 else GROUPED_TILES_W8A8)
-    return build_plan(E, decode_slots, GROUPED_TILES_MX if mx else GROUPED_TILES)
+    return build_plan(E, decode_slots, {"mx32": GROUPED_TILES_MX, "block": GROUPED_TILES_BLOCK}.get(granularity,
+                                                                                                  GROUPED_TILES))
 
 
 GEMV = Gemv(block_n=4, block_k=512, num_warps=4)
@@ -972,7 +976,11 @@ GROUPED_TILES = ((8, Grouped(16, 64, 128), Grouped(16, 64, 128)),
                  (128, Grouped(64, 64, 64, tokens_left=True), _TL),
                  (512, Grouped(64, 64, 64, tokens_left=True), _TL),
                  (None, Grouped(128, 128, 64, num_warps=8, num_stages=4), Grouped(128, 128, 128, num_warps=8)))
-# MXFP8 weights (``default_plan(mx=True)``): token rows on the left from 8 slots per expert
+# 128 x 128 block-scaled weights (``default_plan(granularity="block")``): the weight-rows-left
+# tiles of before from 128 slots per expert
+GROUPED_TILES_BLOCK = (*GROUPED_TILES[:3], (512, Grouped(64, 64, 64), Grouped(128, 128, 128, num_warps=8)),
+                       GROUPED_TILES[4])
+# MXFP8 weights (``default_plan(granularity="mx32")``): token rows on the left from 8 slots per expert
 GROUPED_TILES_MX = (GROUPED_TILES[0],
                     (32, Grouped(32, 64, 128, tokens_left=True), Grouped(32, 64, 128, tokens_left=True)),
                     GROUPED_TILES[2],
@@ -1336,12 +1344,12 @@ def moe_fused_with_plan(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
 
 def _plan_for(topk_ids, w13_or_w2, gate_up: bool, granularity: str, quantized: bool = False) -> Plan:
     A = topk_ids.shape[1]
-    mx = granularity == "mx32"
     if gate_up:
         E, two_i, H = w13_or_w2.shape
-        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized, w13_or_w2.dtype == torch.int8, mx)
+        return default_plan(int(E), int(A), int(H), int(two_i) // 2, quantized, w13_or_w2.dtype == torch.int8,
+                            granularity)
     E, H, I = w13_or_w2.shape  # noqa: E741
-    return default_plan(int(E), int(A), int(H), int(I), mx=mx)
+    return default_plan(int(E), int(A), int(H), int(I), granularity=granularity)
 
 
 @triton_op("mxpass::moe_gate_up_triton", mutates_args=())

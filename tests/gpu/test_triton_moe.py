@@ -126,9 +126,9 @@ def test_every_path_alone(weights):
         "grouped-sum": base._replace(atomic=False),
     }
     # every regime's tiles forced alone, from 16 x 64 x 128 to 128 x 128 x 128, weight rows or token
-    # rows on the left (the MXFP8 plan's tiles too)
-    mx = km.default_plan(E, A, H, I, mx=True)
-    for i, r in enumerate(base.regimes + tuple(r for r in mx.regimes if r not in base.regimes)):
+    # rows on the left (the MXFP8 and block-scale plans' tiles too)
+    others = [r for g in ("mx32", "block") for r in km.default_plan(E, A, H, I, granularity=g).regimes]
+    for i, r in enumerate(base.regimes + tuple(dict.fromkeys(r for r in others if r not in base.regimes))):
         plans[f"grouped-{i}"] = km.Plan(0, base.gate_up_gemv, base.down_gemv, (km.Regime(1, None, r.gate_up, r.down),))
     for scheme in ("mxfp8", "int8"):
         fmt, w, ref_fn = weights[scheme]
