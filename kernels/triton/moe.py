@@ -166,6 +166,15 @@ def _expert_tile(off_ptr, j, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
+def _tile_slots(sorted_ptr, p0, p_end, BLOCK_M: tl.constexpr):
+    """(positions p0 .. p0 + BLOCK_M - 1, their mask (< p_end), the slot at each valid position)
+    of a grouped tile (``_expert_tile``); a slot's token is slot // A."""
+    pos = p0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < p_end
+    return pos, m_mask, tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+
+
+@triton.jit
 def _mma(acc, q, x, s_ptr, s_off, rows, row_mask, k0, KG, KB,
          dtype: tl.constexpr, SCALE: tl.constexpr, IS_INT8: tl.constexpr, ASM: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_RIGHT: tl.constexpr = False):
@@ -432,11 +441,9 @@ def _moe_gate_up_kernel(
     if e >= E:
         return
     dtype = h_ptr.dtype.element_ty
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
-    m_mask = pos < p_end
-    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
+    tok = slot // A
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < I
     e64 = e.to(tl.int64)
@@ -504,9 +511,8 @@ def _moe_gate_up_tl_kernel(
     if e >= E:
         return
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + tl.arange(0, BLOCK_M)
-    m_mask = pos < p_end
-    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
+    tok = slot // A
     wrow, c_mask = _gate_up_rows(I, BLOCK_N)
     e64 = e.to(tl.int64)
     s_off = e64 * S_STRIDE
@@ -549,9 +555,7 @@ def _moe_down_tl_kernel(
     if e >= E:
         return
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + tl.arange(0, BLOCK_M)
-    m_mask = pos < p_end
-    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
     e64 = e.to(tl.int64)
@@ -593,11 +597,9 @@ def _moe_gate_up_q_kernel(
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
-    m_mask = pos < p_end
-    tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0) // A
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
+    tok = slot // A
     wrow, c_mask = _gate_up_rows(I, BLOCK_N)
     e64 = e.to(tl.int64)
     x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * H + rk[None, :]  # [BLOCK_M, BLOCK_K]
@@ -637,11 +639,8 @@ def _moe_down_kernel(
     if e >= E:
         return
     dtype = h_ptr.dtype.element_ty
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
-    m_mask = pos < p_end
-    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
     e64 = e.to(tl.int64)
@@ -680,11 +679,8 @@ def _moe_down_q_kernel(
     e, p0, p_end = _expert_tile(off_ptr, tl.program_id(0), E, BLOCK_M, E_P2)
     if e >= E:
         return
-    rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    pos = p0 + rm
-    m_mask = pos < p_end
-    slot = tl.load(sorted_ptr + pos, mask=m_mask, other=0)
+    pos, m_mask, slot = _tile_slots(sorted_ptr, p0, p_end, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
     e64 = e.to(tl.int64)
