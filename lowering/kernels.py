@@ -2,7 +2,8 @@
 
 Each kernel's ``run`` receives the raw activation [M, K] and applies the format's
 activation quantization itself (as ATen math, which Inductor fuses into the producer):
-fake-quantized for kernels that compute on dequantized values, really quantized for the
+fake-quantized for kernels that compute on dequantized values (``_FakeQuantizedInput``,
+which also take it fake-quantized elsewhere through ``run_fake``), really quantized for the
 W8A8 kernels (``_QuantizedInput``), which also take it quantized elsewhere through
 ``run_quantized``. MoE kernels (op "moe") take the ``mxpass::moe`` arguments and apply
 the activation quantization of both expert inputs themselves. Order is decided by measurement (docs/performance.md); the reference is
@@ -48,11 +49,21 @@ class _Reference:
         return True, ""
 
 
-class ReferenceLinear(_Reference):
-    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
+class _FakeQuantizedInput:
+    """A kernel on the activation quantize-dequantized in its own dtype. ``run`` fake-quantizes
+    it (ATen math that Inductor fuses into its producer); ``run_fake`` takes
+    ``quant.fake_quantize_activation``'s output computed elsewhere (``lowering/producers.py``:
+    act_quant_triton's MXFP8 fake-quantization)."""
 
     def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        return quant.linear_reference(x, qweight, wscale, bias, act_scale, fmt)
+        return self.run_fake(quant.fake_quantize_activation(fmt, x, act_scale), qweight, wscale, bias, fmt)
+
+
+class ReferenceLinear(_FakeQuantizedInput, _Reference):
+    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
+
+    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
+        return quant.linear_reference_fake(xf, qweight, wscale, bias, fmt)
 
 
 class _TritonE4M3:
@@ -68,16 +79,15 @@ class _TritonE4M3:
         return _half_precision(problem)
 
 
-class TritonMXFP8Linear(_TritonE4M3):
+class TritonMXFP8Linear(_FakeQuantizedInput, _TritonE4M3):
     """Triton MXFP8 x bf16/fp16 GEMM (weights dequantized in-kernel), small-M and large-M paths."""
 
     name = "triton_mxfp8"
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
         from mxpass.kernels.triton import mxfp8_linear  # noqa: F401  (registers the op)
 
-        x = quant.fake_quantize_activation(fmt, x, act_scale)
-        return torch.ops.mxpass.mxfp8_linear_triton(x, qweight, wscale, bias)
+        return torch.ops.mxpass.mxfp8_linear_triton(xf, qweight, wscale, bias)
 
 
 class TritonW8Linear(TritonMXFP8Linear):
@@ -88,11 +98,10 @@ class TritonW8Linear(TritonMXFP8Linear):
 
     name = "triton_w8"
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
         from mxpass.kernels.triton import w8_linear  # noqa: F401  (registers the op)
 
-        x = quant.fake_quantize_activation(fmt, x, act_scale)
-        return torch.ops.mxpass.w8_linear_triton(x, qweight, wscale, bias, fmt.weight_granularity)
+        return torch.ops.mxpass.w8_linear_triton(xf, qweight, wscale, bias, fmt.weight_granularity)
 
 
 class _QuantizedInput:
@@ -219,7 +228,7 @@ class ScaledMMBlockwiseLinear(_QuantizedInput):
         return y if bias is None else y + bias
 
 
-class DequantMMLinear:
+class DequantMMLinear(_FakeQuantizedInput):
     """Activation fake-quantized and weight dequantized in the model dtype (Inductor
     pointwise code, fused with the producer), then one cuBLAS ``mm``. Works for every format
     and every M; it moves the weight three times (fp8/int8 read, bf16 write and read), so it
@@ -248,10 +257,9 @@ class DequantMMLinear:
                 return False, f"M={problem.m} < {self.min_static_m} ({where})"
         return _half_precision(problem)
 
-    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
-        xq = quant.fake_quantize_activation(fmt, x, act_scale)
-        w = quant.dequantize_weight(fmt, qweight, wscale).to(x.dtype)
-        y = torch.mm(xq, w.t())
+    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
+        w = quant.dequantize_weight(fmt, qweight, wscale).to(xf.dtype)
+        y = torch.mm(xf, w.t())
         return y if bias is None else y + bias
 
 

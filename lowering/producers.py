@@ -15,12 +15,15 @@
   producer's kernel (an HF Llama decode step on H200: 17 inputs, ~3.6 us each).
 
 ``fuse_input_quantization`` runs on the graph after the mxpass passes, before lowering: such
-an ``mxpass::linear`` node becomes a call of :func:`linear_quantized_input` on the output of
-one :func:`quantize_input` per distinct input (shared by q/k/v, by gate/up), when the
-format's activation is one act_quant_triton encodes and the registry's kernel for the
-layer takes a quantized activation (``run_quantized``). Every other input keeps the ATen
-math that Inductor fuses into its producer (an RMSNorm with per-token scales: one kernel).
-The report says which layers take this path and, for the other such inputs, why not.
+an ``mxpass::linear`` node becomes a call of :func:`linear_on_input` on the output of one
+:func:`quantize_input` per distinct input (shared by q/k/v, by gate/up), when the format's
+activation is one act_quant_triton encodes and the registry's kernel for the layer takes
+the activation quantized (``run_quantized``: codes and scales) or, for MXFP8,
+fake-quantized (``run_fake``: the dequantized values in the model dtype, by
+``mxpass::mx_fake_quant_triton``, the same kernel storing what it would dequantize to;
+MXFP8 at large M runs on dequantized weights). Every other input keeps the ATen math that
+Inductor fuses into its producer (an RMSNorm with per-token scales: one kernel). The
+report says which layers take this path and, for the other such inputs, why not.
 Measurements: docs/performance.md.
 """
 
@@ -56,8 +59,10 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
         return f"runs on CUDA, device is {problem.device.type}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if not hasattr(choice.kernel, "run_quantized"):
-        return f"{choice.kernel.name} takes the activation unquantized or fake-quantized"
+    if input_mode(problem, choice) is None:
+        how = "fake-quantized (act_quant_triton fake-quantizes MXFP8 only)" if hasattr(
+            choice.kernel, "run_fake") else "unquantized"
+        return f"{choice.kernel.name} takes the activation {how}"
     if problem.m is None:
         # torch 2.11's Inductor fails to decompose the kernel's call when its buffers have
         # symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional, seen on
@@ -67,6 +72,16 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
 
     ok, reason = supports(problem.fmt, problem.k, problem.dtype)
     return None if ok else reason
+
+
+def input_mode(problem: Problem, choice: Choice) -> str | None:
+    """"quantized" when the layer's kernel takes codes and scales (``run_quantized``), "fake"
+    when it takes an MXFP8 activation quantize-dequantized (``run_fake``), else None."""
+    if hasattr(choice.kernel, "run_quantized"):
+        return "quantized"
+    if hasattr(choice.kernel, "run_fake") and problem.fmt.family == "mxfp8":
+        return "fake"
+    return None
 
 
 def _silu_mul(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -136,21 +151,26 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         rows = g.shape[:-1]
         m = math.prod(rows) if all(isinstance(r, int) for r in rows) else None
         problem = Problem("linear", fmt, g.device, k, w.shape[0], g.dtype, m)
-        why_not = fusion_problem(problem, choose(problem))
-        note = f"input {what} quantized by {KERNEL}" if why_not is None else (
+        choice = choose(problem)
+        why_not = fusion_problem(problem, choice)
+        mode = input_mode(problem, choice)
+        if why_not is None and mode is None:
+            why_not = f"{choice.kernel.name} takes neither a quantized nor an MXFP8 fake-quantized activation"
+        done = "fake-quantized" if mode == "fake" else "quantized"
+        note = f"input {what} {done} by {KERNEL}" if why_not is None else (
             f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")
         for i in node.meta.get("mxpass_report_index", []):  # the layers this node computes
             report.rewritten[i] = dataclasses.replace(report.rewritten[i], input_quant=note)
         if why_not is not None:
             continue
-        key = (src, up, fmt_name)
+        key = (src, up, fmt_name, mode)
         if key not in shared:
             with gm.graph.inserting_before(node):
-                q = gm.graph.call_function(quantize_input, (src, up, k, fmt_name))
+                q = gm.graph.call_function(quantize_input, (src, up, k, fmt_name, mode))
                 shared[key] = (gm.graph.call_function(operator.getitem, (q, 0)),
                                gm.graph.call_function(operator.getitem, (q, 1)))
-        node.target = linear_quantized_input
-        node.args = (*shared[key], src, qweight, wscale, bias, fmt_name)
+        node.target = linear_on_input
+        node.args = (*shared[key], src, qweight, wscale, bias, fmt_name, mode)
         if up is not None:
             silu = x.args[0] if x.args[1] is up else x.args[1]
             gm.graph.erase_node(x)
@@ -161,25 +181,33 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
     return n_fused
 
 
-def quantize_input(x, up, k: int, fmt: str):
-    """(data [M, K], scale) of ``x`` [..., K], or of ``silu(x) * up``, by act_quant_triton."""
-    from mxpass.kernels.triton import act_quant  # noqa: F401  (registers the op)
+def quantize_input(x, up, k: int, fmt: str, mode: str = "quantized"):
+    """(data [M, K], scale) of ``x`` [..., K], or of ``silu(x) * up``, by act_quant_triton;
+    mode "fake": (the MXFP8 quantize-dequantized values [M, K] in x's dtype, None)."""
+    from mxpass.kernels.triton import act_quant  # noqa: F401  (registers the ops)
 
     x2 = x.reshape(-1, k)
     u2 = None if up is None else up.reshape(-1, k)
     x2, u2 = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x2, u2))
+    if mode == "fake":
+        return torch.ops.mxpass.mx_fake_quant_triton(x2, u2), None
     return torch.ops.mxpass.act_quant_triton(x2, u2, fmt)
 
 
-def linear_quantized_input(xq, xs, x, qweight, wscale, bias, fmt: str):
-    """``mxpass::linear(x, ...)`` on the input ``quantize_input`` gave (``x``: for the
-    output's leading dimensions and dtype)."""
+def linear_on_input(xq, xs, x, qweight, wscale, bias, fmt: str, mode: str = "quantized"):
+    """``mxpass::linear(x, ...)`` on the input ``quantize_input`` gave in ``mode`` (``x``: for
+    the output's leading dimensions and dtype)."""
     f = get_format(fmt)
     n, k = qweight.shape
     problem = Problem("linear", f, x.device, k, n, x.dtype, static_rows(xq))
     choice = choose(problem)
     why_not = fusion_problem(problem, choice)
+    if why_not is None and input_mode(problem, choice) != mode:
+        why_not = f"{choice.kernel.name} does not take it {mode}"
     if why_not is not None:  # the pass checked the same problem
         raise RuntimeError(f"mxpass: the input of a {fmt} linear cannot be quantized by {KERNEL}: {why_not}")
-    y = choice.kernel.run_quantized(xq, xs, qweight, wscale, bias, f, x.dtype)
+    if mode == "fake":
+        y = choice.kernel.run_fake(xq, qweight, wscale, bias, f)
+    else:
+        y = choice.kernel.run_quantized(xq, xs, qweight, wscale, bias, f, x.dtype)
     return y.reshape(*x.shape[:-1], n)

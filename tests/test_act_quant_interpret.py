@@ -26,7 +26,12 @@ _CHILD = textwrap.dedent(
 
     torch.manual_seed(0)
     nanfill = lambda t: torch.nan_to_num(t, nan=7.0)
-    for scheme in ("fp8-dynamic", "fp8-block", "int8", "mxfp8"):
+    # grouped formats: one program per row (the default chunk holds these rows), and rows in
+    # chunks of 128 elements (fp8-block: one group per program; MXFP8: 4, the last chunk of
+    # K = 96 partly outside the row)
+    for chunk, scheme in [(1024, s) for s in ("fp8-dynamic", "fp8-block", "int8", "mxfp8")] + [
+            (128, "fp8-block"), (128, "mxfp8")]:
+        act_quant.CHUNK = chunk
         fmt = get_format(scheme)
         for dtype in (torch.bfloat16, torch.float16):
             for silu, M in ((False, 7), (True, 7)) + (((False, 20),) if fmt.activation == "group" else ()):
@@ -41,7 +46,7 @@ _CHILD = textwrap.dedent(
                 y = F.silu(x) * up if silu else x
                 ref_data, ref_scale = quant.quantize_activation(fmt, y, None)
                 data, scale = act_quant.launch(x, up, scheme, store_f32=fmt.family != "int8")
-                where = (scheme, dtype, silu, M)
+                where = (scheme, dtype, silu, M, chunk)
                 cast = torch.where(data.isnan(), float("nan"), data).to(torch.float8_e4m3fn)
                 if fmt.family == "mxfp8":  # E8M0 bytes, 255 = NaN
                     assert scale.dtype == torch.uint8 and scale.shape == (M, K // 32), where
@@ -63,22 +68,26 @@ _CHILD = textwrap.dedent(
                 assert torch.equal(nanfill(data), nanfill(pre)), where
                 assert not torch.signbit(data[data == 0]).any(), where  # -0 stored as +0
                 assert torch.equal(cast.view(torch.uint8), ref_data.view(torch.uint8)), where
-    # MXFP8 quantize-dequantize (fake=True): mxfp8.fake_quantize's values bit for bit, with the
-    # same NaN / Inf / zero / small rows, strided rows, and K = 96 (3 blocks, not a power of two)
+    # MXFP8 quantize-dequantize (fake=True), of x or of silu(x) * up: mxfp8.fake_quantize's
+    # values bit for bit, with the same NaN / Inf / zero / small rows, strided rows, and K = 96
+    # (3 blocks, not a power of two)
     from mxpass.schemes import mxfp8
-    for dtype in (torch.bfloat16, torch.float16):
-        for K in (384, 96):
+    for chunk, dtype in ((1024, torch.bfloat16), (1024, torch.float16), (128, torch.bfloat16)):
+        act_quant.CHUNK = chunk
+        for K, silu in ((384, False), (96, False), (384, True)):
             wide = (torch.randn(7, K + 64) * 3).to(dtype)
             x = wide[:, 32:32 + K]
             x[1] = 0
             x[2, 5] = float("nan")
             x[3, 7] = float("inf")
             x[4] *= 1e-3
-            y = torch.ops.mxpass.mx_fake_quant_triton(x)
-            ref = mxfp8.fake_quantize(x)
-            assert y.dtype == dtype and y.shape == x.shape, (dtype, K)
-            assert torch.equal(y.isnan(), ref.isnan()) and y.isnan()[2:4].any(1).all(), (dtype, K)
-            assert torch.equal(torch.nan_to_num(y).view(torch.int16), torch.nan_to_num(ref).view(torch.int16)), (dtype, K)
+            up = torch.randn(7, K).to(dtype) if silu else None
+            y = torch.ops.mxpass.mx_fake_quant_triton(x, up)
+            ref = mxfp8.fake_quantize(F.silu(x) * up if silu else x)
+            where = (dtype, K, silu, chunk)
+            assert y.dtype == dtype and y.shape == x.shape, where
+            assert torch.equal(y.isnan(), ref.isnan()) and y.isnan()[2:4].any(1).all(), where
+            assert torch.equal(torch.nan_to_num(y).view(torch.int16), torch.nan_to_num(ref).view(torch.int16)), where
     try:
         act_quant.launch(torch.zeros(2, 256, dtype=torch.bfloat16), None, "fp8-dynamic", fake=True)
         raise AssertionError("fake quantization of fp8-dynamic accepted")

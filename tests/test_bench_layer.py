@@ -14,6 +14,11 @@ def test_kernel_classes():
     assert layer.kernel_class("triton_red_fused___rshift____scaled_mm__to_copy_abs_add_amax") == "other"
     assert layer.kernel_class("triton_poi_fused__scaled_dot_product_cudnn_attention_add_cat") == "other"
     assert layer.kernel_class("Memset (Unknown)") == "other"
+    # mxpass's own GEMM kernels count as GEMM; its activation quantization does not
+    assert layer.kernel_class("_int8_mm_kernel") == "gemm"
+    assert layer.kernel_class("_mxfp8_dot_kernel") == "gemm"
+    assert layer.kernel_class("w8a8_gemv_kernel") == "gemm"
+    assert layer.kernel_class("_act_quant_kernel") == "other"
 
 
 def test_layer_runs_and_has_the_seven_linears():

@@ -283,6 +283,8 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
 
     monkeypatch.setattr(producers, "fusion_problem",
                         lambda problem, choice: None if problem.fmt.activation == "token" else "not this one")
+    # on the CPU every layer takes the reference: stand in for the GPU kernels' input modes
+    monkeypatch.setattr(producers, "input_mode", lambda problem, choice: "quantized")
     graphs = []
 
     class Captured(Exception):
@@ -298,16 +300,16 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
 
     monkeypatch.setattr(inductor, "compile_fx", capture)
     model, ids = _tiny_llama(), torch.randint(0, 128, (1, 6))
-    def compile_graph(scheme):
+    def compile_graph(scheme, merge=True):
         torch._dynamo.reset()
         graphs.clear()
         with torch.no_grad(), pytest.raises(Captured):
-            torch.compile(model, backend=mxpass.backend(scheme=scheme))(ids, use_cache=False)
+            torch.compile(model, backend=mxpass.backend(scheme=scheme, merge=merge))(ids, use_cache=False)
         return graphs[0], {r.fqn.split(".")[-1]: r.input_quant for r in mxpass.last_report().rewritten}
 
     for scheme in ("fp8-dynamic",):
         gm, notes = compile_graph(scheme)
-        linears = [n for n in gm.graph.nodes if n.target is producers.linear_quantized_input]
+        linears = [n for n in gm.graph.nodes if n.target is producers.linear_on_input]
         quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
         silus = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.silu]
         assert len(linears) == 4 and len(quantized) == 4 and not silus, (scheme, gm.graph)
@@ -329,7 +331,7 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
     # ... else one quantization shared by q/k/v and one by gate/up
     monkeypatch.setattr(producers, "fusion_problem", lambda problem, choice: None)
     gm, notes = compile_graph("fp8-block")
-    linears = [n for n in gm.graph.nodes if n.target is producers.linear_quantized_input]
+    linears = [n for n in gm.graph.nodes if n.target is producers.linear_on_input]
     quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
     # 2 layers x (q, k, v: k/v have 64 rows, not a 128-row block, so not merged; o; gate/up merged; down)
     assert len(linears) == 12 and len(quantized) == 8, gm.graph
@@ -340,6 +342,46 @@ def test_quantizing_inputs_become_one_call(monkeypatch):
     assert len(quantized) == 8 and all(q.args[3] == "mxfp8" for q in quantized), gm.graph
     assert notes["q_proj"] == notes["gate_proj"] == "input activation quantized by act_quant_triton", notes
     assert notes["down_proj"] == "input silu*mul quantized by act_quant_triton", notes
+    # MXFP8 kernels on fake-quantized activations (dequantize + cuBLAS, triton_mxfp8) take
+    # act_quant_triton's fake-quantization; an input shared by layers of both kinds (unmerged
+    # q: fake; k, v: quantized) gets one call per kind
+    monkeypatch.setattr(producers, "input_mode", lambda problem, choice: "quantized" if problem.n == 64 else "fake")
+    gm, notes = compile_graph("mxfp8", merge=False)
+    quantized = [n for n in gm.graph.nodes if n.target is producers.quantize_input]
+    linears = [n for n in gm.graph.nodes if n.target is producers.linear_on_input]
+    modes = sorted(q.args[4] for q in quantized)
+    # per layer: q's input, o's, gate/up's (one call for both), down's; k/v's input
+    assert modes == ["fake"] * 8 + ["quantized"] * 2, gm.graph
+    assert sorted(n.args[-1] for n in linears) == ["fake"] * 10 + ["quantized"] * 4
+    for n in linears:  # each linear reads the call of its own mode
+        assert n.args[0].args[0].target is producers.quantize_input and n.args[0].args[0].args[4] == n.args[-1]
+    assert notes["q_proj"] == notes["gate_proj"] == "input activation fake-quantized by act_quant_triton", notes
+    assert notes["k_proj"] == "input activation quantized by act_quant_triton", notes
+    assert notes["down_proj"] == "input silu*mul fake-quantized by act_quant_triton", notes
+
+
+def test_input_modes_follow_the_kernel():
+    """Which activation each kernel takes from act_quant_triton: codes and scales for the W8A8
+    kernels, MXFP8 fake-quantized values for the kernels on dequantized values, nothing for
+    weight-only formats or fake-quantized formats other than MXFP8 (reason in the report)."""
+    from mxpass.lowering import producers
+    from mxpass.lowering.kernels import DequantMMLinear, ScaledMMLinear, TritonMXFP8Linear, TritonW8Linear
+    from mxpass.lowering.registry import Choice
+
+    gpu = torch.device("cuda", 0)
+
+    def problem(scheme):
+        return Problem("linear", mxpass.get_format(scheme), gpu, 4096, 4096, torch.bfloat16, 4096)
+
+    for kernel in (DequantMMLinear(), TritonMXFP8Linear()):
+        assert producers.input_mode(problem("mxfp8"), Choice(kernel)) == "fake"
+        assert producers.fusion_problem(problem("mxfp8"), Choice(kernel)) is None
+    assert producers.input_mode(problem("fp8-dynamic"), Choice(ScaledMMLinear("rowwise"))) == "quantized"
+    assert producers.input_mode(problem("fp8-dynamic"), Choice(DequantMMLinear())) is None
+    assert producers.fusion_problem(problem("fp8-dynamic"), Choice(DequantMMLinear())) == (
+        "dequant_cublas_mm takes the activation fake-quantized (act_quant_triton fake-quantizes MXFP8 only)")
+    assert producers.fusion_problem(problem("mxfp8-w"), Choice(TritonW8Linear())) == (
+        "mxfp8-w keeps activations unquantized")
 
 
 def test_dynamic_m_keeps_inductors_input_quantization():

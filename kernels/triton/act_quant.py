@@ -4,8 +4,9 @@
 ``silu(x) * up`` (the input of a SwiGLU MLP's down projection, never written to memory) to
 the activation encoding of ``fmt``: dynamic per-token e4m3 (``fp8-dynamic``), 1 x 128 e4m3
 groups (``fp8-block``), per-token int8 (``int8``) or MXFP8 (``mxfp8``: e4m3 with one E8M0
-byte per 32, written as uint8). One program per row; the whole row stays in
-registers (K <= MAX_K), so the input is read once: Inductor's fused kernel for the same
+byte per 32, written as uint8). Per-token scales: one program per row, the whole row in
+registers (K <= MAX_K); grouped scales (1 x 128, MX): one program per CHUNK elements of a
+row. Either way the input is read once: Inductor's fused kernel for the same
 math reads a row twice when the row is longer than its persistent-reduction limit, and
 spends ~25 integer instructions per element emulating the dtype roundings that
 a hardware conversion does in one.
@@ -149,7 +150,7 @@ def _act_quant_kernel(x_ptr, up_ptr, q_ptr, s_ptr, M, K, NG, stride_x, stride_up
     if row >= M:
         return
     row = row.to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # this program's groups of the row
     offs = g[:, None] * GS + tl.arange(0, GS)[None, :]  # [groups, group size]; token: one group
     mask = offs < K
     y = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -207,19 +208,34 @@ def _check(x: torch.Tensor, up: torch.Tensor | None, fmt: Format) -> None:
                          f"match x {tuple(x.shape)} {x.dtype} with unit stride along K")
 
 
+CHUNK = 2048  # elements of a row per program for the grouped KINDs (whose groups are independent)
+CHUNK_WARPS = 4
+
+
+def _grid_groups(kind: int, ng: int, gs: int) -> int:
+    """Groups per program: a whole row for per-token scales (one group), else CHUNK elements.
+
+    MX blocks and 1 x 128 groups need no row-wide reduction, so a program takes CHUNK
+    elements of a row (16 per thread at 4 warps) instead of the whole row, which at 14336
+    (SiLU*mul) held one 16-warp program per SM and was latency-bound. H200, bf16, us, one
+    program per row -> 2048-element chunks: M = 4096, SiLU*mul of 14336: MXFP8 fake 144.0
+    -> 87.2, MXFP8 91.8 -> 78.5, fp8-block 80.0 -> 72.7; x of 4096: 20.2 -> 18.7, 16.4 ->
+    15.5, 13.8 -> 14.9; M = 1, SiLU*mul of 14336: 4.4 -> 2.2 (chunks of 512 and 1024, and
+    8 warps, were slower at M = 4096; docs/performance.md)."""
+    if kind not in _GROUP_SIZE:
+        return 1
+    return min(triton.next_power_of_2(ng), max(1, CHUNK // gs))
+
+
 def _warps(M, block: int, kind: int) -> int:
-    """One program per row. A static M of at most 16 (decode) takes 32 warps: the row is then
-    latency-bound (HF Llama, 8B shapes, 1 token, CUDA graphs, H200: 0.4935 -> 0.4905 ms per
-    forward). Otherwise 4 warps, 8 for rows of 8192 or more, and 16 for such rows in 1 x 128
-    groups: in an HF Llama decoder layer at 4096 tokens (H200, ``python -m
-    mxpass.benchmarks.layer``, two runs each) fp8-block's four calls took 134-136 us with 16
-    warps against 144 with 8; 2 warps for per-token rows of 4096 gained nothing. MX blocks
-    take the 1 x 128 rule unmeasured beyond M = 16 (their linears reach this kernel only
-    through the GEMV, M <= 16)."""
+    """Per-token scales (one program per row, the whole row in registers): a static M of at
+    most 16 (decode) takes 32 warps: the row is then latency-bound (HF Llama, 8B shapes, 1
+    token, CUDA graphs, H200: 0.4935 -> 0.4905 ms per forward). Otherwise 4 warps, 8 for rows
+    of 8192 or more; 2 warps for rows of 4096 gained nothing. (Grouped KINDs: CHUNK_WARPS.)"""
     if isinstance(M, int) and M <= 16:
         return 32
     if block >= 8192:
-        return 16 if kind in _GROUP_SIZE else 8
+        return 8
     return 4
 
 
@@ -252,11 +268,13 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
         scale = torch.empty((ng, M), dtype=torch.float32, device=x.device).t()
     else:
         scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
-    wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1),)](
+    per = _grid_groups(kind, ng, gs)
+    warps = CHUNK_WARPS if kind in _GROUP_SIZE else _warps(M, block, kind)
+    wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1), triton.cdiv(ng, per))](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
         scale.stride(0), scale.stride(1),
-        SILU_MUL=up is not None, KIND=kind, BLOCK_G=triton.next_power_of_2(ng), GS=gs, STORE_F32=store_f32, FAKE=fake,
-        RTZ=mxfp8.ROUNDS_TO_ZERO[x.dtype], **params(kind, x.dtype, x.device.type), num_warps=_warps(M, block, kind))
+        SILU_MUL=up is not None, KIND=kind, BLOCK_G=per, GS=gs, STORE_F32=store_f32, FAKE=fake,
+        RTZ=mxfp8.ROUNDS_TO_ZERO[x.dtype], **params(kind, x.dtype, x.device.type), num_warps=warps)
     return data, scale
 
 
@@ -275,11 +293,13 @@ def act_quant_triton(x: torch.Tensor, up: torch.Tensor | None, fmt: str) -> tupl
 
 
 @triton_op("mxpass::mx_fake_quant_triton", mutates_args=())
-def mx_fake_quant_triton(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, K % 32 == 0) quantized to MXFP8 and dequantized, in x.dtype: the
-    values of ``mxpass.schemes.mxfp8.fake_quantize(x)`` in one pass over each row (for a tensor
-    no producer kernel can fuse this into, such as a MoE op's h). Differs from it only where a
-    dequantized value is an fp32 subnormal (below 2**-126 in magnitude): Triton flushes it to 0."""
+def mx_fake_quant_triton(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, K % 32 == 0), or silu(x) * up when up is given, quantized to
+    MXFP8 and dequantized, in x.dtype: the values of ``mxpass.schemes.mxfp8.fake_quantize``
+    in one pass over each row (for a tensor no producer kernel can fuse this into, such as a
+    MoE op's h, or one Inductor's code serves slowly, such as a SwiGLU's SiLU*mul). Differs
+    from it only where a dequantized value is an fp32 subnormal (below 2**-126 in
+    magnitude): Triton flushes it to 0; and in SiLU's fast ``exp`` (module docstring)."""
     if x.shape[-1] % mxfp8.BLOCK_SIZE:
         raise ValueError(f"mx_fake_quant_triton: K={x.shape[-1]} is not a multiple of {mxfp8.BLOCK_SIZE}")
-    return launch(x, None, "mxfp8", fake=True)[0]
+    return launch(x, up, "mxfp8", fake=True)[0]

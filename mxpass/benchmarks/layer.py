@@ -12,7 +12,8 @@ shapes, so the registry sees M = tokens:
 
 Method. The layer's forward time is the median of CUDA-event timings; then the profiler
 records ``iters`` forwards and every GPU kernel is put in one class by its name: GEMM
-(cuBLAS/CUTLASS kernels: ``nvjet``, ``gemm``, ``cutlass``, ``xmma``), attention (``flash``,
+(cuBLAS/CUTLASS kernels: ``nvjet``, ``gemm``, ``cutlass``, ``xmma``; mxpass's own GEMM
+kernels and their split-K reduction), attention (``flash``,
 ``fmha``, ``sdpa``), other (Inductor's Triton kernels: RMSNorm, rotary, SiLU*mul, residual adds, and
 in a quantized layer the quantization fused into them or left on its own). A quantized
 layer's activation quantization costs
@@ -39,12 +40,16 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, 
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 
 _GEMM = ("nvjet", "gemm", "cutlass", "xmma", "cublas")
+# mxpass's own linear kernels (Triton and the CUDA extension): the GEMM and its split-K reduction.
+_MXPASS_GEMM = ("_int8_mm", "_mxfp8_gemv", "_mxfp8_dot", "_splitk_reduce", "_w8_gemv", "_w8_dot", "w8a8_gemv")
 _ATTENTION = ("flash", "fmha", "attention", "sdpa")
 
 
 def kernel_class(name: str) -> str:
     """"gemm", "attention" or "other" for a GPU kernel name (module docstring)."""
     low = name.lower()
+    if any(low.startswith(s) for s in _MXPASS_GEMM):
+        return "gemm"
     if low.startswith("triton"):
         return "other"
     if any(s in low for s in _ATTENTION):
@@ -139,7 +144,7 @@ def run(schemes=("fp8-dynamic", "fp8-block"), tokens: int = 4096, iters: int = 1
             quant = r["other_us"] - base["other_us"]
             rows.append({"bench": "layer", "variant": scheme, "inductor": label, "linear_kernels": kernels,
                          "tokens": tokens, "err_vs_bf16": err, **r, "quant_us": quant,
-                         "overhead": (r["gemm_us"] + quant) / r["gemm_us"],
+                         "overhead": (r["gemm_us"] + quant) / r["gemm_us"] if r["gemm_us"] else None,
                          "forward_vs_bf16": base["forward_ms"] / r["forward_ms"]})
     return rows
 
@@ -152,7 +157,7 @@ def format_table(rows: list[dict]) -> str:
         if r.get("inductor"):
             out.append(f"  (Inductor: {r['inductor']})")
         q = f"{r['quant_us']:.1f}" if "quant_us" in r else ""
-        o = f"{r['overhead']:.3f}x" if "overhead" in r else ""
+        o = f"{r['overhead']:.3f}x" if r.get("overhead") else ""
         out.append(f"{r['variant']:<12}{r['tokens']:>7}{r['forward_ms']:>9.3f}{r['kernels_us']:>12.1f}"
                    f"{r['gemm_us']:>10.1f}{r['attention_us']:>10.1f}{r['other_us']:>10.1f}{q:>10}{o:>10}")
     for r in rows:
