@@ -59,11 +59,12 @@ class _FakeQuantizedInput:
         return self.run_fake(quant.fake_quantize_activation(fmt, x, act_scale), qweight, wscale, bias, fmt)
 
 
-class ReferenceLinear(_FakeQuantizedInput, _Reference):
-    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device)."""
+class ReferenceLinear(_Reference):
+    """Fake-quantized activation, dequantized weight, fp32 matmul, in ATen ops (any device).
+    It quantizes its activation itself (never act_quant_triton's), as the definition."""
 
-    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
-        return quant.linear_reference_fake(xf, qweight, wscale, bias, fmt)
+    def run(self, x, qweight, wscale, bias, act_scale, fmt: Format):
+        return quant.linear_reference(x, qweight, wscale, bias, act_scale, fmt)
 
 
 class _TritonE4M3:

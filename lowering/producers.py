@@ -60,9 +60,9 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if input_mode(problem, choice) is None:
-        how = "fake-quantized (act_quant_triton fake-quantizes MXFP8 only)" if hasattr(
-            choice.kernel, "run_fake") else "unquantized"
-        return f"{choice.kernel.name} takes the activation {how}"
+        if hasattr(choice.kernel, "run_fake"):
+            return f"{choice.kernel.name} takes the activation fake-quantized (act_quant_triton fake-quantizes MXFP8 only)"
+        return f"{choice.kernel.name} quantizes its activation itself"
     if problem.m is None:
         # torch 2.11's Inductor fails to decompose the kernel's call when its buffers have
         # symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional, seen on

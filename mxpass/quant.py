@@ -57,12 +57,8 @@ def quantize_activation(fmt: Format, x: torch.Tensor, act_scale: torch.Tensor | 
 
 def linear_reference(x, qweight, wscale, bias, act_scale, fmt: Format) -> torch.Tensor:
     """y = fq(x) @ dequant(W)^T + b in fp32, returned in x's dtype: the definition."""
-    return linear_reference_fake(fake_quantize_activation(fmt, x, act_scale), qweight, wscale, bias, fmt)
-
-
-def linear_reference_fake(xf, qweight, wscale, bias, fmt: Format) -> torch.Tensor:
-    """``linear_reference`` on an activation already fake-quantized (xf = fq(x))."""
-    y = torch.matmul(xf.float(), dequantize_weight(fmt, qweight, wscale).t())
+    xq = fake_quantize_activation(fmt, x, act_scale)
+    y = torch.matmul(xq.float(), dequantize_weight(fmt, qweight, wscale).t())
     if bias is not None:
         y = y + bias.float()
-    return y.to(xf.dtype)
+    return y.to(x.dtype)
