@@ -224,7 +224,6 @@ def _mxfp8_dot_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
     G: tl.constexpr = BLOCK_K // 32
     K = K_GROUPS * 32
 
@@ -369,6 +368,7 @@ GEMV_MAX_M = 1  # M <= 1: gemv kernel (CUDA cores)
 SMALL_MAX_M = 16  # 2 <= M <= 16: dot kernel, 16-wide x tile
 MEDIUM_MAX_M = 64  # 17 <= M <= 64: dot kernel, 64-wide x tile
 LARGE_M = 256  # 65 <= M < 256: dot kernel, 128-wide x tile; M >= 256: dequantize + GEMM
+NARROW_SPLIT = 3  # K splits (S0) of the narrow-N regime after LARGE_M (large_regimes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,6 +381,29 @@ def _split_for(K: int, N: int, block_n: int, block_k: int, num_sms: int, waves: 
     n_tiles = triton.cdiv(N, block_n)
     k_steps = triton.cdiv(K, block_k)
     return max(1, min(k_steps, (waves * num_sms + n_tiles - 1) // n_tiles))
+
+
+def large_regimes(K: int, N: int, num_sms: int, large: DequantGemm) -> tuple[Regime, ...]:
+    """The regimes from LARGE_M on: ``large`` (weight tiles of 128 rows x 256 rows of x), and
+    before it, where N is narrow, 128 x 128 tiles split along K (S0 = NARROW_SPLIT) for the M
+    at which ``large``'s grid would hold at most half a program per SM: M <= 256 * t for t =
+    num_sms // (2 * weight tiles). On 14336 x 4096 (32 weight tiles) ``large`` ran 32 / 64
+    programs at M = 256 / 512.
+
+    H200 (``triton_mxfp8``; ``triton_w8`` the same within 3%), CUDA-graph replays, us,
+    ``large`` alone -> with this regime (S0 = 3), bf16 cuBLAS in brackets:
+    14336 x 4096 M = 256 186.0 -> 103.9 (52.4), 384 186.0 -> 131.8, 512 189.1 -> 138.8 (89.0),
+    but 768 200.0 -> 218.7 (a grid of 96 programs; t = 2 stops the regime at 512);
+    13824 x 5120 M = 256 192.8 -> 153.2 (S0 = 5: 133.2), 512 192.8 -> 219.4;
+    28672 x 8192 M = 256 465.0 -> 379.4, 512 502.8 -> 551.3 (t = 1 there: M = 256 only).
+    N = 12288 / 28672: no gain from 128-row tiles or splits (docs/performance.md)."""
+    g = large.gemm
+    t = num_sms // (2 * triton.cdiv(N, g.block_n))
+    if t < 1:
+        return (Regime(LARGE_M, None, large),)
+    hi = t * LARGE_M + 1
+    narrow = large._replace(gemm=g._replace(block_m=128, num_stages=4, split=min(NARROW_SPLIT, triton.cdiv(K, g.block_k))))
+    return (Regime(LARGE_M, hi, narrow), Regime(hi, None, large))
 
 
 def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
@@ -411,7 +434,7 @@ def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
             Regime(GEMV_MAX_M + 1, SMALL_MAX_M + 1, small),
             Regime(SMALL_MAX_M + 1, MEDIUM_MAX_M + 1, medium),
             Regime(MEDIUM_MAX_M + 1, LARGE_M, wide),
-            Regime(LARGE_M, None, large),
+            *large_regimes(K, N, num_sms, large),
         )
     )
 
