@@ -10,10 +10,11 @@ does is traced like model code:
   with SiLU*mul, its last program per tile quantizing h; e4m3 / int8 down GEMM with the
   routed-weight multiply and top-k sum).
 - ``triton_moe`` (CUDA, sm_89+; every format): weight-only formats as the same fused op
-  without quantization; W8A8 formats with the format's activation quantization of x as
-  ATen math (it fuses into x's producer), ``mxpass::moe_gate_up_triton``, the activation
-  quantization of h (MXFP8: ``mxpass::mx_fake_quant_triton``, one Triton pass; others: ATen
-  math), ``mxpass::moe_down_triton``: the reference's numerics.
+  without quantization; W8A8 formats with the format's activation quantization of x,
+  ``mxpass::moe_gate_up_triton``, the activation quantization of h,
+  ``mxpass::moe_down_triton``: the reference's numerics. MXFP8 quantizes x and h by
+  ``mxpass::mx_fake_quant_triton`` (one Triton pass each); other formats as ATen math (x's
+  fuses into its producer).
   All are ``triton_op``s, so Inductor launches their kernels from its generated code
   (``kernels/triton/moe.py``).
 - ``reference`` (any device): per-expert dequantization, both activation quantizations,

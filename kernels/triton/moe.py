@@ -61,8 +61,8 @@ arithmetic of ``mxfp8_linear.py``: the other path's grids are empty):
     _moe_down_q_kernel        the MMA's left operand and weight rows as its right one
 
 The ops: ``mxpass::moe_gate_up_triton`` (prep, gate/up) and ``mxpass::moe_down_triton``
-(down, cast), between which the caller fake-quantizes h (W8A8 formats, the reference's
-numerics; ``fake_quantize_h``); ``mxpass::moe_fused_triton`` (all of it in one op, for weight-only formats and,
+(down, cast), around which the caller fake-quantizes x and h (W8A8 formats, the reference's
+numerics; ``fake_quantize_act``); ``mxpass::moe_fused_triton`` (all of it in one op, for weight-only formats and,
 with ``quantize``, for per-token e4m3 / int8 activations, below).
 
 Buffers have static sizes in T, A, E (no host synchronisation, no data-dependent shape):
@@ -119,7 +119,7 @@ __all__ = [
     "Regime",
     "build_plan",
     "default_plan",
-    "fake_quantize_h",
+    "fake_quantize_act",
     "moe_down_with_plan",
     "moe_gate_up_with_plan",
     "moe_triton",
@@ -1411,16 +1411,17 @@ def runs_fused(fmt, quantized_activations: bool) -> bool:
     return quantized_activations or fmt is None or fmt.activation is None
 
 
-def fake_quantize_h(fmt, h: torch.Tensor) -> torch.Tensor:
-    """The format's activation fake-quantization of h [S, I] between the two ops: for MXFP8
-    ``mxpass::mx_fake_quant_triton`` (same values; h comes from an op, so no producer kernel
-    can take the quantization in, and Inductor's kernels for the ATen math took ~110 us where
-    this one takes 31 at Qwen3-30B T = 4096: docs/performance.md), else the ATen math."""
+def fake_quantize_act(fmt, a: torch.Tensor) -> torch.Tensor:
+    """The format's activation fake-quantization of x [T, H] or h [S, I] around the two ops:
+    for MXFP8 ``mxpass::mx_fake_quant_triton`` (same values in one pass; h comes from an op,
+    so no producer kernel can take the quantization in, and Inductor's kernels for the ATen
+    math ran at a fifth of copy bandwidth: ~110 us for h and 44.5 for x at Qwen3-30B
+    T = 4096, docs/performance.md), else the ATen math (fused into x's producer)."""
     from mxpass import quant
 
     if fmt is not None and fmt.family == "mxfp8" and fmt.activation is not None:
-        return torch.ops.mxpass.mx_fake_quant_triton(h)
-    return quant.fake_quantize_activation(fmt, h, None)
+        return torch.ops.mxpass.mx_fake_quant_triton(a)
+    return quant.fake_quantize_activation(fmt, a, None)
 
 
 def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, plan: Plan | None = None,
@@ -1433,11 +1434,8 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
     kernels; the grouped GEMMs then run e4m3 / int8 MMAs on q_x * q_w with the scales applied
     to the sums, i.e. on q * s unrounded where the reference rounds q * s to x.dtype first
     (the decode path rounds as the reference does). Other formats: x and h fake-quantized
-    (quantize-dequantize in x.dtype: x as ATen math (``mxpass.quant``), h by
-    ``fake_quantize_h``), the values ``moe_reference`` computes, around
-    ``mxpass::moe_gate_up_triton`` and ``mxpass::moe_down_triton``."""
-    from mxpass import quant
-
+    (quantize-dequantize in x.dtype, ``fake_quantize_act``), the values ``moe_reference``
+    computes, around ``mxpass::moe_gate_up_triton`` and ``mxpass::moe_down_triton``."""
     gran = "none" if fmt is None else fmt.weight_granularity
     if quantized_activations and not takes_quantized_activations(fmt):
         raise ValueError(f"moe: quantized activations need per-token activations with channel/tensor weights, "
@@ -1447,12 +1445,12 @@ def moe_triton(x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale, fmt, pla
         if plan is None:
             return torch.ops.mxpass.moe_fused_triton(*args, quantized_activations)
         return moe_fused_with_plan(*args, plan, quantized_activations)
-    x = quant.fake_quantize_activation(fmt, x, None)
+    x = fake_quantize_act(fmt, x)
     if plan is None:
         h, sorted_slots, offsets = torch.ops.mxpass.moe_gate_up_triton(x, topk_ids, w13, w13_scale, gran)
     else:
         h, sorted_slots, offsets = moe_gate_up_with_plan(x, topk_ids, w13, w13_scale, gran, plan)
-    h = fake_quantize_h(fmt, h)
+    h = fake_quantize_act(fmt, h)
     args = (h, topk_ids, topk_weights, sorted_slots, offsets, w2, w2_scale, gran)
     if plan is None:
         return torch.ops.mxpass.moe_down_triton(*args)

@@ -123,10 +123,10 @@ def scaled_grouped_mm_moe(x, ids, tw, w13q, s13, w2q, s2):
 def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
     """The MoE as the lowering runs it (``moe_triton``): weight-only formats and ``quantized``
     (activations quantized inside the kernels, e4m3 / int8 MMAs: ``triton_moe_w8a8``) as the
-    one fused op; other formats with the activation fake-quantization of x compiled by
-    Inductor (torch.compile of that math alone, as in a compiled model) and of h as
-    ``moe_triton`` does it (``fake_quantize_h``; Inductor's code for non-MX formats) around
-    the two ops."""
+    one fused op; other formats with the activation fake-quantization of x and h as
+    ``moe_triton`` does it (``fake_quantize_act``: MXFP8 by its Triton kernel; other formats
+    by Inductor's code, torch.compile of that math alone, as in a compiled model) around the
+    two ops."""
     import mxpass.kernels.triton.moe as km
     from mxpass import quant
 
@@ -134,8 +134,11 @@ def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
     if km.runs_fused(fmt, quantized):
         return lambda x, ids, tw: km.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan, quantized)
     fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
-    # h as the lowering quantizes it: MXFP8 by its Triton kernel, other formats by Inductor's code
-    fq_h = (lambda h: km.fake_quantize_h(fmt, h)) if fmt.family == "mxfp8" else fq
+    # x and h as the lowering quantizes them: MXFP8 by its Triton kernel, other formats by Inductor's code
+    if fmt.family == "mxfp8":
+        fq = fq_h = lambda a: km.fake_quantize_act(fmt, a)
+    else:
+        fq_h = fq
 
     def run(x, ids, tw):
         if plan is None:
