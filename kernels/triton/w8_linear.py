@@ -287,8 +287,8 @@ def default_plan(K: int, N: int, num_sms: int = 132) -> Plan:
     at K = 14336); M = 128 dot 64 x 128 x 128, S0 for 1 wave (64 x 64: 9-25% slower);
     M >= 256 cast + GEMM 128 x 256 x 64, 8 warps. Default plan, fp8 per-channel, same
     shapes: 18.5 / 35.6 / 21.0 us (M = 1), 25.2 / 45.1 / 27.1 (16), 38.5 / 76.7 / 46.6
-    (128), 653 / 1604 / 732 (4096). A narrow N adds the 128 x 128 regime of
-    ``mxfp8_linear.large_regimes`` below M = 1024.
+    (128), 653 / 1604 / 732 (4096). A narrow N adds the split 128 x 128 regime of
+    ``mxfp8_linear.large_regimes`` where the 256-row GEMM's grid would be under half a wave.
     Every configuration is valid for every granularity: "block" needs the gemv's BLOCK_K to
     be a multiple of 128 and the dot kernel's to divide 128.
     """
