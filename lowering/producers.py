@@ -63,10 +63,12 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
         if hasattr(choice.kernel, "run_fake"):
             return f"{choice.kernel.name} takes the activation fake-quantized (act_quant_triton fake-quantizes MXFP8 only)"
         return f"{choice.kernel.name} quantizes its activation itself"
-    if problem.m is None:
-        # torch 2.11's Inductor fails to decompose the kernel's call when its buffers have
-        # symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional, seen on
-        # an HF Llama compiled with dynamic=True): a dynamic M keeps Inductor's quantization
+    if problem.m is None and input_mode(problem, choice) == "quantized":
+        # torch 2.11's Inductor fails to decompose act_quant_triton's call when its buffers
+        # have symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional,
+        # seen on an HF Llama compiled with dynamic=True): a dynamic M keeps Inductor's
+        # quantization. mx_fake_quant_triton (one output, x's shape) compiles with a
+        # symbolic M (tests/gpu/test_act_quant.py, the MoE tests).
         return "M is dynamic in this graph (Inductor cannot yet decompose the kernel call with symbolic sizes)"
     from mxpass.kernels.triton.act_quant import supports
 

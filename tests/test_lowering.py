@@ -385,8 +385,8 @@ def test_input_modes_follow_the_kernel():
 
 
 def test_dynamic_m_keeps_inductors_input_quantization():
-    """act_quant_triton is taken only where the graph fixed M; a dynamic M keeps Inductor's
-    fused quantization, and the reason is the report's."""
+    """act_quant_triton's quantized inputs are taken only where the graph fixed M; a dynamic M
+    keeps Inductor's fused quantization, and the reason is the report's."""
     from mxpass.lowering import producers
     from mxpass.lowering.kernels import ScaledMMLinear
     from mxpass.lowering.registry import Choice
@@ -397,3 +397,8 @@ def test_dynamic_m_keeps_inductors_input_quantization():
     assert producers.fusion_problem(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, None), choice) == (
         "M is dynamic in this graph (Inductor cannot yet decompose the kernel call with symbolic sizes)")
     assert producers.fusion_problem(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16, 16), choice) is None
+    # MXFP8 fake-quantization (one output of x's shape) is taken with a dynamic M too
+    from mxpass.lowering.kernels import TritonMXFP8Linear
+
+    mx = Problem("linear", mxpass.get_format("mxfp8"), gpu, 4096, 4096, torch.bfloat16, None)
+    assert producers.fusion_problem(mx, Choice(TritonMXFP8Linear())) is None

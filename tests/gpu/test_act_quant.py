@@ -197,3 +197,42 @@ def test_llama_inputs_are_quantized_by_the_kernel(monkeypatch, scheme, tokens):
     err, err_inductor = rel(out, ref), rel(inductor, ref)
     print(f"{scheme}: logits vs eager reference: act_quant {err:.4f}, Inductor's quantization {err_inductor:.4f}")
     assert err <= err_inductor * 1.1 + 1e-4, (err, err_inductor)
+
+
+def test_dynamic_m_mxfp8_inputs_fake_quantized_by_the_kernel(monkeypatch):
+    """An HF Llama compiled with dynamic=True (triton_mxfp8 for every M): every MXFP8 input is
+    fake-quantized by mx_fake_quant_triton with a symbolic M (report and generated code), one
+    graph serves M in {5, 17, 300}, and the logits against the op-by-op reference are no
+    farther than with Inductor's quantization."""
+    from mxpass.lowering import producers
+
+    model = _llama_mlp()
+
+    def rel(a, b):
+        return ((a.logits.float() - b.logits.float()).norm() / b.logits.float().norm()).item()
+
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend=mxpass.backend(scheme="mxfp8"), dynamic=True)
+        ids = {t: torch.randint(0, 512, (1, t), device="cuda") for t in (5, 17, 300)}
+        out, code = run_and_get_code(fast, ids[5], use_cache=False)
+        report = mxpass.last_report()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            outs = {5: out, **{t: fast(ids[t], use_cache=False) for t in (17, 300)}}
+        torch._dynamo.reset()
+        eager = torch.compile(model, backend=mxpass.backend(scheme="mxfp8", compiler="eager"), dynamic=True)
+        refs = {t: eager(ids[t], use_cache=False) for t in ids}
+        monkeypatch.setattr(producers, "fusion_problem", lambda problem, choice: "off")
+        torch._dynamo.reset()
+        inductor = torch.compile(model, backend=mxpass.backend(scheme="mxfp8"), dynamic=True)
+        inds = {t: inductor(ids[t], use_cache=False) for t in ids}
+    notes = [r.input_quant for r in report.rewritten]
+    assert {r.kernel.split(" ")[0] for r in report.rewritten} == {"triton_mxfp8"}
+    assert notes.count("input silu*mul fake-quantized by act_quant_triton") == 2, notes
+    assert notes.count("input attention output fake-quantized by act_quant_triton") == 2, notes
+    assert notes.count("input activation fake-quantized by act_quant_triton") == 10, notes
+    assert len(re.findall(r"_act_quant_kernel\w*\.run\(", code[0])) == 8
+    for t in ids:
+        err, err_inductor = rel(outs[t], refs[t]), rel(inds[t], refs[t])
+        print(f"mxfp8 dynamic M={t}: logits vs eager reference: act_quant {err:.4f}, Inductor's {err_inductor:.4f}")
+        assert err <= err_inductor * 1.1 + 1e-4, (t, err, err_inductor)
