@@ -156,8 +156,6 @@ def fuse_input_quantization(gm: fx.GraphModule, report: Report) -> int:
         choice = choose(problem)
         why_not = fusion_problem(problem, choice)
         mode = input_mode(problem, choice)
-        if why_not is None and mode is None:
-            why_not = f"{choice.kernel.name} takes neither a quantized nor an MXFP8 fake-quantized activation"
         done = "fake-quantized" if mode == "fake" else "quantized"
         note = f"input {what} {done} by {KERNEL}" if why_not is None else (
             f"input {what} quantized in Inductor's kernel ({KERNEL}: {why_not})")

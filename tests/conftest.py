@@ -64,8 +64,8 @@ def run_under_triton_interpreter(child: str, timeout: int) -> None:
 
 def same_quantization_reference(model, x, entry, monkeypatch, **backend_kw):
     """The reference output of ``model(x)`` whose activation quantization matches what the
-    kernel of report entry ``entry`` was given. An input quantized by act_quant_triton (the
-    CUDA GEMV) is the bf16 producer output quantized as eager PyTorch rounds it, so the
+    kernel of report entry ``entry`` was given. An input quantized or fake-quantized by
+    act_quant_triton is the bf16 producer output quantized as eager PyTorch rounds it, so the
     reference is the graph run op by op (``compiler="eager"``); elsewhere both sides quantize
     in Inductor's code (from the unrounded fp32 producer), so it is the reference kernel
     compiled (``MXPASS_KERNEL=reference``). ``backend_kw``: mxpass.backend options."""

@@ -125,7 +125,8 @@ _CHILD = textwrap.dedent(
     flat = ids.view(-1)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
     # (and with 4 slots per count program: three programs add to one expert's count)
-    for align_max, block in ((mk.ALIGN_MAX, mk.COUNT_BLOCK), (4, mk.COUNT_BLOCK), (4, 4)):
+    count_block = mk.COUNT_BLOCK
+    for align_max, block in ((mk.ALIGN_MAX, count_block), (4, count_block), (4, 4)):
         mk.ALIGN_MAX, mk.COUNT_BLOCK = align_max, block
         _, sorted_slots, offsets = mk.moe_gate_up_with_plan(torch.randn(5, 64).half(), ids,
                                                             w13f[:, :64, :64].contiguous(), torch.empty(0), "none",
@@ -134,7 +135,7 @@ _CHILD = textwrap.dedent(
         for e in range(E):
             seg = sorted_slots[offsets[e]:offsets[e + 1]].tolist()
             assert sorted(seg) == (flat == e).nonzero().view(-1).tolist(), (align_max, block, e, seg)
-    mk.COUNT_BLOCK = 1024
+    mk.COUNT_BLOCK = count_block
     # the fused op's whole path with the count / scatter alignment (ALIGN_MAX still 4 < S)
     fmt = get_format("int8")
     (q13, s13), (q2, s2) = experts(fmt, w13f), experts(fmt, w2f)

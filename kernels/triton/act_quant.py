@@ -227,7 +227,7 @@ def _grid_groups(kind: int, ng: int, gs: int) -> int:
     return min(triton.next_power_of_2(ng), max(1, CHUNK // gs))
 
 
-def _warps(M, block: int, kind: int) -> int:
+def _warps(M, block: int) -> int:
     """Per-token scales (one program per row, the whole row in registers): a static M of at
     most 16 (decode) takes 32 warps: the row is then latency-bound (HF Llama, 8B shapes, 1
     token, CUDA graphs, H200: 0.4935 -> 0.4905 ms per forward). Otherwise 4 warps, 8 for rows
@@ -269,7 +269,7 @@ def launch(x: torch.Tensor, up: torch.Tensor | None, fmt: str, store_f32: bool =
     else:
         scale = torch.empty((M, ng), dtype=torch.float32, device=x.device)
     per = _grid_groups(kind, ng, gs)
-    warps = CHUNK_WARPS if kind in _GROUP_SIZE else _warps(M, block, kind)
+    warps = CHUNK_WARPS if kind in _GROUP_SIZE else _warps(M, block)
     wrap_triton(_act_quant_kernel)[(torch.sym_max(M, 1), triton.cdiv(ng, per))](
         x, x if up is None else up, data, scale, M, K, ng, x.stride(0), x.stride(0) if up is None else up.stride(0),
         scale.stride(0), scale.stride(1),

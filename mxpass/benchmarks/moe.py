@@ -133,19 +133,18 @@ def _mxpass_fn(fmt, q13, s13, q2, s2, plan=None, quantized: bool = False):
     gran = "none" if fmt is None else fmt.weight_granularity
     if km.runs_fused(fmt, quantized):
         return lambda x, ids, tw: km.moe_triton(x, ids, tw, q13, s13, q2, s2, fmt, plan, quantized)
-    fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
     # x and h as the lowering quantizes them: MXFP8 by its Triton kernel, other formats by Inductor's code
     if fmt.family == "mxfp8":
-        fq = fq_h = lambda a: km.fake_quantize_act(fmt, a)
+        fq = lambda a: km.fake_quantize_act(fmt, a)  # noqa: E731
     else:
-        fq_h = fq
+        fq = torch.compile(lambda t: quant.fake_quantize_activation(fmt, t, None), dynamic=True, fullgraph=True)
 
     def run(x, ids, tw):
         if plan is None:
             h, srt, off = torch.ops.mxpass.moe_gate_up_triton(fq(x), ids, q13, s13, gran)
-            return torch.ops.mxpass.moe_down_triton(fq_h(h), ids, tw, srt, off, q2, s2, gran)
+            return torch.ops.mxpass.moe_down_triton(fq(h), ids, tw, srt, off, q2, s2, gran)
         h, srt, off = km.moe_gate_up_with_plan(fq(x), ids, q13, s13, gran, plan)
-        return km.moe_down_with_plan(fq_h(h), ids, tw, srt, off, q2, s2, gran, plan)
+        return km.moe_down_with_plan(fq(h), ids, tw, srt, off, q2, s2, gran, plan)
 
     return run
 
