@@ -18,7 +18,7 @@ import torch.fx as fx
 from mxpass.config import DEFAULT_SCHEME, QuantConfig
 from mxpass.formats import Format
 from mxpass.passes.linear import rewrite_linears
-from mxpass.passes.moe import rewrite_moes, use_grouped_mm
+from mxpass.passes.moe import report_other_weights, rewrite_moes, use_grouped_mm
 from mxpass.report import Report, record
 
 
@@ -58,6 +58,7 @@ class MxpassBackend:
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
         extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
                               functools.partial(_choose_kernel, op="moe"))
+        report_other_weights(gm, list(example_inputs), report)
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         if self.compiler == "inductor":
             fuse_input_quantization(gm, report)

@@ -325,3 +325,34 @@ def test_use_grouped_mm_goes_through_transformers_switch():
     (note,) = mxpass.passes.moe.use_grouped_mm(model)
     assert "Qwen3MoeForCausalLM" in note and model.get_experts_implementation() == {"": "grouped_mm"}
     assert mxpass.passes.moe.use_grouped_mm(model) == []  # nothing left to switch
+
+
+class _BmmExperts(nn.Module):
+    """Experts outside the v5 convention: one module per 3-D weight, applied with bmm (as
+    JetMoE's parallel experts), and a 1-D convolution beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(4, 64, 32) * 0.1)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x):  # x [4, T, 64]
+        return self.conv(torch.bmm(x, self.w_in).transpose(0, 1)).transpose(0, 1)
+
+
+def test_other_multidimensional_weights_are_reported_as_kept():
+    """No weight of three or more dims stays in the model dtype without a report entry."""
+    model = _BmmExperts()
+    x = torch.randn(4, 5, 64)
+    with torch.no_grad():
+        got = _compile_eager(model)(x)
+        plain = model(x)
+    rep = mxpass.last_report()
+    assert not rep.rewritten
+    kept = {k.fqn: k.reason for k in rep.kept}
+    assert kept == {
+        "w_in": "w_in [4, 64, 32]: a 3-D weight outside any experts module mxpass recognizes (transformers v5 "
+                "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); it stays in the model dtype",
+        "conv": "convolution (weight [4, 4, 3]): mxpass quantizes linear layers and MoE experts",
+    }
+    torch.testing.assert_close(got, plain, atol=0, rtol=0)

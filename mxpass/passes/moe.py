@@ -412,3 +412,53 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     gm.graph.lint()
     gm.recompile()
     return static.tensors
+
+
+_VIEWS = {"view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "t", "contiguous", "to", "flatten"}
+
+
+def _through_views(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s data, looking through view-like calls."""
+    found, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if name in _VIEWS:
+            todo.extend(u.users)
+        else:
+            found.append(u)
+    return found
+
+
+def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Report) -> None:
+    """After both passes: every Parameter of three or more dims (two of them larger than 1: a
+    stack of matrices or a convolution's kernel, not a vector such as a per-head decay) that the
+    graph still reads and that no report entry covers (a rewritten or kept layer whose path it
+    lies under) is reported as kept with what it feeds, so that experts outside the v5
+    convention (one module per 3-D weight, or another layout) never stay in the model dtype
+    unreported."""
+    covered = {e.fqn for e in report.rewritten} | {e.fqn for e in report.kept}
+
+    def is_covered(path: str) -> bool:
+        return any(path == f or path.startswith(f + ".") for f in covered)
+
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if not (isinstance(value, torch.nn.Parameter) and value.dim() >= 3 and value.is_floating_point()):
+            continue
+        if sum(d > 1 for d in value.shape) < 2:  # a vector in more dims (per-head decay [1, 1, heads, 1])
+            continue
+        if not node.users:
+            continue
+        path = source_fqn(node)
+        if is_covered(path):
+            continue
+        module, _, name = path.rpartition(".")
+        shape = list(value.shape)
+        if all("conv" in str(u.target) for u in _through_views(node)):
+            reason = f"convolution ({name} {shape}): mxpass quantizes linear layers and MoE experts"
+        else:
+            reason = (f"{name} {shape}: a {value.dim()}-D weight outside any experts module mxpass recognizes "
+                      f"(transformers v5 experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one "
+                      f"module); it stays in the model dtype")
+        report.kept.append(Kept(module or path, reason))
+        covered.add(module or path)
