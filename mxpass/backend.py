@@ -58,7 +58,7 @@ class MxpassBackend:
         extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
         extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
                               functools.partial(_choose_kernel, op="moe"))
-        report_other_weights(gm, list(example_inputs), report)
+        report_other_weights(gm, [*example_inputs, *extra], report)
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         if self.compiler == "inductor":
             fuse_input_quantization(gm, report)

@@ -351,8 +351,9 @@ def test_other_multidimensional_weights_are_reported_as_kept():
     assert not rep.rewritten
     kept = {k.fqn: k.reason for k in rep.kept}
     assert kept == {
-        "w_in": "w_in [4, 64, 32]: a 3-D weight outside any experts module mxpass recognizes (transformers v5 "
-                "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); it stays in the model dtype",
+        "w_in": "w_in [4, 64, 32]: 3-D weights outside any experts module mxpass recognizes (transformers v5 "
+                "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay in the model "
+                "dtype",
         "conv": "convolution (weight [4, 4, 3]): mxpass quantizes linear layers and MoE experts",
     }
     torch.testing.assert_close(got, plain, atol=0, rtol=0)

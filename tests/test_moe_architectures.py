@@ -50,7 +50,7 @@ KEPT = {
     "hy_v4": "its output matches no MoE that mxpass implements",
     "minimax_m3_vl_text": "its output matches no MoE that mxpass implements",
     "llama4_text": "are not gate_up [E, 2I, H] and down [E, H, I]",  # stored [E, H, 2I]
-    "jetmoe": "weight outside any experts module mxpass recognizes",  # one module per 3-D weight
+    "jetmoe": "weights outside any experts module mxpass recognizes",  # one module per 3-D weight
 }
 #: architectures whose experts mxpass rewrites (those of this list that transformers has)
 REWRITTEN = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe",

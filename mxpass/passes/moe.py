@@ -434,31 +434,31 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
     """After both passes: every Parameter of three or more dims (two of them larger than 1: a
     stack of matrices or a convolution's kernel, not a vector such as a per-head decay) that the
     graph still reads and that no report entry covers (a rewritten or kept layer whose path it
-    lies under) is reported as kept with what it feeds, so that experts outside the v5
-    convention (one module per 3-D weight, or another layout) never stay in the model dtype
-    unreported."""
+    lies under) is reported as kept, one entry per module, with what it feeds, so that experts
+    outside the v5 convention (one module per 3-D weight, or another layout) never stay in the
+    model dtype unreported. ``example_inputs``: the values of every placeholder, in order."""
     covered = {e.fqn for e in report.rewritten} | {e.fqn for e in report.kept}
-
-    def is_covered(path: str) -> bool:
-        return any(path == f or path.startswith(f + ".") for f in covered)
-
+    found: dict[str, list[tuple[str, list[int], bool]]] = {}
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         if not (isinstance(value, torch.nn.Parameter) and value.dim() >= 3 and value.is_floating_point()):
             continue
-        if sum(d > 1 for d in value.shape) < 2:  # a vector in more dims (per-head decay [1, 1, heads, 1])
+        if sum(d > 1 for d in value.shape) < 2:  # a vector in more dims (a per-head decay [1, 1, heads, 1])
             continue
         if not node.users:
             continue
         path = source_fqn(node)
-        if is_covered(path):
+        if any(path == f or path.startswith(f + ".") for f in covered):
             continue
         module, _, name = path.rpartition(".")
-        shape = list(value.shape)
-        if all("conv" in str(u.target) for u in _through_views(node)):
-            reason = f"convolution ({name} {shape}): mxpass quantizes linear layers and MoE experts"
+        conv = all("conv" in str(u.target) for u in _through_views(node))
+        found.setdefault(module or path, []).append((name, list(value.shape), conv))
+    for module, weights in found.items():
+        what = ", ".join(f"{name} {shape}" for name, shape, _ in weights)
+        if all(conv for _, _, conv in weights):
+            reason = f"convolution ({what}): mxpass quantizes linear layers and MoE experts"
         else:
-            reason = (f"{name} {shape}: a {value.dim()}-D weight outside any experts module mxpass recognizes "
-                      f"(transformers v5 experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one "
-                      f"module); it stays in the model dtype")
-        report.kept.append(Kept(module or path, reason))
-        covered.add(module or path)
+            dims = "/".join(sorted({f"{len(shape)}-D" for _, shape, _ in weights}))
+            reason = (f"{what}: {dims} weights outside any experts module mxpass recognizes (transformers v5 "
+                      f"experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay "
+                      f"in the model dtype")
+        report.kept.append(Kept(module, reason))
