@@ -329,15 +329,17 @@ def test_use_grouped_mm_goes_through_transformers_switch():
 
 class _BmmExperts(nn.Module):
     """Experts outside the v5 convention: one module per 3-D weight, applied with bmm (as
-    JetMoE's parallel experts), and a 1-D convolution beside them."""
+    JetMoE's parallel experts), a 1-D convolution beside them, and a 3-D position embedding
+    that is only added (not a layer's weight)."""
 
     def __init__(self):
         super().__init__()
         self.w_in = nn.Parameter(torch.randn(4, 64, 32) * 0.1)
         self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 5, 32))
 
     def forward(self, x):  # x [4, T, 64]
-        return self.conv(torch.bmm(x, self.w_in).transpose(0, 1)).transpose(0, 1)
+        return self.conv(torch.bmm(x, self.w_in).transpose(0, 1)).transpose(0, 1) + self.pos
 
 
 def test_other_multidimensional_weights_are_reported_as_kept():

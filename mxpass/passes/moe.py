@@ -414,29 +414,38 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     return static.tensors
 
 
-_VIEWS = {"view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "t", "contiguous", "to", "flatten"}
+# calls that pass a weight's data on (views, an expert's slice) and calls that multiply by it
+_VIEWS = {"view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "t", "contiguous", "to", "flatten",
+          "getitem", "__getitem__", "select", "narrow", "index_select", "chunk", "split", "unbind"}
+_MATMULS = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "_grouped_mm",
+            "grouped_mm"}
 
 
-def _through_views(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s data, looking through view-like calls."""
-    found, todo = [], list(node.users)
+def _readers(node: fx.Node) -> list[str]:
+    """Names of the calls that read ``node``'s data, looking through views and slices."""
+    found, todo, seen = [], list(node.users), set()
     while todo:
         u = todo.pop()
-        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if u in seen:
+            continue
+        seen.add(u)
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", str(u.target))
         if name in _VIEWS:
             todo.extend(u.users)
         else:
-            found.append(u)
+            found.append(name)
     return found
 
 
 def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Report) -> None:
-    """After both passes: every Parameter of three or more dims (two of them larger than 1: a
-    stack of matrices or a convolution's kernel, not a vector such as a per-head decay) that the
-    graph still reads and that no report entry covers (a rewritten or kept layer whose path it
-    lies under) is reported as kept, one entry per module, with what it feeds, so that experts
-    outside the v5 convention (one module per 3-D weight, or another layout) never stay in the
-    model dtype unreported. ``example_inputs``: the values of every placeholder, in order."""
+    """After both passes: every Parameter of three or more dims (two of them larger than 1, not a
+    vector such as a per-head decay) that the graph still multiplies by (matmul, bmm, einsum,
+    grouped_mm, linear, directly or through views and slices) or convolves with, and that no
+    report entry covers (a rewritten or kept layer whose path it lies under), is reported as
+    kept, one entry per module, so that experts outside the v5 convention (one module per 3-D
+    weight, or another layout) never stay in the model dtype unreported. Parameters only added
+    or multiplied elementwise (position embeddings, scales) are not layers and are not listed.
+    ``example_inputs``: the values of every placeholder, in order."""
     covered = {e.fqn for e in report.rewritten} | {e.fqn for e in report.kept}
     found: dict[str, list[tuple[str, list[int], bool]]] = {}
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
@@ -449,8 +458,14 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
         path = source_fqn(node)
         if any(path == f or path.startswith(f + ".") for f in covered):
             continue
+        readers = _readers(node)
+        if any(r in _MATMULS for r in readers):
+            conv = False
+        elif readers and all("conv" in r for r in readers):
+            conv = True
+        else:
+            continue  # added or multiplied elementwise (a position embedding, a scale): not a layer's weight
         module, _, name = path.rpartition(".")
-        conv = all("conv" in str(u.target) for u in _through_views(node))
         found.setdefault(module or path, []).append((name, list(value.shape), conv))
     for module, weights in found.items():
         what = ", ".join(f"{name} {shape}" for name, shape, _ in weights)
