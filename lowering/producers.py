@@ -59,11 +59,12 @@ def fusion_problem(problem: Problem, choice: Choice) -> str | None:
         return f"runs on CUDA, device is {problem.device.type}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if input_mode(problem, choice) is None:
+    mode = input_mode(problem, choice)
+    if mode is None:
         if hasattr(choice.kernel, "run_fake"):
             return f"{choice.kernel.name} takes the activation fake-quantized (act_quant_triton fake-quantizes MXFP8 only)"
         return f"{choice.kernel.name} quantizes its activation itself"
-    if problem.m is None and input_mode(problem, choice) == "quantized":
+    if problem.m is None and mode == "quantized":
         # torch 2.11's Inductor fails to decompose act_quant_triton's call when its buffers
         # have symbolic sizes (an assertion in decompose_triton_kernel_wrapper_functional,
         # seen on an HF Llama compiled with dynamic=True): a dynamic M keeps Inductor's
