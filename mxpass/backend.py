@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from mxpass.config import DEFAULT_SCHEME, QuantConfig
 from mxpass.formats import Format
+from mxpass.passes.inputs import bind_inputs
 from mxpass.passes.linear import rewrite_linears
 from mxpass.passes.moe import report_other_weights, rewrite_moes, use_grouped_mm
 from mxpass.report import Report, record
@@ -55,9 +56,11 @@ class MxpassBackend:
 
         report = Report(scheme=self.config.scheme or DEFAULT_SCHEME)
         gm = _private_copy(gm)
-        extra = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
-        extra += rewrite_moes(gm, [*example_inputs, *extra], self.config, report,
-                              functools.partial(_choose_kernel, op="moe"))
+        report.frame = _frame_name()
+        linears = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
+        moes = rewrite_moes(gm, [*example_inputs, *linears.tensors], self.config, report,
+                            functools.partial(_choose_kernel, op="moe"))
+        extra = [*linears.tensors, *moes.tensors]
         report_other_weights(gm, [*example_inputs, *extra], report)
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         if self.compiler == "inductor":
@@ -71,16 +74,14 @@ class MxpassBackend:
             warnings.warn(f"mxpass: {w}", stacklevel=2)
         if self.compiler == "eager":
             # the rewritten graph run op by op: every mxpass op runs its reference body
-            return _append_inputs(gm, extra) if extra else gm
+            return bind_inputs(gm, list(example_inputs), [linears, moes], report)
         lower_mxpass_nodes(gm)
         decomps = {**select_decomp_table(), **decompositions()}
         options = {"post_grad_custom_pre_pass": MergeIdenticalNodes(), **self.inductor_options}
         with quantizing_reductions():
             compiled = compile_fx(gm, [*example_inputs, *extra], config_patches=options,
                                   decompositions=decomps)
-        if not extra:
-            return compiled
-        return _append_inputs(compiled, extra)
+        return bind_inputs(compiled, list(example_inputs), [linears, moes], report)
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -105,13 +106,18 @@ def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _append_inputs(compiled: Callable, extra: list[torch.Tensor]) -> Callable:
-    """Call ``compiled`` with the quantized weights appended to Dynamo's inputs."""
-    @functools.wraps(compiled)
-    def call(*args):
-        return compiled(*args, *extra)
+def _frame_name() -> str:
+    """The function Dynamo is compiling ("LlamaForCausalLM.forward"): layer names in the report
+    are relative to its ``self``. Empty when Dynamo does not say."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    return call
+        tx = InstructionTranslator.current_tx()
+        code = tx.f_code
+        owner = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+    except Exception:  # not inside Dynamo (a direct call), or its internals moved
+        return ""
+    return f"{type(owner).__name__}.{code.co_name}" if isinstance(owner, torch.nn.Module) else code.co_name
 
 
 def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype, op: str = "linear",

@@ -26,6 +26,7 @@ class Kept:
 class Report:
     scheme: str
     graph: int = 0
+    frame: str = ""   # the function Dynamo compiled; layer names are relative to its module
     rewritten: list[Rewritten] = field(default_factory=list)
     kept: list[Kept] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -41,7 +42,8 @@ class Report:
             for r in rows
         ]
         lines.insert(1, "-" * max(len(line) for line in lines))
-        head = (f"mxpass report (graph {self.graph}, scheme {self.scheme}): "
+        frame = f", frame {self.frame}" if self.frame else ""
+        head = (f"mxpass report (graph {self.graph}{frame}, scheme {self.scheme}): "
                 f"{len(self.rewritten)} rewritten, {len(self.kept)} kept")
         # why each kernel was chosen over the others, once per distinct choice
         tail = [f"kernel {c}" for c in dict.fromkeys(r.kernel for r in self.rewritten) if " (" in c]

@@ -16,6 +16,7 @@ same input are then merged into one GEMM (``mxpass/passes/merge.py``).
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
-from mxpass.passes.inputs import StaticInputs
+from mxpass.passes.inputs import StaticInputs, rebinding_error
 from mxpass.passes.merge import Layer, merge_siblings
 from mxpass.report import Kept, Report, Rewritten
 from mxpass.weights import (kept_reason, prequantized_input_scale, prequantized_scheme,
@@ -147,7 +148,7 @@ def keep_reason(fqn: str, n: int, k: int, fmt: Format, config: QuantConfig, tied
         return f"ignored by {pattern!r}"
     if (leaf == "lm_head" or tied) and not config.quantize_lm_head:
         return "output embedding (lm_head) stays in the model dtype"
-    if leaf in _ROUTER_NAMES:
+    if leaf in _ROUTER_NAMES or "router" in fqn.split("."):  # DBRX: ffn.router.layer
         return "router gate stays in the model dtype"
     multiple = fmt.k_multiple()
     if k % multiple:
@@ -210,6 +211,43 @@ def _static_rows(x: fx.Node, k: int) -> int | None:
     return numel // k if isinstance(numel, int) and k else None
 
 
+def _stored_input_scale(param: torch.Tensor, fmt: Format, what: str) -> torch.Tensor:
+    """The static activation scale a checkpoint stored with ``param``, as the op takes it."""
+    value = prequantized_input_scale(param)
+    if value is None:
+        raise ValueError(f"mxpass: {what}: the weights of this call were loaded with none")
+    record_input_scale(param, fmt, value)
+    return torch.tensor([value], dtype=torch.float32, device=param.device)
+
+
+# what a router's logits pass through on their way to topk (casts, views, softmax / sigmoid,
+# a bias or a scale)
+_ROUTE_STEPS = {"softmax", "sigmoid", "log_softmax", "float", "to", "type", "view", "reshape", "flatten",
+                "squeeze", "unsqueeze", "contiguous", "add", "mul", "div", "sub", "__add__", "__mul__",
+                "__truediv__", "__sub__", "add_", "mul_", "div_", "_softmax", "type_as"}
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
+
+
+def feeds_topk(node: fx.Node, depth: int = 8) -> bool:
+    """Whether ``node``'s value reaches a ``topk`` through the steps a router takes (whatever
+    the layer is called: a router is found by what its output does)."""
+    todo, seen = [(node, 0)], set()
+    while todo:
+        cur, d = todo.pop()
+        for user in cur.users:
+            name = _target_name(user)
+            if name == "topk":
+                return True
+            if user not in seen and d < depth and user.op in ("call_function", "call_method") and name in _ROUTE_STEPS:
+                seen.add(user)
+                todo.append((user, d + 1))
+    return False
+
+
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase these (pure view) nodes if nothing uses them any more.
 
@@ -227,8 +265,8 @@ def rewrite_linears(
     config: QuantConfig,
     report: Report,
     choose_kernel: KernelChooser,
-) -> list[torch.Tensor]:
-    """Rewrite matched linears in place; returns the tensors for the new placeholders."""
+) -> StaticInputs:
+    """Rewrite matched linears in place; returns the new placeholders and their tensors."""
     inputs = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
     matches = find_linears(gm, inputs)
     embedded = {n.args[1] for n in gm.graph.nodes
@@ -246,6 +284,8 @@ def rewrite_linears(
         if config.ignored_by(fqn):
             used_patterns.add(config.ignored_by(fqn))
         fmt, reason = layer_format(m.param, fqn, n, k, config, tied=m.weight in embedded)
+        if reason is None and prequantized_scheme(m.param) is None and feeds_topk(m.node):
+            reason = "router gate (its output selects experts through topk) stays in the model dtype"
         if reason is not None:
             report.kept.append(Kept(fqn, reason))
             continue
@@ -255,10 +295,13 @@ def rewrite_linears(
         key = (id(m.param), m.transposed, fmt.name)
         if key not in new_nodes:
             data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
-            new_nodes[key] = static.weight(f"mxpass_{m.weight.name}", data, scale, m.node)
+            derive = functools.partial(quantized_weight, fmt=fmt, transposed=m.transposed, name=fqn)
+            new_nodes[key] = static.weight(f"mxpass_{m.weight.name}", data, scale, m.node, (m.param,), derive,
+                                           f"layer {fqn}")
         act = None
         if fmt.static_activation:
             value = config.activation_scale(fqn)
+            by_name = value is not None
             if value is None:
                 value = prequantized_input_scale(m.param)  # stored with a loaded weight
             if value is None:
@@ -267,8 +310,11 @@ def rewrite_linears(
                     f"per-tensor scale and none was given (pass activation_scales={{{fqn!r}: s}} "
                     f"to mxpass.backend, or use a dynamic scheme)")
             record_input_scale(m.param, fmt, value)  # for mxpass.save
+            what = f"layer {fqn}: the static activation scale"
             act = static.add(f"mxpass_{m.weight.name}_act_scale",
-                            torch.tensor([value], dtype=torch.float32, device=m.param.device))
+                             torch.tensor([value], dtype=torch.float32, device=m.param.device), (m.param,),
+                             rebinding_error(what) if by_name else functools.partial(_stored_input_scale, fmt=fmt, what=what),
+                             what)
         qw, ws = new_nodes[key]
         # an earlier rewrite may have replaced this layer's input (linear -> linear)
         x, bias = replaced.get(m.x, m.x), replaced.get(m.bias, m.bias)
@@ -293,4 +339,4 @@ def rewrite_linears(
     merge_siblings(gm, static, layers, report, choose_kernel, enabled=config.merge)
     gm.graph.lint()
     gm.recompile()
-    return static.tensors
+    return static

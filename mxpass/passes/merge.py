@@ -120,11 +120,21 @@ def _merge(gm: fx.GraphModule, static: StaticInputs, x: fx.Node, fmt, group: lis
                                 [lay.fqn for lay in group])
     rows = [lay.n for lay in group]
     n, k = data.shape
-    qw, ws = static.weight(f"mxpass_merged_{first.name}", data, scale, first)
+    transposed, fqns = [lay.transposed for lay in group], [lay.fqn for lay in group]
+    qw, ws = static.weight(f"mxpass_merged_{first.name}", data, scale, first, tuple(lay.param for lay in group),
+                           lambda *ps: merged_weight(list(ps), fmt, transposed, fqns), f"layers {names}")
     bias = None
     if any(lay.bias is not None for lay in group):
-        like = next(lay.bias for lay in group if lay.bias is not None)
-        bias = static.add(f"mxpass_merged_{first.name}_bias", merged_bias([lay.bias for lay in group], rows, like))
+        has = [lay.bias is not None for lay in group]
+
+        def biases(*bs):
+            it = iter(bs)
+            given = [next(it) if h else None for h in has]
+            return merged_bias(given, rows, next(b for b in given if b is not None))
+
+        sources = tuple(lay.bias for lay in group if lay.bias is not None)
+        bias = static.add(f"mxpass_merged_{first.name}_bias", biases(*sources), sources, biases,
+                          f"the biases of layers {names}")
     with graph.inserting_before(first):
         wide = graph.call_function(torch.ops.mxpass.linear.default, (x, qw, ws, bias, None, fmt.name))
     wide.meta.update({key: v for key, v in first.meta.items() if key not in ("example_value", "val")})

@@ -31,8 +31,10 @@ A module that fails a step is left as it is and reported as kept, with what fail
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -343,8 +345,8 @@ def use_grouped_mm(model: torch.nn.Module) -> list[str]:
 
 
 def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
-                 report: Report, choose_kernel=None) -> list[torch.Tensor]:
-    """Rewrite verified experts regions in place; returns the tensors for the new placeholders.
+                 report: Report, choose_kernel=None) -> StaticInputs:
+    """Rewrite verified experts regions in place; returns the new placeholders and their tensors.
 
     ``choose_kernel(fmt, device, H, I, dtype)`` describes the registry's choice for the report
     (``None``: "reference")."""
@@ -380,10 +382,14 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
             report.kept.append(Kept(fqn, "the region reads a value computed after its output"))
             continue
         rows = _gate_up_rows(layout, two_i // 2)
-        q13, s13 = quantized_experts(w13, fmt, f"{fqn}.{source_fqn(itf.w13).rpartition('.')[2]}", rows)
-        q2, s2 = quantized_experts(w2, fmt, f"{fqn}.{source_fqn(itf.w2).rpartition('.')[2]}")
-        qw13, ws13 = static.weight(f"mxpass_{itf.w13.name}", q13, s13, itf.out)
-        qw2, ws2 = static.weight(f"mxpass_{itf.w2.name}", q2, s2, itf.out)
+        derive13 = functools.partial(quantized_experts, fmt=fmt, rows=rows,
+                                     name=f"{fqn}.{source_fqn(itf.w13).rpartition('.')[2]}")
+        derive2 = functools.partial(quantized_experts, fmt=fmt, name=f"{fqn}.{source_fqn(itf.w2).rpartition('.')[2]}")
+        q13, s13 = derive13(w13)
+        q2, s2 = derive2(w2)
+        qw13, ws13 = static.weight(f"mxpass_{itf.w13.name}", q13, s13, itf.out, (w13,), derive13,
+                                   f"experts {fqn} (gate/up)")
+        qw2, ws2 = static.weight(f"mxpass_{itf.w2.name}", q2, s2, itf.out, (w2,), derive2, f"experts {fqn} (down)")
         with gm.graph.inserting_before(itf.out):
             new = gm.graph.call_function(
                 torch.ops.mxpass.moe.default,
@@ -411,7 +417,7 @@ def rewrite_moes(gm: fx.GraphModule, example_inputs: list, config: QuantConfig,
     # in-place method whose result is unused (GPT-OSS experts' ``out.add_(bias)``)
     gm.graph.lint()
     gm.recompile()
-    return static.tensors
+    return static
 
 
 # calls that pass a weight's data on (views, an expert's slice) and calls that multiply by it
@@ -430,11 +436,28 @@ def _readers(node: fx.Node) -> list[str]:
             continue
         seen.add(u)
         name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", str(u.target))
-        if name in _VIEWS:
+        if name in _VIEWS or (name == "getattr" and u.args[1:] in (("T",), ("mT",))):
             todo.extend(u.users)
         else:
             found.append(name)
     return found
+
+
+def _local_name(node: fx.Node) -> str:
+    """"expert_w1" for a placeholder whose Dynamo source is the frame's local L['expert_w1']."""
+    source = getattr(node, "_dynamo_source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", node.name)
+    match = re.fullmatch(r"[LG]\['(\w+)'\]", name or "")
+    return match.group(1) if match else node.name
+
+
+def _weight_view(value) -> bool:
+    """A tensor (not a Parameter) that is a view of a floating-point Parameter of two or more
+    dims: a weight sliced by eager code and passed into the graph (DBRX's experts)."""
+    base = getattr(value, "_base", None)
+    return (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+            and isinstance(base, torch.nn.Parameter) and base.is_floating_point()
+            and value.dim() >= 2 and sum(d > 1 for d in value.shape) >= 2)
 
 
 def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Report) -> None:
@@ -445,10 +468,20 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
     kept, one entry per module, so that experts outside the v5 convention (one module per 3-D
     weight, or another layout) never stay in the model dtype unreported. Parameters only added
     or multiplied elementwise (position embeddings, scales) are not layers and are not listed.
+    A view of a Parameter that eager code made and passed in (DBRX slices its flattened
+    experts in a loop that runs outside the graph) and that the graph multiplies by is
+    reported under its name in the frame.
     ``example_inputs``: the values of every placeholder, in order."""
     covered = {e.fqn for e in report.rewritten} | {e.fqn for e in report.kept}
     found: dict[str, list[tuple[str, list[int], bool]]] = {}
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if _weight_view(value) and node.users and any(r in _MATMULS for r in _readers(node)):
+            base = value._base
+            report.kept.append(Kept(source_fqn(node) or _local_name(node), (
+                f"a {list(value.shape)} view of a {list(base.shape)} weight, made by code outside this graph (code "
+                f"that ran without torch.compile, e.g. after a graph break) and multiplied by here: mxpass "
+                f"quantizes the weights a graph reads as Parameters; it stays in the model dtype")))
+            continue
         if not (isinstance(value, torch.nn.Parameter) and value.dim() >= 3 and value.is_floating_point()):
             continue
         if sum(d > 1 for d in value.shape) < 2:  # a vector in more dims (a per-head decay [1, 1, heads, 1])
