@@ -1,7 +1,8 @@
 """Quantized weights, computed once per Parameter and cached (weakly keyed).
 
 A recompile (new shapes, a second graph) finds the same tensors, so quantized copies are
-never duplicated. An entry is recomputed if the Parameter was modified in place since.
+never duplicated. An entry is recomputed if the Parameter was modified in place since, or
+its data replaced (``p.data = ...``, ``module.to(...)``).
 
 Weights loaded by ``mxpass.load`` also carry where they came from (:class:`Origin`): a
 stand-in seeded with a checkpoint's quantized tensors (its format and static input scale),
@@ -49,12 +50,22 @@ def mark_kept(param: torch.Tensor, reason: str) -> None:
     _ORIGIN[param] = Origin(kept=reason)
 
 
+def _stamp(t: torch.Tensor) -> tuple:
+    """What a cache entry computed from ``t`` is valid for: its version counter (in-place
+    changes), and for a weight with data of its own also where that data lives, its dtype and
+    device (``p.data = ...`` and ``module.to(...)`` replace the data without counting a
+    version). A checkpoint stand-in has no data: its version only."""
+    if prequantized_scheme(t) is not None:
+        return (t._version,)
+    return (t._version, t.data_ptr(), t.dtype, t.device)
+
+
 def _cached(param: torch.Tensor, key: tuple, name: str, compute):
     """``compute(param.detach())`` for this Parameter and key, recomputed only if the
-    Parameter changed in place since (its ``_version``)."""
+    Parameter changed since (:func:`_stamp`)."""
     entries = _CACHE.setdefault(param, {})
     hit = entries.get(key)
-    if hit is not None and hit[0] == param._version:
+    if hit is not None and hit[0] == _stamp(param):
         return hit[1]
     if prequantized_scheme(param) is not None:
         raise ValueError(
@@ -65,7 +76,7 @@ def _cached(param: torch.Tensor, key: tuple, name: str, compute):
         raise ValueError(f"{name}: weight is on the meta device (no data to quantize)")
     with torch.no_grad():
         q = compute(param.detach())
-    entries[key] = (param._version, q)
+    entries[key] = (_stamp(param), q)
     return q
 
 
@@ -80,7 +91,7 @@ def quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool, name: s
 def _stacked(first: torch.Tensor, others: list[torch.Tensor], key: tuple, compute):
     """``compute()`` cached on ``first`` under ``key``; recomputed when ``first`` or any of
     ``others`` (held weakly, compared by identity) changed in place since."""
-    versions = tuple(t._version for t in (first, *others))
+    versions = tuple(_stamp(t) for t in (first, *others))
     hit = _MERGED.get(first, {}).get(key)
     if hit is not None and hit[0] == versions and all(r() is t for r, t in zip(hit[1], others)):
         return hit[2]
@@ -105,7 +116,7 @@ def merged_weight(params: list[torch.Tensor], fmt: Format, transposed: list[bool
         scale = torch.cat([s for _, s in parts])
         row = srow = 0
         for p, t, (d, sc) in zip(params, transposed, parts):
-            _CACHE[p][(fmt.name, t)] = (p._version, (data[row:row + d.shape[0]], scale[srow:srow + sc.shape[0]]))
+            _CACHE[p][(fmt.name, t)] = (_stamp(p), (data[row:row + d.shape[0]], scale[srow:srow + sc.shape[0]]))
             row, srow = row + d.shape[0], srow + sc.shape[0]
         return data, scale
 
@@ -135,16 +146,16 @@ def seed_quantized_weight(param: torch.Tensor, fmt: Format, transposed: bool,
     ``input_scale``: the static per-tensor activation scale stored with it (static formats).
     The entry holds while ``param`` is not modified in place.
     """
-    _CACHE.setdefault(param, {})[(fmt.name, transposed)] = (param._version, (data, scale))
     _ORIGIN[param] = Origin(scheme=fmt.name, input_scale=input_scale)
+    _CACHE.setdefault(param, {})[(fmt.name, transposed)] = (_stamp(param), (data, scale))
 
 
 def seed_quantized_experts(param: torch.Tensor, fmt: Format, rows: tuple[int, ...] | None,
                            data: torch.Tensor, scale: torch.Tensor) -> None:
     """:func:`seed_quantized_weight` for a 3-D experts weight: :func:`quantized_experts`
     returns ``(data [E, N, K], scale [E, ...])`` for ``param`` with this ``rows``."""
-    _CACHE.setdefault(param, {})[(fmt.name, "experts", rows)] = (param._version, (data, scale))
     _ORIGIN[param] = Origin(scheme=fmt.name)
+    _CACHE.setdefault(param, {})[(fmt.name, "experts", rows)] = (_stamp(param), (data, scale))
 
 
 def prequantized_scheme(param: torch.Tensor) -> str | None:
@@ -169,7 +180,7 @@ def cached_weights(param: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.T
     """{format name: (data, scale)} of the valid [N, K] (not transposed) entries of ``param``."""
     entries = _CACHE.get(param) or {}
     return {key[0]: q for key, (version, q) in entries.items()
-            if len(key) == 2 and key[1] is False and version == param._version}
+            if len(key) == 2 and key[1] is False and version == _stamp(param)}
 
 
 def quantized_experts(param: torch.Tensor, fmt: Format, name: str,

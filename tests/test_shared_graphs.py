@@ -129,6 +129,24 @@ def test_weights_changed_in_place_after_compile():
     assert _rel(after, before) > 0.1  # a residual block: x itself is unchanged
 
 
+def test_weight_data_replaced_after_compile():
+    """``p.data = ...`` (what ``module.to()`` does) counts no version: the data's address and
+    dtype tell. Same dtype: the graph is reused; another dtype: Dynamo recompiles and the weight
+    cache must not hand back the copy quantized from the old data (67% error before)."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(64, 64, bias=False).eval(), torch.randn(4, 64)
+    fmt = get_format("mxfp8-w")
+    fast = torch.compile(lin, backend=mxpass.backend(scheme=fmt.name, compiler="eager"))
+    with torch.no_grad():
+        fast(x)
+        for dtype in (torch.float32, torch.bfloat16):
+            lin.weight.data = lin.weight.data * 3 if dtype == torch.float32 else (lin.weight.data * 3).to(dtype)
+            got = fast(x.to(dtype))
+            # bf16: the op and the dequantized model round their outputs to bf16 apart
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+            assert _rel(got, _dequantized(lin, fmt)(x.to(dtype))) < tol, dtype
+
+
 def test_inductor_graph_shared_by_two_models():
     """The same through Inductor: the compiled code takes the quantized weights as inputs."""
     torch.manual_seed(0)

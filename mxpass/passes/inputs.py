@@ -126,15 +126,17 @@ class StaticInputs:
 
 
 _VERSION = operator.attrgetter("_version")
+_DATA_PTR = operator.methodcaller("data_ptr")
 
 
 class BoundInputs:
     """``compiled(*args, *tensors)``, with ``tensors`` computed for the Parameters in ``args``.
 
     A call whose source Parameters are the ones the tensors were computed from (the same
-    objects, not modified in place since) passes them as they are: two C-level tuple
-    comparisons. Otherwise (another module instance running this graph, or weights changed
-    in place, e.g. by ``load_state_dict``) every derivation is run for the Parameters of the
+    objects, not modified in place since, their data not replaced) passes them as they are:
+    three tuple comparisons built in C. Otherwise (another module instance running this
+    graph, weights changed in place, e.g. by ``load_state_dict``, or ``p.data = ...``) every
+    derivation is run for the Parameters of the
     call (the weight caches make a repeat a lookup), kept for later calls with the same
     Parameters, and the first time this happens the report says so.
     """
@@ -158,6 +160,7 @@ class BoundInputs:
         self._get = operator.itemgetter(*index) if len(index) > 1 else (lambda a: (a[index[0]],) if index else ())
         self._ids = tuple(sources)
         self._versions = tuple(map(_VERSION, sources.values()))
+        self._ptrs = tuple(map(_DATA_PTR, sources.values()))
         self._alive = True  # ids are only compared while the objects they belong to live
         self._refs = [weakref.ref(s, self._dead) for s in sources.values()]
         self._variants: dict[tuple[int, ...], tuple] = {}
@@ -168,13 +171,14 @@ class BoundInputs:
 
     def __call__(self, *args):
         srcs = self._get(args)
-        if self._alive and tuple(map(id, srcs)) == self._ids and tuple(map(_VERSION, srcs)) == self._versions:
+        if (self._alive and tuple(map(id, srcs)) == self._ids and tuple(map(_VERSION, srcs)) == self._versions
+                and tuple(map(_DATA_PTR, srcs)) == self._ptrs):
             return self.compiled(*args, *self.tensors)
         return self.compiled(*args, *self._rebind(srcs))
 
     def _rebind(self, srcs: tuple) -> list[torch.Tensor]:
         key = tuple(map(id, srcs))
-        versions = tuple(map(_VERSION, srcs))
+        versions = (tuple(map(_VERSION, srcs)), tuple(map(_DATA_PTR, srcs)))
         hit = self._variants.get(key)
         if hit is not None and hit[1] == versions and all(r() is s for r, s in zip(hit[0], srcs)):
             return hit[2]
@@ -197,7 +201,7 @@ class BoundInputs:
         if not self._told:
             self._told = True
             note = (f"graph {self.report.graph} also ran with other weights than it was compiled with "
-                    "(another module running the same code, or weights changed in place): their quantized "
+                    "(another module running the same code, or weights changed in place or replaced): their quantized "
                     "copies were computed for them; the layer names and choices above apply to each")
             self.report.warnings.append(note)
             log.info("mxpass: %s", note)
