@@ -19,7 +19,7 @@ from mxpass.config import DEFAULT_SCHEME, QuantConfig
 from mxpass.formats import Format
 from mxpass.passes.inputs import bind_inputs
 from mxpass.passes.linear import rewrite_linears
-from mxpass.passes.moe import report_other_weights, rewrite_moes, use_grouped_mm
+from mxpass.passes.moe import report_other_weights, report_unread_weights, rewrite_moes, use_grouped_mm
 from mxpass.report import Report, record
 
 
@@ -56,12 +56,14 @@ class MxpassBackend:
 
         report = Report(scheme=self.config.scheme or DEFAULT_SCHEME)
         gm = _private_copy(gm)
-        report.frame = _frame_name()
+        report.frame, owner = _frame()
         linears = rewrite_linears(gm, list(example_inputs), self.config, report, _choose_kernel)
         moes = rewrite_moes(gm, [*example_inputs, *linears.tensors], self.config, report,
                             functools.partial(_choose_kernel, op="moe"))
         extra = [*linears.tensors, *moes.tensors]
         report_other_weights(gm, [*example_inputs, *extra], report)
+        report_unread_weights(owner, example_inputs, report)
+        del owner
         check_stand_ins_consumed(gm, [*example_inputs, *extra])  # loaded weights without data
         if self.compiler == "inductor":
             fuse_input_quantization(gm, report)
@@ -106,9 +108,10 @@ def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _frame_name() -> str:
-    """The function Dynamo is compiling ("LlamaForCausalLM.forward"): layer names in the report
-    are relative to its ``self``. Empty when Dynamo does not say."""
+def _frame() -> tuple[str, torch.nn.Module | None]:
+    """The function Dynamo is compiling ("LlamaForCausalLM.forward": layer names in the report
+    are relative to its ``self``) and that module (None for a function). ("", None) when
+    Dynamo does not say."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -116,8 +119,10 @@ def _frame_name() -> str:
         code = tx.f_code
         owner = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
     except Exception:  # not inside Dynamo (a direct call), or its internals moved
-        return ""
-    return f"{type(owner).__name__}.{code.co_name}" if isinstance(owner, torch.nn.Module) else code.co_name
+        return "", None
+    if isinstance(owner, torch.nn.Module):
+        return f"{type(owner).__name__}.{code.co_name}", owner
+    return code.co_name, None
 
 
 def _choose_kernel(fmt: Format, device: torch.device, k: int, n: int, dtype: torch.dtype, op: str = "linear",

@@ -245,3 +245,23 @@ def test_weight_view_made_outside_the_graph_is_reported():
     assert torch.equal(out, glu(x, w.view(4, 32, 64)[1]))  # left in the model dtype
     kept = {k.fqn: k.reason for k in mxpass.last_report().kept}
     assert "a [32, 64] view of a [128, 64] weight" in kept["expert_w"], kept
+
+
+def test_experts_left_to_the_eager_loop_are_reported():
+    """Under plain torch.compile (no ``mxpass.compile`` to switch the implementation) transformers'
+    eager experts loop breaks the graph on ``nonzero`` and applies the 3-D weights in Python:
+    the graph compiled from the experts module's forward says so."""
+    model = _tiny_qwen3_moe(0)
+    model.set_experts_implementation("eager")
+    n = len(mxpass.reports())
+    with torch.no_grad():
+        torch.compile(model, backend=mxpass.backend(scheme="mxfp8-w", compiler="eager"))(
+            torch.randint(0, 128, (1, 6)), use_cache=False)
+    reports = mxpass.reports()[n:]
+    assert not any(e.kind == "moe" for r in reports for e in r.rewritten)
+    frames = [r for r in reports if r.frame == "Qwen3MoeExperts.forward"]
+    assert frames, [r.frame for r in reports]
+    (entry,) = frames[0].kept
+    assert entry.reason.startswith("Qwen3MoeExperts: gate_up_proj [4, 64, 64], down_proj [4, 64, 32] are not read "
+                                   "by this graph"), entry.reason
+    assert "set_experts_implementation('grouped_mm')" in entry.reason

@@ -510,3 +510,24 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
                       f"experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay "
                       f"in the model dtype")
         report.kept.append(Kept(module, reason))
+
+
+def report_unread_weights(owner: torch.nn.Module | None, example_inputs: list, report: Report) -> None:
+    """The module whose method this graph was compiled from (``owner``) holds stacked weights
+    (three or more dims, two of them larger than 1) that the graph does not read: code that
+    runs outside any graph applies them (transformers' eager experts loop breaks the graph on
+    ``nonzero`` and loops in Python). They stay in the model dtype; reported as kept under the
+    frame's own path, once per graph."""
+    if owner is None:
+        return
+    read = {id(v) for v in example_inputs}
+    unread = [(name, list(p.shape)) for name, p in owner.named_parameters(recurse=False)
+              if p.dim() >= 3 and sum(d > 1 for d in p.shape) >= 2 and p.is_floating_point() and id(p) not in read]
+    if not unread:
+        return
+    what = ", ".join(f"{name} {shape}" for name, shape in unread)
+    hint = ("; mxpass.compile(model) or model.set_experts_implementation('grouped_mm') lets mxpass rewrite "
+            "them" if hasattr(owner, "gate_up_proj") or hasattr(type(owner), "_experts_implementation") else "")
+    report.kept.append(Kept("", (
+        f"{type(owner).__name__}: {what} are not read by this graph; code outside any graph applies them "
+        f"(this frame breaks, e.g. transformers' eager experts loop on nonzero), in the model dtype{hint}")))
