@@ -330,20 +330,27 @@ def test_use_grouped_mm_goes_through_transformers_switch():
 class _BmmExperts(nn.Module):
     """Experts outside the v5 convention: one module per 3-D weight, applied with bmm (as
     JetMoE's parallel experts), a 1-D convolution beside them, and a 3-D position embedding
-    that is only added (not a layer's weight)."""
+    that is only added (not a layer's weight); then experts flattened into a 2-D weight
+    [E * I, H], viewed and sliced per expert (as DBRX's), and a 2-D position table sliced and
+    added (not a layer's weight either)."""
 
     def __init__(self):
         super().__init__()
         self.w_in = nn.Parameter(torch.randn(4, 64, 32) * 0.1)
         self.conv = nn.Conv1d(4, 4, 3, padding=1)
         self.pos = nn.Parameter(torch.randn(1, 5, 32))
+        self.mlp = nn.Module()
+        self.mlp.w1 = nn.Parameter(torch.randn(4 * 32, 32) * 0.1)
+        self.pos2 = nn.Parameter(torch.randn(8, 32))
 
     def forward(self, x):  # x [4, T, 64]
-        return self.conv(torch.bmm(x, self.w_in).transpose(0, 1)).transpose(0, 1) + self.pos
+        h = self.conv(torch.bmm(x, self.w_in).transpose(0, 1)).transpose(0, 1) + self.pos
+        return h.matmul(self.mlp.w1.view(4, 32, 32)[1].T) + self.pos2[: h.shape[1]]
 
 
 def test_other_multidimensional_weights_are_reported_as_kept():
-    """No weight of three or more dims stays in the model dtype without a report entry."""
+    """No stacked weight (three or more dims, or two sliced per expert) stays in the model dtype
+    without a report entry."""
     model = _BmmExperts()
     x = torch.randn(4, 5, 64)
     with torch.no_grad():
@@ -357,5 +364,8 @@ def test_other_multidimensional_weights_are_reported_as_kept():
                 "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay in the model "
                 "dtype",
         "conv": "convolution (weight [4, 4, 3]): mxpass quantizes linear layers and MoE experts",
+        "mlp": "w1 [128, 32]: 2-D weights outside any experts module mxpass recognizes (transformers v5 "
+               "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay in the model "
+               "dtype",
     }
     torch.testing.assert_close(got, plain, atol=0, rtol=0)

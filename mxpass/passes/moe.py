@@ -451,6 +451,22 @@ def _local_name(node: fx.Node) -> str:
     return match.group(1) if match else node.name
 
 
+_SLICES = _VIEWS - {"t", "transpose", "contiguous", "to"}
+
+
+def _sliced_then_multiplied(node: fx.Node) -> bool:
+    """Whether ``node`` (a 2-D weight) is viewed or sliced (not only transposed) on its way to a
+    matmul: DBRX's flattened experts [E * I, H], viewed [E, I, H] and indexed per expert."""
+    for u in node.users:
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if name in ("t", "transpose", "contiguous", "to") or (name == "getattr" and u.args[1:] in (("T",), ("mT",))):
+            if _sliced_then_multiplied(u):
+                return True
+        elif name in _SLICES and any(r in _MATMULS for r in _readers(u)):
+            return True
+    return False
+
+
 def _weight_view(value) -> bool:
     """A tensor (not a Parameter) that is a view of a floating-point Parameter of two or more
     dims: a weight sliced by eager code and passed into the graph (DBRX's experts)."""
@@ -462,7 +478,8 @@ def _weight_view(value) -> bool:
 
 def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Report) -> None:
     """After both passes: every Parameter of three or more dims (two of them larger than 1, not a
-    vector such as a per-head decay) that the graph still multiplies by (matmul, bmm, einsum,
+    vector such as a per-head decay), or of two dims that the graph slices before it multiplies
+    by it (flattened experts), that the graph still multiplies by (matmul, bmm, einsum,
     grouped_mm, linear, directly or through views and slices) or convolves with, and that no
     report entry covers (a rewritten or kept layer whose path it lies under), is reported as
     kept, one entry per module, so that experts outside the v5 convention (one module per 3-D
@@ -482,7 +499,7 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
                 f"that ran without torch.compile, e.g. after a graph break) and multiplied by here: mxpass "
                 f"quantizes the weights a graph reads as Parameters; it stays in the model dtype")))
             continue
-        if not (isinstance(value, torch.nn.Parameter) and value.dim() >= 3 and value.is_floating_point()):
+        if not (isinstance(value, torch.nn.Parameter) and value.dim() >= 2 and value.is_floating_point()):
             continue
         if sum(d > 1 for d in value.shape) < 2:  # a vector in more dims (a per-head decay [1, 1, heads, 1])
             continue
@@ -492,6 +509,13 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
         if any(path == f or path.startswith(f + ".") for f in covered):
             continue
         readers = _readers(node)
+        if value.dim() == 2:
+            # a 2-D weight read whole is a linear the linear pass rewrote or kept (or a tied
+            # embedding, reported under lm_head); one sliced before a matmul is not
+            if _sliced_then_multiplied(node):
+                found.setdefault(path.rpartition(".")[0] or path, []).append(
+                    (path.rpartition(".")[2], list(value.shape), False))
+            continue
         if any(r in _MATMULS for r in readers):
             conv = False
         elif readers and all("conv" in r for r in readers):
