@@ -205,6 +205,24 @@ def test_static_scale_given_by_name_cannot_follow_other_weights():
         torch.compile(model, backend=mxpass.backend(scheme="fp8", compiler="eager", activation_scales=scales))(x)
 
 
+def test_static_scales_by_name_stay_when_weights_change_in_place():
+    """The same layers with new values (``load_state_dict``): their scales given by name still
+    apply, and the output follows the new weights."""
+    torch.manual_seed(0)
+    model, other, x = Stack(1).eval(), Stack(1).eval(), torch.randn(4, 64)
+    scales = {"q": 0.02, "k": 0.02, "v": 0.02, "o": 0.05}
+    fast = torch.compile(model, backend=mxpass.backend(scheme="fp8", compiler="eager", activation_scales=scales))
+    with torch.no_grad():
+        before = fast(x)
+        model.load_state_dict(other.state_dict())
+        after = fast(x)
+        torch._dynamo.reset()
+        want = torch.compile(other, backend=mxpass.backend(scheme="fp8", compiler="eager",
+                                                           activation_scales=scales))(x)
+    assert torch.equal(after, want)
+    assert _rel(after, before) > 0.1
+
+
 def test_router_found_by_what_its_output_does():
     """A router named neither gate nor router (its logits go through softmax to topk) stays in the
     model dtype; so does DBRX's ``router.layer``."""

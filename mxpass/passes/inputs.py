@@ -222,11 +222,17 @@ def bind_inputs(compiled: Callable, example_inputs: list, statics: list[StaticIn
     return BoundInputs(compiled, example_inputs, tensors, derivations, report)
 
 
-def rebinding_error(what: str) -> Callable[..., torch.Tensor]:
-    """A derivation for a value that cannot follow other weights: it raises, naming ``what``."""
-    def derive(*_):
+def by_name(value: torch.Tensor, param: torch.Tensor, what: str) -> Callable[..., torch.Tensor]:
+    """A derivation for a value given for a layer by name (a static activation scale): it stays
+    ``value`` while the layer's weight is the same Parameter (changed in place or not), and
+    raises, naming ``what``, for another module's Parameter, whose name the graph cannot know."""
+    ref = weakref.ref(param)
+
+    def derive(p):
+        if p is ref():
+            return value
         raise ValueError(
-            f"mxpass: {what} cannot follow other weights: this compiled graph ran with other weights "
-            "than it was compiled with (another module running the same code, e.g. after a graph break "
-            "inside a layer), and the value was given for the layer by name")
+            f"mxpass: {what} cannot follow other weights: this compiled graph ran with another module's "
+            "weights (one running the same code, e.g. after a graph break inside a layer), and the value "
+            "was given for the layer by name")
     return derive

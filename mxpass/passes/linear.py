@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
-from mxpass.passes.inputs import StaticInputs, rebinding_error
+from mxpass.passes.inputs import StaticInputs, by_name
 from mxpass.passes.merge import Layer, merge_siblings
 from mxpass.report import Kept, Report, Rewritten
 from mxpass.weights import (kept_reason, prequantized_input_scale, prequantized_scheme,
@@ -301,7 +301,7 @@ def rewrite_linears(
         act = None
         if fmt.static_activation:
             value = config.activation_scale(fqn)
-            by_name = value is not None
+            named = value is not None
             if value is None:
                 value = prequantized_input_scale(m.param)  # stored with a loaded weight
             if value is None:
@@ -311,10 +311,10 @@ def rewrite_linears(
                     f"to mxpass.backend, or use a dynamic scheme)")
             record_input_scale(m.param, fmt, value)  # for mxpass.save
             what = f"layer {fqn}: the static activation scale"
-            act = static.add(f"mxpass_{m.weight.name}_act_scale",
-                             torch.tensor([value], dtype=torch.float32, device=m.param.device), (m.param,),
-                             rebinding_error(what) if by_name else functools.partial(_stored_input_scale, fmt=fmt, what=what),
-                             what)
+            scale_t = torch.tensor([value], dtype=torch.float32, device=m.param.device)
+            act = static.add(f"mxpass_{m.weight.name}_act_scale", scale_t, (m.param,),
+                             by_name(scale_t, m.param, what) if named
+                             else functools.partial(_stored_input_scale, fmt=fmt, what=what), what)
         qw, ws = new_nodes[key]
         # an earlier rewrite may have replaced this layer's input (linear -> linear)
         x, bias = replaced.get(m.x, m.x), replaced.get(m.bias, m.bias)
