@@ -225,7 +225,8 @@ def test_static_scales_by_name_stay_when_weights_change_in_place():
 
 def test_router_found_by_what_its_output_does():
     """A router named neither gate nor router (its logits go through softmax to topk) stays in the
-    model dtype; so does DBRX's ``router.layer``."""
+    model dtype; so does DBRX's ``router.layer``. A 2048-wide head whose logits reach topk (a
+    compiled sampler) is not a router."""
 
     class Moe(nn.Module):
         def __init__(self):
@@ -234,16 +235,19 @@ def test_router_found_by_what_its_output_does():
             self.router = nn.Module()
             self.router.layer = nn.Linear(64, 8, bias=False)
             self.proj = nn.Linear(64, 64, bias=False)
+            self.head = nn.Linear(64, 2048, bias=False)  # a vocabulary, sampled with topk: not a router
 
         def forward(self, x):
             w, i = torch.topk(torch.softmax(self.selector(x).float(), dim=-1), 2)
             w2, i2 = torch.topk(self.router.layer(x), 2)
-            return self.proj(x) * w.sum(-1, keepdim=True) + i.float().sum() + w2.sum() + i2.float().sum()
+            w3, _ = torch.topk(self.head(x), 5)
+            return (self.proj(x) * w.sum(-1, keepdim=True) + i.float().sum() + w2.sum() + i2.float().sum()
+                    + w3.sum())
 
     with torch.no_grad():
         torch.compile(Moe().eval(), backend=mxpass.backend(scheme="mxfp8-w", compiler="eager"))(torch.randn(3, 64))
     report = mxpass.last_report()
-    assert [e.fqn for e in report.rewritten] == ["proj"]
+    assert sorted(e.fqn for e in report.rewritten) == ["head", "proj"]
     kept = {k.fqn: k.reason for k in report.kept}
     assert "selects experts through topk" in kept["selector"]
     assert kept["router.layer"] == "router gate stays in the model dtype"

@@ -220,6 +220,9 @@ def _stored_input_scale(param: torch.Tensor, fmt: Format, what: str) -> torch.Te
     return torch.tensor([value], dtype=torch.float32, device=param.device)
 
 
+# a router has one output per expert; an lm_head whose logits a compiled sampler feeds to topk
+# has one per vocabulary entry and is not a router
+_ROUTER_MAX_N = 1024
 # what a router's logits pass through on their way to topk (casts, views, softmax / sigmoid,
 # a bias or a scale)
 _ROUTE_STEPS = {"softmax", "sigmoid", "log_softmax", "float", "to", "type", "view", "reshape", "flatten",
@@ -284,7 +287,8 @@ def rewrite_linears(
         if config.ignored_by(fqn):
             used_patterns.add(config.ignored_by(fqn))
         fmt, reason = layer_format(m.param, fqn, n, k, config, tied=m.weight in embedded)
-        if reason is None and prequantized_scheme(m.param) is None and feeds_topk(m.node):
+        if (reason is None and n <= _ROUTER_MAX_N and fqn.rsplit(".", 1)[-1] != "lm_head"
+                and prequantized_scheme(m.param) is None and feeds_topk(m.node)):
             reason = "router gate (its output selects experts through topk) stays in the model dtype"
         if reason is not None:
             report.kept.append(Kept(fqn, reason))
