@@ -364,8 +364,7 @@ def test_other_multidimensional_weights_are_reported_as_kept():
                 "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay in the model "
                 "dtype",
         "conv": "convolution (weight [4, 4, 3]): mxpass quantizes linear layers and MoE experts",
-        "mlp": "w1 [128, 32]: 2-D weights outside any experts module mxpass recognizes (transformers v5 "
-               "experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] in one module); they stay in the model "
-               "dtype",
+        "mlp": "w1 [128, 32]: viewed or sliced before a matmul (grouped or flattened weights); mxpass quantizes "
+               "the 2-D weights a linear or matmul reads whole; it stays in the model dtype",
     }
     torch.testing.assert_close(got, plain, atol=0, rtol=0)

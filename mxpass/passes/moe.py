@@ -514,20 +514,24 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
             # embedding, reported under lm_head); one sliced before a matmul is not
             if _sliced_then_multiplied(node):
                 found.setdefault(path.rpartition(".")[0] or path, []).append(
-                    (path.rpartition(".")[2], list(value.shape), False))
+                    (path.rpartition(".")[2], list(value.shape), "sliced"))
             continue
         if any(r in _MATMULS for r in readers):
-            conv = False
+            kind = "stacked"
         elif readers and all("conv" in r for r in readers):
-            conv = True
+            kind = "conv"
         else:
             continue  # added or multiplied elementwise (a position embedding, a scale): not a layer's weight
         module, _, name = path.rpartition(".")
-        found.setdefault(module or path, []).append((name, list(value.shape), conv))
+        found.setdefault(module or path, []).append((name, list(value.shape), kind))
     for module, weights in found.items():
+        kinds = {kind for _, _, kind in weights}
         what = ", ".join(f"{name} {shape}" for name, shape, _ in weights)
-        if all(conv for _, _, conv in weights):
+        if kinds == {"conv"}:
             reason = f"convolution ({what}): mxpass quantizes linear layers and MoE experts"
+        elif kinds == {"sliced"}:
+            reason = (f"{what}: viewed or sliced before a matmul (grouped or flattened weights); mxpass "
+                      f"quantizes the 2-D weights a linear or matmul reads whole; it stays in the model dtype")
         else:
             dims = "/".join(sorted({f"{len(shape)}-D" for _, shape, _ in weights}))
             reason = (f"{what}: {dims} weights outside any experts module mxpass recognizes (transformers v5 "
