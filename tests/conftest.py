@@ -13,6 +13,11 @@ def _fresh_dynamo():
     yield
 
 
+def rel_err(a, b) -> float:
+    """||a - b||_F / ||b||_F, in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 class CountingBackend:
     """Wraps a backend and counts the graphs it is asked to compile."""
 

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import mxpass
-from tests.conftest import CountingBackend
+from tests.conftest import CountingBackend, rel_err
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
@@ -29,10 +29,6 @@ CONFIGS = {
     "bert": lambda: transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=128, vocab_size=256),
 }
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _build(name):

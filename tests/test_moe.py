@@ -27,7 +27,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 import mxpass
 from mxpass import weights
 from mxpass.ops import experts_reference
-from tests.conftest import CountingBackend
+from tests.conftest import CountingBackend, rel_err
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
@@ -40,10 +40,6 @@ CONFIGS = {
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**TINY, **MOE, shared_expert_intermediate_size=64),
 }
 EXPERTS = {"qwen3_moe": Qwen3MoeExperts, "mixtral": MixtralExperts, "qwen2_moe": Qwen2MoeExperts}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _graph_of(compiled):

@@ -24,6 +24,7 @@ import mxpass
 from mxpass import quant
 from mxpass.formats import get_format
 from mxpass.passes.moe import use_grouped_mm
+from tests.conftest import rel_err
 
 
 class Block(nn.Module):
@@ -63,17 +64,6 @@ def _dequantized(model, fmt, names=None):
     return model
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("scheme", ["mxfp8-w", "fp8-w"])
 def test_layers_sharing_a_graph_each_use_their_own_weights(scheme):
     torch.manual_seed(0)
@@ -93,8 +83,8 @@ def test_layers_sharing_a_graph_each_use_their_own_weights(scheme):
     for r in halves:
         assert any("also ran with other weights" in w for w in r.warnings), r.warnings
     assert any("also ran with other weights" in str(w.message) for w in caught)
-    assert _rel(got, plain) > 1e-3  # the layers were quantized
-    assert _rel(got, expected) < 1e-5
+    assert rel_err(got, plain) > 1e-3  # the layers were quantized
+    assert rel_err(got, expected) < 1e-5
 
 
 def test_second_model_compiled_with_the_same_backend():
@@ -110,9 +100,9 @@ def test_second_model_compiled_with_the_same_backend():
     with torch.no_grad():
         got1 = torch.compile(head, backend=be)(m1)
         got2 = torch.compile(head, backend=be)(m2)
-        assert _rel(got1, head(_dequantized(m1, fmt))) < 1e-5
-        assert _rel(got2, head(_dequantized(m2, fmt))) < 1e-5
-        assert _rel(got2, got1) > 0.5
+        assert rel_err(got1, head(_dequantized(m1, fmt))) < 1e-5
+        assert rel_err(got2, head(_dequantized(m2, fmt))) < 1e-5
+        assert rel_err(got2, got1) > 0.5
 
 
 def test_weights_changed_in_place_after_compile():
@@ -122,11 +112,11 @@ def test_weights_changed_in_place_after_compile():
     fast = torch.compile(model, backend=mxpass.backend(scheme=fmt.name, compiler="eager"))
     with torch.no_grad():
         before = fast(x)
-        assert _rel(before, _dequantized(model, fmt)(x)) < 1e-5
+        assert rel_err(before, _dequantized(model, fmt)(x)) < 1e-5
         model.load_state_dict(other.state_dict())  # copy_ into the same Parameters
         after = fast(x)
-    assert _rel(after, _dequantized(other, fmt)(x)) < 1e-5
-    assert _rel(after, before) > 0.1  # a residual block: x itself is unchanged
+    assert rel_err(after, _dequantized(other, fmt)(x)) < 1e-5
+    assert rel_err(after, before) > 0.1  # a residual block: x itself is unchanged
 
 
 def test_weight_data_replaced_after_compile():
@@ -144,7 +134,7 @@ def test_weight_data_replaced_after_compile():
             got = fast(x.to(dtype))
             # bf16: the op and the dequantized model round their outputs to bf16 apart
             tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-            assert _rel(got, _dequantized(lin, fmt)(x.to(dtype))) < tol, dtype
+            assert rel_err(got, _dequantized(lin, fmt)(x.to(dtype))) < tol, dtype
 
 
 def test_inductor_graph_shared_by_two_models():
@@ -160,8 +150,8 @@ def test_inductor_graph_shared_by_two_models():
     with torch.no_grad():
         got1 = torch.compile(f, backend=be)(lin1)
         got2 = torch.compile(f, backend=be)(lin2)
-        assert _rel(got1, f(_dequantized(lin1, fmt))) < 1e-5
-        assert _rel(got2, f(_dequantized(lin2, fmt))) < 1e-5
+        assert rel_err(got1, f(_dequantized(lin1, fmt))) < 1e-5
+        assert rel_err(got2, f(_dequantized(lin2, fmt))) < 1e-5
 
 
 def _tiny_qwen3_moe(seed):
@@ -193,8 +183,8 @@ def test_second_moe_model_uses_its_own_experts():
                         p.copy_(torch.stack([quant.dequantize_weight(fmt, *quant.quantize_weight(fmt, w, "e"))
                                              for w in p]))
             want = expected(ids, use_cache=False).logits
-        assert _rel(g, want) < 1e-5
-    assert _rel(got[0], got[1]) > 0.1
+        assert rel_err(g, want) < 1e-5
+    assert rel_err(got[0], got[1]) > 0.1
 
 
 def test_static_scale_given_by_name_cannot_follow_other_weights():
@@ -220,7 +210,7 @@ def test_static_scales_by_name_stay_when_weights_change_in_place():
         want = torch.compile(other, backend=mxpass.backend(scheme="fp8", compiler="eager",
                                                            activation_scales=scales))(x)
     assert torch.equal(after, want)
-    assert _rel(after, before) > 0.1
+    assert rel_err(after, before) > 0.1
 
 
 def test_router_found_by_what_its_output_does():

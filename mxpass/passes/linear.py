@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
+from mxpass.passes import target_name
 from mxpass.passes.inputs import StaticInputs, by_name
 from mxpass.passes.merge import Layer, merge_siblings
 from mxpass.report import Kept, Report, Rewritten
@@ -230,11 +231,6 @@ _ROUTE_STEPS = {"softmax", "sigmoid", "log_softmax", "float", "to", "type", "vie
                 "__truediv__", "__sub__", "add_", "mul_", "div_", "_softmax", "type_as"}
 
 
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", "")
-
-
 def feeds_topk(node: fx.Node, depth: int = 8) -> bool:
     """Whether ``node``'s value reaches a ``topk`` through the steps a router takes (whatever
     the layer is called: a router is found by what its output does)."""
@@ -242,7 +238,7 @@ def feeds_topk(node: fx.Node, depth: int = 8) -> bool:
     while todo:
         cur, d = todo.pop()
         for user in cur.users:
-            name = _target_name(user)
+            name = target_name(user)
             if name == "topk":
                 return True
             if user not in seen and d < depth and user.op in ("call_function", "call_method") and name in _ROUTE_STEPS:
@@ -298,8 +294,8 @@ def rewrite_linears(
         kernel = choose_kernel(fmt, m.param.device, k, n, x_dtype, m=rows)
         key = (id(m.param), m.transposed, fmt.name)
         if key not in new_nodes:
-            data, scale = quantized_weight(m.param, fmt, m.transposed, fqn)
             derive = functools.partial(quantized_weight, fmt=fmt, transposed=m.transposed, name=fqn)
+            data, scale = derive(m.param)
             new_nodes[key] = static.weight(f"mxpass_{m.weight.name}", data, scale, m.node, (m.param,), derive,
                                            f"layer {fqn}")
         act = None

@@ -43,6 +43,7 @@ import torch.fx as fx
 from mxpass.config import QuantConfig
 from mxpass.formats import ACTIVATION_DTYPES, Format, get_format
 from mxpass.ops import MOE_ACTIVATIONS, experts_reference
+from mxpass.passes import target_name
 from mxpass.passes.inputs import StaticInputs
 from mxpass.passes.linear import _dotted, source_fqn
 from mxpass.report import Kept, Report, Rewritten
@@ -427,6 +428,16 @@ _MATMULS = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "
             "grouped_mm"}
 
 
+# views that keep a weight whole (its layout or dtype only)
+_WHOLE = {"t", "transpose", "contiguous", "to"}
+_SLICES = _VIEWS - _WHOLE
+
+
+def _transposed(node: fx.Node) -> bool:
+    """``W.T`` / ``W.mT``, which Dynamo records as a ``getattr`` call."""
+    return target_name(node) == "getattr" and node.args[1:] in (("T",), ("mT",))
+
+
 def _readers(node: fx.Node) -> list[str]:
     """Names of the calls that read ``node``'s data, looking through views and slices."""
     found, todo, seen = [], list(node.users), set()
@@ -435,8 +446,8 @@ def _readers(node: fx.Node) -> list[str]:
         if u in seen:
             continue
         seen.add(u)
-        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", str(u.target))
-        if name in _VIEWS or (name == "getattr" and u.args[1:] in (("T",), ("mT",))):
+        name = target_name(u)
+        if name in _VIEWS or _transposed(u):
             todo.extend(u.users)
         else:
             found.append(name)
@@ -451,15 +462,12 @@ def _local_name(node: fx.Node) -> str:
     return match.group(1) if match else node.name
 
 
-_SLICES = _VIEWS - {"t", "transpose", "contiguous", "to"}
-
-
 def _sliced_then_multiplied(node: fx.Node) -> bool:
     """Whether ``node`` (a 2-D weight) is viewed or sliced (not only transposed) on its way to a
     matmul: DBRX's flattened experts [E * I, H], viewed [E, I, H] and indexed per expert."""
     for u in node.users:
-        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-        if name in ("t", "transpose", "contiguous", "to") or (name == "getattr" and u.args[1:] in (("T",), ("mT",))):
+        name = target_name(u)
+        if name in _WHOLE or _transposed(u):
             if _sliced_then_multiplied(u):
                 return True
         elif name in _SLICES and any(r in _MATMULS for r in _readers(u)):
@@ -508,7 +516,6 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
         path = source_fqn(node)
         if any(path == f or path.startswith(f + ".") for f in covered):
             continue
-        readers = _readers(node)
         if value.dim() == 2:
             # a 2-D weight read whole is a linear the linear pass rewrote or kept (or a tied
             # embedding, reported under lm_head); one sliced before a matmul is not
@@ -516,6 +523,7 @@ def report_other_weights(gm: fx.GraphModule, example_inputs: list, report: Repor
                 found.setdefault(path.rpartition(".")[0] or path, []).append(
                     (path.rpartition(".")[2], list(value.shape), "sliced"))
             continue
+        readers = _readers(node)
         if any(r in _MATMULS for r in readers):
             kind = "stacked"
         elif readers and all("conv" in r for r in readers):

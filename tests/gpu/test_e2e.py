@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mxpass
-from tests.conftest import same_quantization_reference
+from tests.conftest import rel_err, same_quantization_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,10 +53,6 @@ def _graph_replay(model, ids, sync_debug: bool = False):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return out, report, prof
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(autouse=True)

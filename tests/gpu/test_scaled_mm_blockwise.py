@@ -8,7 +8,7 @@ import torch
 import mxpass
 from mxpass import quant
 from mxpass.formats import get_format
-from tests.conftest import CountingBackend
+from tests.conftest import CountingBackend, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,10 +24,6 @@ def _kernel():
     if not ok:
         pytest.skip(why)
     return k
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # Both sides multiply the same e4m3 activation and weight values; the reference rounds each

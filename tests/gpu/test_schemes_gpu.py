@@ -4,13 +4,10 @@ import pytest
 import torch
 
 import mxpass
+from tests.conftest import rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("scheme,kernel", [("fp8-dynamic", "cublas_scaled_mm_rowwise"),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mxpass
-from tests.test_shared_graphs import Stack, _dequantized, _rel
+from tests.conftest import rel_err
+from tests.test_shared_graphs import Stack, _dequantized
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -43,5 +44,5 @@ def test_layers_sharing_a_graph_on_gpu(scheme, cudagraphs):
             ref = _dequantized(model, mxpass.get_format(scheme))(x)
     for out in outs:
         # bf16 outputs; activation rounding in fused producers may differ in the last bit
-        assert _rel(out, ref) < 2e-2, (_rel(out, ref), _rel(plain, ref))
-    assert _rel(outs[-1], plain) > 1e-3
+        assert rel_err(out, ref) < 2e-2, (rel_err(out, ref), rel_err(plain, ref))
+    assert rel_err(outs[-1], plain) > 1e-3
