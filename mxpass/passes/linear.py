@@ -213,7 +213,8 @@ def _static_rows(x: fx.Node, k: int) -> int | None:
 
 
 def _stored_input_scale(param: torch.Tensor, fmt: Format, what: str) -> torch.Tensor:
-    """The static activation scale a checkpoint stored with ``param``, as the op takes it."""
+    """The static activation scale a checkpoint stored with ``param``, as the op takes it
+    (recorded for ``mxpass.save``)."""
     value = prequantized_input_scale(param)
     if value is None:
         raise ValueError(f"mxpass: {what}: the weights of this call were loaded with none")
@@ -301,20 +302,20 @@ def rewrite_linears(
         act = None
         if fmt.static_activation:
             value = config.activation_scale(fqn)
-            named = value is not None
-            if value is None:
-                value = prequantized_input_scale(m.param)  # stored with a loaded weight
-            if value is None:
+            what = f"layer {fqn}: the static activation scale"
+            if value is not None:  # given by name
+                record_input_scale(m.param, fmt, value)  # for mxpass.save
+                scale_t = torch.tensor([value], dtype=torch.float32, device=m.param.device)
+                derive_scale = by_name(scale_t, m.param, what)
+            elif prequantized_input_scale(m.param) is not None:  # stored with a loaded weight
+                derive_scale = functools.partial(_stored_input_scale, fmt=fmt, what=what)
+                scale_t = derive_scale(m.param)
+            else:
                 raise ValueError(
                     f"mxpass: layer {fqn}: scheme {fmt.name!r} quantizes activations with a static "
                     f"per-tensor scale and none was given (pass activation_scales={{{fqn!r}: s}} "
                     f"to mxpass.backend, or use a dynamic scheme)")
-            record_input_scale(m.param, fmt, value)  # for mxpass.save
-            what = f"layer {fqn}: the static activation scale"
-            scale_t = torch.tensor([value], dtype=torch.float32, device=m.param.device)
-            act = static.add(f"mxpass_{m.weight.name}_act_scale", scale_t, (m.param,),
-                             by_name(scale_t, m.param, what) if named
-                             else functools.partial(_stored_input_scale, fmt=fmt, what=what), what)
+            act = static.add(f"mxpass_{m.weight.name}_act_scale", scale_t, (m.param,), derive_scale, what)
         qw, ws = new_nodes[key]
         # an earlier rewrite may have replaced this layer's input (linear -> linear)
         x, bias = replaced.get(m.x, m.x), replaced.get(m.bias, m.bias)
