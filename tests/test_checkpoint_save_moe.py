@@ -21,7 +21,7 @@ import mxpass
 from mxpass import checkpoint, quant
 from mxpass.formats import get_format
 from mxpass.weights import quantized_experts
-from tests.test_checkpoint_moe import CONFIGS, IDS, _as_linears, _experts, _logits, _plain_checkpoint
+from tests.test_checkpoint_moe import CONFIGS, _as_linears, _experts, _logits, _plain_checkpoint
 
 # arch -> (scheme quantized while loading, saved-name pattern of expert 0's gate / up / down)
 CASES = {"qwen3_moe": ("mxfp8", "model.layers.{}.mlp.experts.0.{}_proj", ("gate", "up", "down")),

@@ -195,6 +195,7 @@ def check_stand_ins_consumed(gm, example_inputs) -> None:
     no users left, since whatever still reads it would compute with NaN. An error names the
     weight and the operations that read it. ``example_inputs``: one per placeholder, in order
     (the passes' new inputs appended)."""
+    from mxpass.passes import target_name
     from mxpass.passes.linear import source_fqn
     from mxpass.weights import prequantized_scheme
 
@@ -204,7 +205,7 @@ def check_stand_ins_consumed(gm, example_inputs) -> None:
             continue
         fmt = prequantized_scheme(value)
         if fmt is not None:
-            users = ", ".join(sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users}))
+            users = ", ".join(sorted({target_name(u) for u in node.users}))
             left.append(f"{source_fqn(node)} ({fmt}; read by {users})")
     if left:
         raise ValueError(
