@@ -332,15 +332,10 @@ class TritonInt8MM(_QuantizedInput):
         return torch.ops.mxpass.int8_mm_triton(xq, xs, qweight, wscale, bias, out_dtype)
 
 
-class CudaW8A8Gemv(_QuantizedInput):
-    """Small-M W8A8 linear on FP8 / INT8 tensor cores (kernels/cuda/w8a8_gemv.cu): the weight
-    streams straight into ``mma.sync`` operands, the activation is really quantized (fused
-    into its producer). Taken only when the graph's M is static and at most 16 (decode
-    graphs: Dynamo specializes M = 1); a dynamic-M graph keeps the kernel that serves every M.
-    Built on first use with the CUDA toolkit's nvcc. MXFP8 (one mma per 32-k block, E8M0
-    scales per block) only from M = 2: at M = 1 triton_mxfp8's CUDA-core GEMV is faster."""
-
-    name = "cuda_w8a8_gemv"
+class _CudaGemv:
+    """The small-M tensor-core kernels of kernels/cuda/w8a8_gemv.cu, built on first use with
+    the CUDA toolkit's nvcc. Taken only when the graph's M is static and at most 16 (decode
+    graphs: Dynamo specializes M = 1); a dynamic-M graph keeps the kernel that serves every M."""
 
     def is_supported(self, device: torch.device) -> tuple[bool, str]:
         ok, reason = _cuda_capability(device, (8, 9), "its FP8/INT8 mma.sync build")
@@ -354,14 +349,28 @@ class CudaW8A8Gemv(_QuantizedInput):
             return False, str(e).splitlines()[0]
         return True, ""
 
-    def can_implement(self, problem: Problem) -> tuple[bool, str]:
-        from mxpass.kernels.cuda.w8a8_gemv import MAX_M, group_of, shape_problem
+    def _static_small_m(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.cuda.w8a8_gemv import MAX_M
 
         if problem.m is None:
             return False, "M is dynamic in this graph (this kernel is picked for a static M <= 16)"
         if problem.m > MAX_M:
             return False, f"M={problem.m} > {MAX_M}"
-        ok, reason = _half_precision(problem)
+        return _half_precision(problem)
+
+
+class CudaW8A8Gemv(_CudaGemv, _QuantizedInput):
+    """Small-M W8A8 linear on FP8 / INT8 tensor cores: the weight streams straight into
+    ``mma.sync`` operands, the activation is really quantized (fused into its producer).
+    MXFP8 (one mma per 32-k block, E8M0 scales per block) at M = 1 only from
+    ``MX_GEMV_M1_MIN_N``: below, triton_mxfp8's CUDA-core GEMV is faster."""
+
+    name = "cuda_w8a8_gemv"
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.cuda.w8a8_gemv import group_of, shape_problem
+
+        ok, reason = self._static_small_m(problem)
         if not ok:
             return ok, reason
         if problem.fmt.activation is None:
@@ -378,6 +387,37 @@ class CudaW8A8Gemv(_QuantizedInput):
 
         b = None if bias is None else bias.to(out_dtype)
         return torch.ops.mxpass.w8a8_gemv(xq, xs, qweight, wscale, b, w8a8_gemv.group_of(fmt), out_dtype)
+
+
+class CudaW8A16Gemv(_CudaGemv, _FakeQuantizedInput):
+    """Small-M W8A16 linear (e4m3 weights with channel, tensor, 128x128-block or MX scales)
+    on bf16 / fp16 tensor cores: the weight streams into ``mma.sync`` operands, converted
+    exactly in registers; the activation is used as the model computes it."""
+
+    name = "cuda_w8a16_gemv"
+
+    def __init__(self, at_m1: bool = True, m1_peer: str = ""):
+        # at_m1=False: M = 1 is left to ``m1_peer`` (measured as fast or faster there)
+        self.at_m1, self.m1_peer = at_m1, m1_peer
+
+    def can_implement(self, problem: Problem) -> tuple[bool, str]:
+        from mxpass.kernels.cuda.w8a8_gemv import group_of, shape_problem
+
+        ok, reason = self._static_small_m(problem)
+        if not ok:
+            return ok, reason
+        if problem.fmt.activation is not None or problem.fmt.weight != torch.float8_e4m3fn:
+            return False, f"{problem.fmt.name} is not an e4m3 weight-only scheme"
+        if problem.m == 1 and not self.at_m1:
+            return False, f"M=1: {self.m1_peer}'s GEMV measured as fast or faster (docs/performance.md)"
+        why = shape_problem(problem.k, group_of(problem.fmt))
+        return (False, why) if why else (True, "")
+
+    def run_fake(self, xf, qweight, wscale, bias, fmt: Format):
+        from mxpass.kernels.cuda import w8a8_gemv  # also registers the op
+
+        b = None if bias is None else bias.to(xf.dtype)
+        return torch.ops.mxpass.w8a16_gemv(xf, qweight, wscale, b, w8a8_gemv.group_of(fmt))
 
 
 class ReferenceMoE(_Reference):
@@ -451,17 +491,19 @@ def candidates() -> dict[RegistryKey, list[Kernel]]:
     # W8A16: triton_w8 serves every M without guards; in a graph whose M is static and large,
     # dequantize + cuBLAS bf16 is faster (docs/performance.md, "W8A16 at large M")
     w8_large = DequantMMLinear(min_static_m=W8A16_DEQUANT_MIN_M, faster_than="triton_w8")
-    w8 = [w8_large, TritonW8Linear()]
+    # the W8A16 GEMV for a static M <= 16, at M = 1 only for block scales (docs/performance.md)
+    w8 = [w8_large, CudaW8A16Gemv(at_m1=False, m1_peer="triton_w8"), TritonW8Linear()]
+    w8_block = [w8_large, CudaW8A16Gemv(), TritonW8Linear()]
     # MXFP8 on sm_90 has no MX tensor cores: triton_mxfp8 dequantizes into scratch at M >= 256
     # and runs a Triton GEMM; where the graph fixed a large M, cuBLAS bf16 on the dequantized
     # weight is faster (docs/performance.md, "MXFP8 at large M")
     mx_large = DequantMMLinear(min_static_m=MX_DEQUANT_MIN_M, faster_than="triton_mxfp8")
-    mx = [mx_large, TritonMXFP8Linear()]
+    mx = [mx_large, CudaW8A16Gemv(at_m1=False, m1_peer="triton_mxfp8"), TritonMXFP8Linear()]
     first = {
         "mxfp8": [mx_large, gemv, TritonMXFP8Linear()], "mxfp8-w": mx,
         "fp8-dynamic": [gemv, ScaledMMLinear("rowwise")], "fp8": [gemv, ScaledMMLinear("tensorwise")],
         "int8": int8, "int8-static": int8,
-        "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8,
+        "fp8-w": w8, "fp8-w-tensor": w8, "fp8-w-block": w8_block,
         "fp8-block": [gemv, ScaledMMBlockwiseLinear(), TritonW8Linear()],
     }
     table = {RegistryKey("linear", name): [*first.get(name, []), dequant, ref] for name in format_names()}

@@ -1,6 +1,7 @@
-"""The CUDA W8A8 GEMV on the CPU machine: registry decision by static M, the op's fake,
-its argument checks and scale layouts, and (where nvcc exists) that the kernel compiles.
-Its numerics are checked on the GPU (tests/gpu/test_cuda_w8a8_gemv.py)."""
+"""The CUDA W8A8 and W8A16 GEMVs on the CPU machine: registry decision by static M, the ops'
+fakes, their argument checks and scale layouts, and (where nvcc exists) that the kernels
+compile. Their numerics are checked on the GPU (tests/gpu/test_cuda_w8a8_gemv.py,
+tests/gpu/test_cuda_w8a16_gemv.py)."""
 
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mxpass.formats import get_format
 from mxpass.kernels.cuda import w8a8_gemv as G
-from mxpass.lowering.kernels import CudaW8A8Gemv
+from mxpass.lowering.kernels import CudaW8A8Gemv, CudaW8A16Gemv
 from mxpass.lowering.registry import Problem, choose
 
 
@@ -175,3 +176,71 @@ def test_kernel_source_compiles(tmp_path):
     proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"),
                            G._SOURCE], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("scheme", ["fp8-w", "fp8-w-tensor", "fp8-w-block", "mxfp8-w"])
+def test_a16_taken_for_static_small_m(scheme):
+    for m in (1, 2, 16):
+        assert CudaW8A16Gemv().can_implement(_problem(scheme, m=m)) == (True, "")
+    ok, why = CudaW8A16Gemv(at_m1=False, m1_peer="triton_w8").can_implement(_problem(scheme, m=1))
+    assert not ok and why.startswith("M=1: triton_w8's GEMV measured as fast or faster")
+    assert CudaW8A16Gemv(at_m1=False).can_implement(_problem(scheme, m=2)) == (True, "")
+
+
+@pytest.mark.parametrize("problem, why", [
+    (_problem("fp8-w", m=None), "M is dynamic"),
+    (_problem("fp8-w", m=17), "M=17 > 16"),
+    (_problem("fp8-w", k=4160), "K=4160 must be a multiple of 128"),
+    (_problem("mxfp8-w", k=4224), "K=4224 must be a multiple of 256"),
+    (_problem("fp8-w", dtype=torch.float32), "bf16 or fp16"),
+    (_problem("fp8-dynamic"), "not an e4m3 weight-only scheme"),
+    (_problem("mxfp8"), "not an e4m3 weight-only scheme"),
+])
+def test_a16_declined_with_reason(problem, why):
+    ok, reason = CudaW8A16Gemv().can_implement(problem)
+    assert not ok and why in reason
+
+
+def test_registry_a16_order():
+    """Where the W8A16 GEMV stands per format, and what the report says at M = 1."""
+    from mxpass.lowering.kernels import candidates
+    from mxpass.lowering.registry import RegistryKey
+
+    table = candidates()
+    for scheme, peer in (("fp8-w", "triton_w8"), ("fp8-w-tensor", "triton_w8"), ("fp8-w-block", None),
+                         ("mxfp8-w", "triton_mxfp8")):
+        names = [k.name for k in table[RegistryKey("linear", scheme)]]
+        assert names[1] == "cuda_w8a16_gemv" and names[2] == (peer or "triton_w8"), names
+        gemv = table[RegistryKey("linear", scheme)][1]
+        assert gemv.can_implement(_problem(scheme, m=1))[0] == (peer is None)
+
+
+@pytest.mark.parametrize("scheme, group", [("fp8-w", 0), ("fp8-w-tensor", 0), ("fp8-w-block", 128), ("mxfp8-w", 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a16_fake_shapes(scheme, group, dtype):
+    from mxpass import quant
+
+    wq, ws = quant.quantize_weight(get_format(scheme), torch.randn(40, 256) * 0.02, "w")
+    x = torch.randn(3, 256, dtype=dtype)
+    with FakeTensorMode() as mode:
+        y = G.w8a16_gemv(mode.from_tensor(x), mode.from_tensor(wq), mode.from_tensor(ws), None, group)
+    assert y.shape == (3, 40) and y.dtype == dtype
+
+
+def test_a16_bad_arguments_are_errors():
+    from mxpass import quant
+
+    wq, ws = quant.quantize_weight(get_format("fp8-w"), torch.randn(40, 256) * 0.02, "w")
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at most 16"):
+        G._check_a16(torch.randn(17, 256, dtype=torch.bfloat16), wq, ws, None, 0)
+    with pytest.raises(TypeError, match="x must be bf16 or fp16"):
+        G._check_a16(x.float(), wq, ws, None, 0)
+    with pytest.raises(TypeError, match="weight must be float8_e4m3fn"):
+        G._check_a16(x, wq.view(torch.int8), ws, None, 0)
+    with pytest.raises(ValueError, match="x has K=128"):
+        G._check_a16(x[:, :128], wq, ws, None, 0)
+    with pytest.raises(ValueError, match="bias must be"):
+        G._check_a16(x, wq, ws, torch.zeros(40, dtype=torch.float16), 0)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        G.w8a16_gemv(x, wq, ws, None, 0)

@@ -208,7 +208,8 @@ def test_w8a16_and_mx_take_dequant_cublas_for_a_large_static_m(monkeypatch):
     from mxpass.lowering.kernels import MX_DEQUANT_MIN_M, W8A16_DEQUANT_MIN_M
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv")  # needs nvcc; tests/test_cuda_gemv.py covers it
+    # the GEMVs need nvcc; tests/test_cuda_gemv.py covers them
+    monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv,cuda_w8a16_gemv")
     gpu = torch.device("cuda", 0)
     for scheme, T, triton in (("fp8-w", W8A16_DEQUANT_MIN_M, "triton_w8"),
                               ("fp8-w-tensor", W8A16_DEQUANT_MIN_M, "triton_w8"),
@@ -222,7 +223,7 @@ def test_w8a16_and_mx_take_dequant_cublas_for_a_large_static_m(monkeypatch):
         assert small.kernel.name == triton
         assert small.rejected[0] == ("dequant_cublas_mm", f"M={T - 1} < {T} (picked first for a static M >= {T}, "
                                                           f"where it measured faster than {triton})")
-        assert [name for name, _ in small.rejected[1:]] == (["cuda_w8a8_gemv"] if scheme == "mxfp8" else [])
+        assert [name for name, _ in small.rejected[1:]] == ["cuda_w8a8_gemv" if scheme == "mxfp8" else "cuda_w8a16_gemv"]
         dyn = registry.choose(Problem("linear", fmt, gpu, 4096, 4096, torch.bfloat16))
         assert dyn.kernel.name == triton and dyn.rejected[0][1].startswith("M is dynamic in this graph")
     # forcing the kernel still works for a dynamic M (its later, unconditional entry)

@@ -146,13 +146,57 @@ struct Args {
   int k_per_warp;        // multiple of the step (64, or 32 for GROUP 32)
 };
 
+// The end of every kernel here: split-K reduction in a fixed order (warp w writes its tile,
+// warp 0 sums w = 0, 1, ...), then per-channel / per-tensor scales (`scaled`: x's, where
+// a.xs is not null, times w's), bias, and the store of rows n0 .. n0 + 15 for this block.
+template <int NT, typename OutT>
+__device__ __forceinline__ void reduce_store(float (&acc)[NT][4], const Args& a, bool scaled) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  __shared__ float part[kMaxWarps - 1][NT][4][32];
+  if (nwarps > 1) {
+    if (warp > 0) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[warp - 1][t][i][lane] = acc[t][i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 1; w < nwarps; ++w)
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] += part[w - 1][t][i][lane];
+  }
+
+  const OutT* bias = static_cast<const OutT*>(a.bias);
+  OutT* y = static_cast<OutT*>(a.y);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = n0 + g + (i >= 2 ? 8 : 0);
+      const int m = t * 8 + q * 2 + (i & 1);
+      if (n >= a.N || m >= a.M) continue;
+      float v = acc[t][i];
+      if (scaled) {
+        const float sx = a.xs == nullptr ? 1.f : static_cast<const float*>(a.xs)[static_cast<size_t>(m) * a.xs_stride_m];
+        v *= sx * static_cast<const float*>(a.ws)[static_cast<size_t>(n) * a.ws_stride_n];
+      }
+      if (bias != nullptr) v += to_float(bias[n]);
+      y[static_cast<size_t>(m) * a.N + n] = from_float<OutT>(v);
+    }
+}
+
 // NT: number of n8 tiles of x (M <= 8 * NT). MXR: 0, or R for GROUP 32 with M <= R (see the top).
 template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4, bool FE8 = false>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   static_assert(MXR == 0 || (GROUP == 32 && NT == 1 && !INT8 && (MXR == 1 || MXR == 2 || MXR == 4)),
                 "MXR is MXFP8 with 1, 2 or 4 rows of x");
   constexpr int C = MXR == 4 ? 2 : 4;  // MXR: blocks per chunk (columns per row of x)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int n0 = blockIdx.x * 16;
   const int K = a.K;
@@ -361,41 +405,249 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
     }
   }
 
-  // Split-K reduction in a fixed order: warp w writes its tile, warp 0 sums w = 0, 1, ...
-  __shared__ float part[kMaxWarps - 1][NT][4][32];
-  if (nwarps > 1) {
-    if (warp > 0) {
+  reduce_store<NT, OutT>(acc, a, GROUP == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// W8A16: e4m3 weight x bf16 / fp16 activation on bf16 / fp16 tensor cores (mma.sync.m16n8k16,
+// fp32 accumulation), M <= 16. Same tiling as above: a warp streams a 16-row tile of w (the
+// A operand, converted in registers), x is the B operand (one n8 tile per 8 rows of x), the
+// warps of a block split K. Thread (g, q) holds A elements (rows g, g + 8) at logical columns
+// 2q, 2q + 1 (a0 / a1) and 2q + 8, 2q + 9 (a2 / a3), B elements (column g) at logical rows
+// 2q, 2q + 1 (b0) and 2q + 8, 2q + 9 (b1) (PTX ISA, "Matrix fragments for mma.m16n8k16").
+// mma j of a 64-k step reads 4 physical k per thread: bytes 4j .. 4j + 3 (p0 .. p3) of its
+// 16-byte piece of each row of w (physical q*16 .. q*16 + 15), and the same k of x. Which
+// logical column each p stands for follows the conversion (Cvt below); x's two registers
+// are put in the same order.
+//
+// Conversion, exact for every finite e4m3 code (the NaN code, which mxpass never writes:
+// weights are finite by construction, reads as +-480):
+// - bf16: a byte s eeee mmm placed at bits 15 / 10..4 of a 16-bit lane is the bf16 of its
+//   value times 2^-120 (normal and subnormal codes alike); one bf16x2 multiply by 2^120
+//   restores it. Lanes hold (p0, p2) and (p1, p3).
+// - fp16: cvt.rn.f16x2.e4m3x2 (sm_89+). Lanes hold (p0, p1) and (p2, p3).
+// Scales: per-channel / per-tensor at the end; 128 x 128 blocks per 128 k (two steps into a
+// fresh accumulator); MX (GROUP 32, E8M0 per 32 k) per block: a thread reads two 8-byte
+// pieces per 64 k (physical q*8 .. q*8 + 7 of each block, as the W8A8 MX path), so mmas
+// 0, 1 of a step are block 0 and mmas 2, 3 block 1, each into a fresh accumulator.
+
+template <typename T> struct Cvt;
+template <> struct Cvt<__nv_bfloat16> {
+  // mul: bf16x2 multiplier, 2^120 (the value itself) or a folded MX scale (fold_mul)
+  static __device__ __forceinline__ void weights(uint32_t v, uint32_t& lo, uint32_t& hi, uint32_t mul) {
+    const uint32_t t = v << 8;
+    lo = ((t & 0x7f007f00u) >> 4) | (t & 0x80008000u);  // (p0, p2) * 2^-120
+    hi = ((v & 0x7f007f00u) >> 4) | (v & 0x80008000u);  // (p1, p3) * 2^-120
+    const uint32_t z = 0x80008000u;                      // -0: the fma is a * mul exactly
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(lo) : "r"(lo), "r"(mul), "r"(z));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(hi) : "r"(hi), "r"(mul), "r"(z));
+  }
+  // x words (x[p0], x[p1]) and (x[p2], x[p3]) -> b0 = (x[p0], x[p2]), b1 = (x[p1], x[p3])
+  static __device__ __forceinline__ void activations(uint32_t x01, uint32_t x23, uint32_t& b0, uint32_t& b1) {
+    b0 = __byte_perm(x01, x23, 0x5410);
+    b1 = __byte_perm(x01, x23, 0x7632);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ void weights(uint32_t v, uint32_t& lo, uint32_t& hi, uint32_t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(lo) : "h"(static_cast<unsigned short>(v & 0xffffu)));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(hi) : "h"(static_cast<unsigned short>(v >> 16)));
+#endif
+  }
+  static __device__ __forceinline__ void activations(uint32_t x01, uint32_t x23, uint32_t& b0, uint32_t& b1) {
+    b0 = x01;
+    b1 = x23;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// MX scales folded into the bf16 conversion: the multiplier of a block with E8M0 byte e is
+// 2^(e - 7) (2^-120 from the conversion, 2^(e - 127) from the scale), exact in bf16x2 for
+// e in 3 .. 134: above, 448 * 2^(e - 127) or the multiplier leaves bf16's range; below, the
+// smallest e4m3 steps fall under bf16's. Passes holding another byte (255 = NaN included)
+// take the per-block fp32 path.
+__device__ __forceinline__ uint32_t fold_mul(uint2 v, int b) {
+  return byte_of(v, b) * 0x00800080u + 120u * 0x00800080u;  // bf16x2 of 2^(e - 7), both halves
+}
+__device__ __forceinline__ bool outside_fold_range(uint2 v) {
+  return (__vcmpltu4(v.x, 0x03030303u) | __vcmpltu4(v.y, 0x03030303u) | __vcmpgtu4(v.x, 0x86868686u) |
+          __vcmpgtu4(v.y, 0x86868686u)) != 0;
+}
+
+// a.x: [M, K] of T; output and bias T; a.xs unused (null).
+template <int NT, int GROUP, typename T, int U = 4>
+__global__ void __launch_bounds__(kMaxWarps * 32) w8a16_gemv_kernel(Args a) {
+  using C = Cvt<T>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const int K = a.K;
+  const int k_begin = warp * a.k_per_warp;
+  const int k_end = min(K, k_begin + a.k_per_warp);
+
+  const int r0 = min(n0 + g, a.N - 1), r1 = min(n0 + g + 8, a.N - 1);
+  const uint8_t* w0 = a.w + static_cast<size_t>(r0) * K;
+  const uint8_t* w1 = a.w + static_cast<size_t>(r1) * K;
+  const T* x = reinterpret_cast<const T*>(a.x);
+  const T* xr[NT];
+  bool xin[NT];
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[warp - 1][t][i][lane] = acc[t][i];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-    for (int w = 1; w < nwarps; ++w)
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][i] += part[w - 1][t][i][lane];
+  for (int t = 0; t < NT; ++t) {
+    const int m = t * 8 + g;
+    xin[t] = m < a.M;
+    xr[t] = x + static_cast<size_t>(xin[t] ? m : 0) * K;
   }
 
-  const OutT* bias = static_cast<const OutT*>(a.bias);
-  OutT* y = static_cast<OutT*>(a.y);
+  float acc[NT][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int n = n0 + g + (i >= 2 ? 8 : 0);
-      const int m = t * 8 + q * 2 + (i & 1);
-      if (n >= a.N || m >= a.M) continue;
-      float v = acc[t][i];
-      if constexpr (GROUP == 0) {
-        v *= static_cast<const float*>(a.xs)[static_cast<size_t>(m) * a.xs_stride_m] *
-             static_cast<const float*>(a.ws)[static_cast<size_t>(n) * a.ws_stride_n];
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+
+  constexpr int S = 4;  // steps per pass (256 k: one 8-byte word of MX scales per row)
+  static_assert(U % S == 0, "U: a multiple of 4 steps");
+  constexpr uint32_t kPow120 = 0x7b807b80u;  // bf16x2 2^120 (ignored by the fp16 conversion)
+  const float* wsf = static_cast<const float*>(a.ws);
+  const uint8_t* ws8 = static_cast<const uint8_t*>(a.ws);
+  const int kb = K / 32;
+  // x piece of a step: elements [k, k + 8) and [k + XHI, k + XHI + 8): 16 k contiguous, or
+  // two 8-k pieces 32 apart for MX (the k of the weight bytes this thread holds)
+  constexpr int XHI = GROUP == 32 ? 32 : 8;
+  for (int k0 = k_begin; k0 < k_end; k0 += U * 64) {
+    uint4 wa_all[U], wb_all[U], xa_all[U][NT], xb_all[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool in = k0 + u * 64 < k_end;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      const int k = k0 + u * 64 + q * (GROUP == 32 ? 8 : 16);
+      if constexpr (GROUP == 32) {
+        wa_all[u] = in ? ld_mx_pair(w0 + k) : zero;
+        wb_all[u] = in ? ld_mx_pair(w1 + k) : zero;
+      } else {
+        wa_all[u] = in ? ld_stream16(w0 + k) : zero;
+        wb_all[u] = in ? ld_stream16(w1 + k) : zero;
       }
-      if (bias != nullptr) v += to_float(bias[n]);
-      y[static_cast<size_t>(m) * a.N + n] = from_float<OutT>(v);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        xa_all[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k) : zero;
+        xb_all[u][t] = (in && xin[t]) ? *reinterpret_cast<const uint4*>(xr[t] + k + XHI) : zero;
+      }
     }
+#pragma unroll
+    for (int h = 0; h < U / S; ++h) {
+      const int kq = k0 + h * S * 64;
+      if (kq >= k_end) break;
+      uint2 sw0 = make_uint2(0, 0), sw1 = make_uint2(0, 0);
+      if constexpr (GROUP == 32) {
+        sw0 = e8m0_word(ws8, r0, kb, kq / 32);
+        sw1 = e8m0_word(ws8, r1, kb, kq / 32);
+      }
+      // FOLD: MX scales in the conversion's multiplier, sums per 128 k as for channel scales;
+      // else MX blocks each into a fresh accumulator, scaled in fp32
+      auto pass = [&](auto fold) {
+        constexpr bool FOLD = decltype(fold)::value;
+        constexpr bool PER_BLOCK = GROUP == 32 && !FOLD;
+        float d[NT][4];
+#pragma unroll
+        for (int u = 0; u < S; ++u) {
+          if (kq + u * 64 >= k_end) break;
+          const int v = h * S + u;
+          if (!PER_BLOCK && u % 2 == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) d[t][i] = 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t a0, a1, a2, a3;  // rows g / g + 8, logical columns 2q.. / 2q + 8..
+            C::weights(word_of(wa_all[v], j), a0, a2, FOLD ? fold_mul(sw0, 2 * u + j / 2) : kPow120);
+            C::weights(word_of(wb_all[v], j), a1, a3, FOLD ? fold_mul(sw1, 2 * u + j / 2) : kPow120);
+            if (PER_BLOCK && j % 2 == 0) {
+#pragma unroll
+              for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) d[t][i] = 0.f;
+            }
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              const uint4& X = j < 2 ? xa_all[v][t] : xb_all[v][t];
+              uint32_t b0, b1;
+              C::activations(j % 2 == 0 ? X.x : X.z, j % 2 == 0 ? X.y : X.w, b0, b1);
+              C::mma(d[t], a0, a1, a2, a3, b0, b1);
+            }
+            if (PER_BLOCK && j % 2 == 1) {  // block 2u + j / 2 done: scale it by its E8M0 bytes
+              const int b = 2 * u + j / 2;
+              const float fw0 = e8m0_at<false>(sw0, b), fw1 = e8m0_at<false>(sw1, b);
+#pragma unroll
+              for (int t = 0; t < NT; ++t) {
+                acc[t][0] = fmaf(d[t][0], fw0, acc[t][0]);
+                acc[t][1] = fmaf(d[t][1], fw0, acc[t][1]);
+                acc[t][2] = fmaf(d[t][2], fw1, acc[t][2]);
+                acc[t][3] = fmaf(d[t][3], fw1, acc[t][3]);
+              }
+            }
+          }
+          const bool group_end = u % 2 == 1 || kq + (u + 1) * 64 >= k_end;
+          if (!PER_BLOCK && group_end) {  // 128 k (or K's end) into acc, with its block scale
+            const float sw =
+                GROUP == 128 ? wsf[static_cast<size_t>(n0 / 128) * a.ws_stride_n + (kq + u * 64) / 128] : 1.f;
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[t][i] = fmaf(d[t][i], sw, acc[t][i]);
+          }
+        }
+      };
+      // warp-uniform: both versions of the pass hold mma.sync, which every lane must reach
+      if constexpr (GROUP == 32 && std::is_same<T, __nv_bfloat16>::value) {
+        if (!__any_sync(0xffffffffu, outside_fold_range(sw0) || outside_fold_range(sw1)))
+          pass(std::true_type{});
+        else
+          pass(std::false_type{});
+      } else {
+        pass(std::false_type{});
+      }
+    }
+  }
+  reduce_store<NT, T>(acc, a, GROUP == 0);
+}
+
+template <int NT, int GROUP, typename T, int U>
+cudaError_t launch_a16_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
+  auto kernel = w8a16_gemv_kernel<NT, GROUP, T, U>;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<dim3((a.N + 15) / 16), dim3(warps * 32), smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// One n8 tile of x (M <= 8) with 4 or 8 steps per iteration; two (M <= 16) with 4.
+template <int GROUP, typename T>
+cudaError_t launch_a16(const Args& a, int warps, int steps, int smem, cudaStream_t stream) {
+  if (a.M > 8) return launch_a16_nt<2, GROUP, T, 4>(a, warps, smem, stream);
+  return steps == 8 ? launch_a16_nt<1, GROUP, T, 8>(a, warps, smem, stream)
+                    : launch_a16_nt<1, GROUP, T, 4>(a, warps, smem, stream);
 }
 
 template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4, bool FE8 = false>
@@ -464,6 +716,29 @@ extern "C" int mxpass_w8a8_gemv(const void* x, const void* xs, int xs_stride_m, 
   } else {
     err = out_bf16 ? launch_typed<0, false, __nv_bfloat16>(a, warps, steps, fe8 != 0, smem, stream)
                    : launch_typed<0, false, __half>(a, warps, steps, fe8 != 0, smem, stream);
+  }
+  return static_cast<int>(err);
+}
+
+// W8A16: x [M, K] bf16 (x_bf16) or fp16, output and bias the same dtype; w e4m3 [N, K] with
+// scales as mxpass_w8a8_gemv's (group 0, 32 or 128); warps, k_per_warp, steps (M <= 8 only),
+// smem: as there.
+extern "C" int mxpass_w8a16_gemv(const void* x, const void* w, const void* ws, int ws_stride_n, const void* bias,
+                                 void* y, int M, int N, int K, int group, int x_bf16, int warps, int k_per_warp,
+                                 int steps, int smem, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return 0;
+  Args a{static_cast<const uint8_t*>(x), nullptr, static_cast<const uint8_t*>(w), ws, bias, y,
+         M, N, K, 0, ws_stride_n, k_per_warp};
+  cudaError_t err;
+  if (group == 32) {
+    err = x_bf16 ? launch_a16<32, __nv_bfloat16>(a, warps, steps, smem, stream)
+                 : launch_a16<32, __half>(a, warps, steps, smem, stream);
+  } else if (group == 128) {
+    err = x_bf16 ? launch_a16<128, __nv_bfloat16>(a, warps, steps, smem, stream)
+                 : launch_a16<128, __half>(a, warps, steps, smem, stream);
+  } else {
+    err = x_bf16 ? launch_a16<0, __nv_bfloat16>(a, warps, steps, smem, stream)
+                 : launch_a16<0, __half>(a, warps, steps, smem, stream);
   }
   return static_cast<int>(err);
 }

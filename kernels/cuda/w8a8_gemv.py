@@ -1,12 +1,15 @@
-"""Small-M W8A8 linear on FP8 / INT8 tensor cores: the CUDA kernel of ``w8a8_gemv.cu`` as
-the custom op ``mxpass::w8a8_gemv``.
+"""Small-M linear on tensor cores: the CUDA kernels of ``w8a8_gemv.cu`` as the custom ops
+``mxpass::w8a8_gemv`` (FP8 / INT8 weights and activations) and ``mxpass::w8a16_gemv``
+(e4m3 weights, bf16 / fp16 activations).
 
     y = mxpass.ops w8a8_gemv(xq [M, K], xs, qweight [N, K], wscale, bias, group, out_dtype)
+    y = mxpass.ops w8a16_gemv(x [M, K], qweight [N, K], wscale, bias, group)
 
 M <= 16 (decode batches). ``xq`` is the activation already quantized (e4m3 or int8) with
-its scale ``xs``; the weight is mxpass's stored layout. ``group``: 0 (per-token or
-per-tensor activation scale x per-channel or per-tensor weight scale), 128 (fp8-block:
-1x128 activation groups, 128x128 weight blocks), 32 (MXFP8: E8M0 scales per 32 along K).
+its scale ``xs``; ``x`` is the activation as the model computes it (its dtype is the
+output's). The weight is mxpass's stored layout. ``group``: 0 (per-token or per-tensor
+activation scale x per-channel or per-tensor weight scale), 128 (fp8-block: 1x128
+activation groups, 128x128 weight blocks), 32 (MXFP8: E8M0 scales per 32 along K).
 
 The kernel is compiled on first use with the nvcc of the CUDA toolkit that torch finds
 (``torch.utils.cpp_extension.CUDA_HOME``) for this GPU's architecture, into a small shared
@@ -83,6 +86,10 @@ def library(device: torch.device) -> ctypes.CDLL:
             # x, xs, xs_stride_m, w, ws, ws_stride_n, bias, y, then M N K group int8 out_bf16
             # warps k_per_warp steps fe8 smem, then the stream
             fn.argtypes = [ptr, ptr, i32, ptr, ptr, i32, ptr, ptr] + [i32] * 11 + [ptr]
+            fn = lib.mxpass_w8a16_gemv
+            fn.restype = ctypes.c_int
+            # x, w, ws, ws_stride_n, bias, y, then M N K group x_bf16 warps k_per_warp steps smem, the stream
+            fn.argtypes = [ptr, ptr, ptr, i32, ptr, ptr] + [i32] * 9 + [ptr]
             _LIBS[cap] = lib
         return _LIBS[cap]
 
@@ -141,12 +148,49 @@ def plan(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[in
         warps *= 2
     if group == 128 and m <= 8 and k // 8 >= 512:
         warps = 8  # fp8-block with one n8 tile of x: 8 warps of >= 512 k also on large grids
-    per = -(-k // warps)
-    per = -(-per // step) * step
-    warps = -(-k // per)  # the warps launched (rounding per up can leave the last one empty)
+    warps, per = _split_k(k, warps, step)
     steps = 8 if group == 0 and (tiles * warps > num_sms * 32 or per >= 1536 or (tiles <= num_sms and per >= 512)) else 4
     fe8 = group == 32 and (3 <= m <= 4 or (m <= 2 and tiles * warps <= num_sms * 16))
     return warps, per, steps, fe8
+
+
+def _split_k(k: int, warps: int, step: int) -> tuple[int, int]:
+    """(warps launched, K per warp) for ``warps`` warps splitting ``k`` in multiples of ``step``."""
+    per = -(-k // warps)
+    per = -(-per // step) * step
+    return -(-k // per), per  # rounding per up can leave the last warp empty
+
+
+def plan_a16(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tuple[int, int, int]:
+    """(warps per block, K per warp, 64-k steps loaded per iteration) of the W8A16 kernel for
+    M = ``m``. Sweep on H100 (docs/performance.md, fp8-w / fp8-w-block / mxfp8-w, K x N in
+    4096 x {1024, 4096, 12288, 28672}, 14336 x 4096):
+
+    - M <= 8: 8 warps wherever each keeps >= 512 k: best or within 3% of the best of
+      1 / 2 / 4 / 8 warps x 4 / 8 steps in 14 of 15 cells (fp8-w 4096 x 12288: 22.5 us
+      against 20.8 with 2 warps and 8 steps); 8 steps where the grid has at most one block
+      per SM (N = 1024: 5.5 / 5.2 / 5.6 us against 5.6 / 5.6 / 6.1 with 4).
+    - M = 9..16 (two n8 tiles of x, 125-128 registers): the fewest warps that give the grid
+      ~12 warps per SM (4096 x 12288: 2 warps 21.4 us, 4 warps 22.9; 4096 x 28672: 1, 2 and
+      4 warps within 2%; 256 tiles or fewer: 8 warps, 9-15% ahead of 4). MX (148 registers)
+      between 2 and 4 where the grid has a block per SM (4096 x 28672: 1 warp 71.6 us, 2
+      58.5, 4 55.3; 256 tiles: 4 warps 11.7 / 30.5 us, 8 warps 15.1 / 35.7)."""
+    step = _step(group)
+    tiles = -(-n // 16)
+    if m <= 8 and k // 8 >= 512:
+        warps = 8
+    elif m > 8:
+        warps = 1
+        while warps < 8 and tiles * warps < num_sms * 11.6 and k // (warps * 2) >= 256:
+            warps *= 2
+        if group == 32 and tiles >= num_sms:  # MX: 2 to 4 warps (148 registers)
+            warps = min(max(warps, 2), 4)
+    else:
+        warps = 1
+        while warps < 8 and k // (warps * 2) >= 256:
+            warps *= 2
+    warps, per = _split_k(k, warps, step)
+    return warps, per, 8 if m <= 8 and tiles <= num_sms else 4
 
 
 def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
@@ -171,22 +215,36 @@ def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
         raise ValueError(f"mxpass::w8a8_gemv: bias must be [{n}] {out_dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
+def _weight_scale_args(ws, n: int, k: int, group: int):
+    """(ws, its row stride) as the kernels read the weight's scales."""
+    if group == 32:
+        # the kernels read 8 E8M0 bytes at a time: rows are 8-byte multiples (K % 256 == 0),
+        # and a view starting off an 8-byte boundary is copied
+        ws8 = ws.reshape(n, k // 32).view(torch.uint8).contiguous()
+        return (ws8 if ws8.data_ptr() % 8 == 0 else ws8.clone()), 0
+    if group == 128:
+        return ws.float().contiguous(), ws.shape[-1]
+    wsf = ws.reshape(-1).float().contiguous()
+    if wsf.numel() not in (1, n):
+        raise ValueError(f"mxpass::w8a8_gemv: weight scales {tuple(ws.shape)} are neither per-channel nor "
+                         f"per-tensor for N={n}")
+    return wsf, int(wsf.numel() != 1)
+
+
 def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
     """(xs, xs row stride, ws, ws row stride) as the kernel reads them."""
+    ws_, ws_stride = _weight_scale_args(ws, n, k, group)
     if group == 32:
-        # the kernel reads 8 E8M0 bytes at a time: rows are 8-byte multiples (K % 256 == 0),
-        # and a view starting off an 8-byte boundary is copied
-        xs8, ws8 = (t.reshape(r, k // 32).view(torch.uint8).contiguous() for t, r in ((xs, m), (ws, n)))
-        xs8, ws8 = (t if t.data_ptr() % 8 == 0 else t.clone() for t in (xs8, ws8))
-        return xs8, 0, ws8, 0
+        xs8 = xs.reshape(m, k // 32).view(torch.uint8).contiguous()
+        return (xs8 if xs8.data_ptr() % 8 == 0 else xs8.clone()), 0, ws_, ws_stride
     if group == 128:
         kb = -(-k // 128)
-        return xs.reshape(m, kb).float().contiguous(), kb, ws.float().contiguous(), ws.shape[-1]
-    xsf, wsf = xs.reshape(-1).float().contiguous(), ws.reshape(-1).float().contiguous()
-    if xsf.numel() not in (1, m) or wsf.numel() not in (1, n):
-        raise ValueError(f"mxpass::w8a8_gemv: scales {tuple(xs.shape)} / {tuple(ws.shape)} are neither "
-                         f"per-token / per-channel nor per-tensor for M={m}, N={n}")
-    return xsf, int(xsf.numel() != 1), wsf, int(wsf.numel() != 1)
+        return xs.reshape(m, kb).float().contiguous(), kb, ws_, ws_stride
+    xsf = xs.reshape(-1).float().contiguous()
+    if xsf.numel() not in (1, m):
+        raise ValueError(f"mxpass::w8a8_gemv: activation scales {tuple(xs.shape)} are neither per-token nor "
+                         f"per-tensor for M={m}")
+    return xsf, int(xsf.numel() != 1), ws_, ws_stride
 
 
 def w8a8_gemv_into(y, xq, xs, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
@@ -229,3 +287,63 @@ def w8a8_gemv(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Ten
 def _w8a8_gemv_fake(xq, xs, w, ws, bias, group, out_dtype):
     _check(xq, xs, w, ws, bias, group, out_dtype)
     return xq.new_empty((xq.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def _check_a16(x, w, ws, bias, group: int) -> None:
+    m, k = x.shape
+    n = w.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"mxpass::w8a16_gemv: M={m} rows; the kernel takes at most {MAX_M}")
+    if w.shape[1] != k:
+        raise ValueError(f"mxpass::w8a16_gemv: x has K={k}, weight {tuple(w.shape)}")
+    why = shape_problem(k, group)
+    if why:
+        raise ValueError(f"mxpass::w8a16_gemv: {why}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"mxpass::w8a16_gemv: x must be bf16 or fp16, got {x.dtype}")
+    if w.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"mxpass::w8a16_gemv: weight must be float8_e4m3fn, got {w.dtype}")
+    if bias is not None and (bias.dtype != x.dtype or bias.numel() != n):
+        raise ValueError(f"mxpass::w8a16_gemv: bias must be [{n}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def w8a16_gemv_into(y, x, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
+                    smem: int = 0, steps: int = 4) -> None:
+    """Launch the W8A16 kernel into ``y`` [M, N] (x's dtype; benchmarks pass their own
+    ``warps`` / ``k_per_warp`` / ``smem`` / ``steps``: see ``plan_a16``)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m == 0:
+        return
+    x, w = x.contiguous(), w.contiguous()
+    for t, what in ((x, "x"), (w, "weight")):
+        if t.data_ptr() % 16:
+            raise ValueError(f"mxpass::w8a16_gemv: {what} must be 16-byte aligned")
+    ws_, ws_stride = _weight_scale_args(ws, n, k, group)
+    if warps is None:
+        warps, k_per_warp, steps = plan_a16(n, k, group, torch.cuda.get_device_properties(x.device).multi_processor_count, m)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    err = library(x.device).mxpass_w8a16_gemv(
+        x.data_ptr(), w.data_ptr(), ws_.data_ptr(), ws_stride, None if bias is None else bias.contiguous().data_ptr(),
+        y.data_ptr(), m, n, k, group, int(x.dtype == torch.bfloat16), warps, k_per_warp, steps, smem, stream)
+    if err:
+        raise RuntimeError(f"mxpass::w8a16_gemv: CUDA launch failed (cudaError {err})")
+
+
+@torch.library.custom_op("mxpass::w8a16_gemv", mutates_args=())
+def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+               group: int) -> torch.Tensor:
+    """y [M, N] in x's dtype = x @ (w * ws)^T + bias, bf16 / fp16 tensor cores with fp32
+    accumulation (the weight converted exactly in registers; module docstring)."""
+    _check_a16(x, w, ws, bias, group)
+    if x.device.type != "cuda":
+        raise ValueError(f"mxpass::w8a16_gemv: needs CUDA tensors, got {x.device}")
+    y = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    w8a16_gemv_into(y, x, w, ws, bias, group)
+    return y
+
+
+@w8a16_gemv.register_fake
+def _w8a16_gemv_fake(x, w, ws, bias, group):
+    _check_a16(x, w, ws, bias, group)
+    return x.new_empty((x.shape[0], w.shape[0]))

@@ -206,8 +206,8 @@ def test_backend_lowers_to_triton_w8(monkeypatch, scheme, tokens):
         ref = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
         monkeypatch.delenv("MXPASS_KERNEL")
         torch._dynamo.reset()
-        # fp8-block's static-M <= 16 and cuBLAS block-scaled choices
-        monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv,cublas_scaled_mm_blockwise")
+        # the static-M <= 16 GEMVs and fp8-block's cuBLAS block-scaled choice
+        monkeypatch.setenv("MXPASS_DISABLE_KERNELS", "cuda_w8a8_gemv,cuda_w8a16_gemv,cublas_scaled_mm_blockwise")
         out = torch.compile(model, backend=mxpass.backend(scheme=scheme))(x)
     assert mxpass.last_report().rewritten[0].kernel.startswith("triton_w8")
     _close(out, ref, torch.bfloat16)
