@@ -166,13 +166,13 @@ def plan_a16(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tupl
     M = ``m``. Sweep on H100 (docs/performance.md, fp8-w / fp8-w-block / mxfp8-w, K x N in
     4096 x {1024, 4096, 12288, 28672}, 14336 x 4096):
 
-    - M <= 8: 8 warps wherever each keeps >= 512 k: best or within 3% of the best of
-      1 / 2 / 4 / 8 warps x 4 / 8 steps in 14 of 15 cells (fp8-w 4096 x 12288: 22.5 us
-      against 20.8 with 2 warps and 8 steps); 8 steps where the grid has at most one block
-      per SM (N = 1024: 5.5 / 5.2 / 5.6 us against 5.6 / 5.6 / 6.1 with 4).
+    - M <= 8: 8 warps wherever each keeps >= 512 k: best or within 4% of the best of
+      1 / 2 / 4 / 8 warps x 4 / 8 steps in 14 of 15 cells (fp8-w 4096 x 28672: 43.9 us
+      against 42.0 with 4 warps and 8 steps); 8 steps where the grid has at most one block
+      per SM (N = 1024: 5.0 / 5.2 / 5.4 us against 6.0 / 5.6 / 5.9 with 4).
     - M = 9..16 (two n8 tiles of x, 125-128 registers): the fewest warps that give the grid
       ~12 warps per SM (4096 x 12288: 2 warps 21.4 us, 4 warps 22.9; 4096 x 28672: 1, 2 and
-      4 warps within 2%; 256 tiles or fewer: 8 warps, 9-15% ahead of 4). MX (148 registers)
+      4 warps within 2%; 256 tiles or fewer: 8 warps, 13-19% ahead of 4). MX (148 registers)
       between 2 and 4 where the grid has a block per SM (4096 x 28672: 1 warp 71.6 us, 2
       58.5, 4 55.3; 256 tiles: 4 warps 11.7 / 30.5 us, 8 warps 15.1 / 35.7)."""
     step = _step(group)
