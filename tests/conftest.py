@@ -14,8 +14,9 @@ def _fresh_dynamo():
 
 
 def rel_err(a, b) -> float:
-    """||a - b||_F / ||b||_F, in float32."""
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    """||a - b||_F / ||b||_F, in float64 (outputs of tiny magnitude, e.g. weights with E8M0
+    scales near 2**-127, would underflow in the squares of a float32 norm)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class CountingBackend:
@@ -46,6 +47,34 @@ def opcheck_float8(op, args):
     for b, t in zip(before, tensors):
         assert torch.equal(b, t.view(torch.uint8)), "an input was modified"
     return out
+
+
+def small_m_backend_case(monkeypatch, scheme: str, tokens: int, bias: bool):
+    """RMSNorm -> Linear(1024, 2048) (GPU, bf16) compiled by mxpass for a static M = ``tokens``
+    with CUDA graphs (three replays; no graph may be skipped), then for a dynamic M. Returns the
+    static graph's report entry, its output's relative error against
+    ``same_quantization_reference``, and the kernel (report text) of the dynamic graph."""
+    import mxpass
+    from torch._dynamo.utils import counters
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LlamaRMSNorm(1024), torch.nn.Linear(1024, 2048, bias=bias)).cuda().bfloat16()
+    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(model, backend=mxpass.backend(scheme=scheme, cudagraphs=True))
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(x).clone()
+        assert counters["inductor"]["cudagraph_skips"] == 0
+        entry = mxpass.last_report().rewritten[0]
+        err = rel_err(out, same_quantization_reference(model, x, entry, monkeypatch, scheme=scheme))
+        torch._dynamo.reset()
+        dyn = torch.compile(model, backend=mxpass.backend(scheme=scheme), dynamic=True)
+        dyn(torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16))
+        return entry, err, mxpass.last_report().rewritten[0].kernel
 
 
 def run_under_triton_interpreter(child: str, timeout: int) -> None:

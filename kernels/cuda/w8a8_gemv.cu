@@ -146,6 +146,28 @@ struct Args {
   int k_per_warp;        // multiple of the step (64, or 32 for GROUP 32)
 };
 
+// What a warp of either kernel streams: rows n0 + g and n0 + g + 8 of w (clamped in range;
+// masked at the store) over its share [k_begin, k_end) of K.
+struct WarpTile {
+  int g, q, n0, k_begin, k_end, r0, r1;
+  const uint8_t* w0;
+  const uint8_t* w1;
+};
+__device__ __forceinline__ WarpTile warp_tile(const Args& a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  WarpTile w;
+  w.g = lane >> 2;
+  w.q = lane & 3;
+  w.n0 = blockIdx.x * 16;
+  w.k_begin = warp * a.k_per_warp;
+  w.k_end = min(a.K, w.k_begin + a.k_per_warp);
+  w.r0 = min(w.n0 + w.g, a.N - 1);
+  w.r1 = min(w.n0 + w.g + 8, a.N - 1);
+  w.w0 = a.w + static_cast<size_t>(w.r0) * a.K;
+  w.w1 = a.w + static_cast<size_t>(w.r1) * a.K;
+  return w;
+}
+
 // The end of every kernel here: split-K reduction in a fixed order (warp w writes its tile,
 // warp 0 sums w = 0, 1, ...), then per-channel / per-tensor scales (`scaled`: x's, where
 // a.xs is not null, times w's), bias, and the store of rows n0 .. n0 + 15 for this block.
@@ -196,17 +218,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a8_gemv_kernel(Args a) {
   static_assert(MXR == 0 || (GROUP == 32 && NT == 1 && !INT8 && (MXR == 1 || MXR == 2 || MXR == 4)),
                 "MXR is MXFP8 with 1, 2 or 4 rows of x");
   constexpr int C = MXR == 4 ? 2 : 4;  // MXR: blocks per chunk (columns per row of x)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, q = lane & 3;
-  const int n0 = blockIdx.x * 16;
+  const int lane = threadIdx.x & 31;
+  const WarpTile wt = warp_tile(a);  // locals, not a structured binding: lambdas below capture them
+  const int g = wt.g, q = wt.q, n0 = wt.n0, k_begin = wt.k_begin, k_end = wt.k_end, r0 = wt.r0, r1 = wt.r1;
+  const uint8_t *w0 = wt.w0, *w1 = wt.w1;
   const int K = a.K;
-  const int k_begin = warp * a.k_per_warp;
-  const int k_end = min(K, k_begin + a.k_per_warp);
-
-  // Rows of w this thread reads: n0 + g and n0 + g + 8 (clamped in range; masked at the store).
-  const int r0 = min(n0 + g, a.N - 1), r1 = min(n0 + g + 8, a.N - 1);
-  const uint8_t* w0 = a.w + static_cast<size_t>(r0) * K;
-  const uint8_t* w1 = a.w + static_cast<size_t>(r1) * K;
   const uint8_t* xr[NT];
   bool xin[NT];
 #pragma unroll
@@ -496,16 +512,10 @@ __device__ __forceinline__ bool outside_fold_range(uint2 v) {
 template <int NT, int GROUP, typename T, int U = 4>
 __global__ void __launch_bounds__(kMaxWarps * 32) w8a16_gemv_kernel(Args a) {
   using C = Cvt<T>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, q = lane & 3;
-  const int n0 = blockIdx.x * 16;
+  const WarpTile wt = warp_tile(a);  // locals, not a structured binding: lambdas below capture them
+  const int g = wt.g, q = wt.q, n0 = wt.n0, k_begin = wt.k_begin, k_end = wt.k_end, r0 = wt.r0, r1 = wt.r1;
+  const uint8_t *w0 = wt.w0, *w1 = wt.w1;
   const int K = a.K;
-  const int k_begin = warp * a.k_per_warp;
-  const int k_end = min(K, k_begin + a.k_per_warp);
-
-  const int r0 = min(n0 + g, a.N - 1), r1 = min(n0 + g + 8, a.N - 1);
-  const uint8_t* w0 = a.w + static_cast<size_t>(r0) * K;
-  const uint8_t* w1 = a.w + static_cast<size_t>(r1) * K;
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* xr[NT];
   bool xin[NT];
@@ -566,27 +576,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a16_gemv_kernel(Args a) {
         constexpr bool FOLD = decltype(fold)::value;
         constexpr bool PER_BLOCK = GROUP == 32 && !FOLD;
         float d[NT][4];
+        auto zero_d = [&] {
+#pragma unroll
+          for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) d[t][i] = 0.f;
+        };
 #pragma unroll
         for (int u = 0; u < S; ++u) {
           if (kq + u * 64 >= k_end) break;
           const int v = h * S + u;
-          if (!PER_BLOCK && u % 2 == 0) {
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) d[t][i] = 0.f;
-          }
+          if (!PER_BLOCK && u % 2 == 0) zero_d();
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             uint32_t a0, a1, a2, a3;  // rows g / g + 8, logical columns 2q.. / 2q + 8..
             C::weights(word_of(wa_all[v], j), a0, a2, FOLD ? fold_mul(sw0, 2 * u + j / 2) : kPow120);
             C::weights(word_of(wb_all[v], j), a1, a3, FOLD ? fold_mul(sw1, 2 * u + j / 2) : kPow120);
-            if (PER_BLOCK && j % 2 == 0) {
-#pragma unroll
-              for (int t = 0; t < NT; ++t)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) d[t][i] = 0.f;
-            }
+            if (PER_BLOCK && j % 2 == 0) zero_d();
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
               const uint4& X = j < 2 ? xa_all[v][t] : xb_all[v][t];
@@ -631,15 +637,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) w8a16_gemv_kernel(Args a) {
   reduce_store<NT, T>(acc, a, GROUP == 0);
 }
 
-template <int NT, int GROUP, typename T, int U>
-cudaError_t launch_a16_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a16_gemv_kernel<NT, GROUP, T, U>;
+// One block per 16 rows of w, `warps` warps splitting K; smem: see launch_typed.
+template <typename Kernel>
+cudaError_t launch_grid(Kernel kernel, const Args& a, int warps, int smem, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   kernel<<<dim3((a.N + 15) / 16), dim3(warps * 32), smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+template <int NT, int GROUP, typename T, int U>
+cudaError_t launch_a16_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
+  return launch_grid(w8a16_gemv_kernel<NT, GROUP, T, U>, a, warps, smem, stream);
 }
 
 // One n8 tile of x (M <= 8) with 4 or 8 steps per iteration; two (M <= 16) with 4.
@@ -652,13 +663,7 @@ cudaError_t launch_a16(const Args& a, int warps, int steps, int smem, cudaStream
 
 template <int NT, int GROUP, bool INT8, typename OutT, int MXR = 0, int U = 4, bool FE8 = false>
 cudaError_t launch_nt(const Args& a, int warps, int smem, cudaStream_t stream) {
-  auto kernel = w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR, U, FE8>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<dim3((a.N + 15) / 16), dim3(warps * 32), smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_grid(w8a8_gemv_kernel<NT, GROUP, INT8, OutT, MXR, U, FE8>, a, warps, smem, stream);
 }
 
 // One n8 tile of x (M <= 8): 4 or 8 steps of 64 k loaded per iteration.

@@ -193,16 +193,24 @@ def plan_a16(n: int, k: int, group: int, num_sms: int = 132, m: int = 1) -> tupl
     return warps, per, 8 if m <= 8 and tiles <= num_sms else 4
 
 
-def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
-    m, k = xq.shape
-    n = w.shape[0]
+def _check_shapes(op: str, x, w, group: int) -> None:
+    m, k = x.shape
     if m > MAX_M:
-        raise ValueError(f"mxpass::w8a8_gemv: M={m} rows; the kernel takes at most {MAX_M}")
+        raise ValueError(f"mxpass::{op}: M={m} rows; the kernel takes at most {MAX_M}")
     if w.shape[1] != k:
-        raise ValueError(f"mxpass::w8a8_gemv: x has K={k}, weight {tuple(w.shape)}")
+        raise ValueError(f"mxpass::{op}: x has K={k}, weight {tuple(w.shape)}")
     why = shape_problem(k, group)
     if why:
-        raise ValueError(f"mxpass::w8a8_gemv: {why}")
+        raise ValueError(f"mxpass::{op}: {why}")
+
+
+def _check_bias(op: str, bias, n: int, dtype) -> None:
+    if bias is not None and (bias.dtype != dtype or bias.numel() != n):
+        raise ValueError(f"mxpass::{op}: bias must be [{n}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
+    _check_shapes("w8a8_gemv", xq, w, group)
     int8 = xq.dtype == torch.int8
     if xq.dtype not in (torch.float8_e4m3fn, torch.int8) or w.dtype != xq.dtype:
         raise TypeError(f"mxpass::w8a8_gemv: x and weight must both be float8_e4m3fn or int8, got "
@@ -211,12 +219,11 @@ def _check(xq, xs, w, ws, bias, group: int, out_dtype) -> None:
         raise ValueError("mxpass::w8a8_gemv: int8 takes per-token/per-tensor scales only (group 0)")
     if out_dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"mxpass::w8a8_gemv: output must be bf16 or fp16, got {out_dtype}")
-    if bias is not None and (bias.dtype != out_dtype or bias.numel() != n):
-        raise ValueError(f"mxpass::w8a8_gemv: bias must be [{n}] {out_dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_bias("w8a8_gemv", bias, w.shape[0], out_dtype)
 
 
-def _weight_scale_args(ws, n: int, k: int, group: int):
-    """(ws, its row stride) as the kernels read the weight's scales."""
+def _weight_scale_args(op: str, ws, n: int, k: int, group: int):
+    """(ws, its row stride) as the kernels read the weight's scales (``op`` names the caller in errors)."""
     if group == 32:
         # the kernels read 8 E8M0 bytes at a time: rows are 8-byte multiples (K % 256 == 0),
         # and a view starting off an 8-byte boundary is copied
@@ -226,14 +233,14 @@ def _weight_scale_args(ws, n: int, k: int, group: int):
         return ws.float().contiguous(), ws.shape[-1]
     wsf = ws.reshape(-1).float().contiguous()
     if wsf.numel() not in (1, n):
-        raise ValueError(f"mxpass::w8a8_gemv: weight scales {tuple(ws.shape)} are neither per-channel nor "
+        raise ValueError(f"mxpass::{op}: weight scales {tuple(ws.shape)} are neither per-channel nor "
                          f"per-tensor for N={n}")
     return wsf, int(wsf.numel() != 1)
 
 
 def _scale_args(xs, ws, m: int, n: int, k: int, group: int):
     """(xs, xs row stride, ws, ws row stride) as the kernel reads them."""
-    ws_, ws_stride = _weight_scale_args(ws, n, k, group)
+    ws_, ws_stride = _weight_scale_args("w8a8_gemv", ws, n, k, group)
     if group == 32:
         xs8 = xs.reshape(m, k // 32).view(torch.uint8).contiguous()
         return (xs8 if xs8.data_ptr() % 8 == 0 else xs8.clone()), 0, ws_, ws_stride
@@ -290,21 +297,12 @@ def _w8a8_gemv_fake(xq, xs, w, ws, bias, group, out_dtype):
 
 
 def _check_a16(x, w, ws, bias, group: int) -> None:
-    m, k = x.shape
-    n = w.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"mxpass::w8a16_gemv: M={m} rows; the kernel takes at most {MAX_M}")
-    if w.shape[1] != k:
-        raise ValueError(f"mxpass::w8a16_gemv: x has K={k}, weight {tuple(w.shape)}")
-    why = shape_problem(k, group)
-    if why:
-        raise ValueError(f"mxpass::w8a16_gemv: {why}")
+    _check_shapes("w8a16_gemv", x, w, group)
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"mxpass::w8a16_gemv: x must be bf16 or fp16, got {x.dtype}")
     if w.dtype != torch.float8_e4m3fn:
         raise TypeError(f"mxpass::w8a16_gemv: weight must be float8_e4m3fn, got {w.dtype}")
-    if bias is not None and (bias.dtype != x.dtype or bias.numel() != n):
-        raise ValueError(f"mxpass::w8a16_gemv: bias must be [{n}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_bias("w8a16_gemv", bias, w.shape[0], x.dtype)
 
 
 def w8a16_gemv_into(y, x, w, ws, bias, group: int, warps: int | None = None, k_per_warp: int | None = None,
@@ -319,7 +317,7 @@ def w8a16_gemv_into(y, x, w, ws, bias, group: int, warps: int | None = None, k_p
     for t, what in ((x, "x"), (w, "weight")):
         if t.data_ptr() % 16:
             raise ValueError(f"mxpass::w8a16_gemv: {what} must be 16-byte aligned")
-    ws_, ws_stride = _weight_scale_args(ws, n, k, group)
+    ws_, ws_stride = _weight_scale_args("w8a16_gemv", ws, n, k, group)
     if warps is None:
         warps, k_per_warp, steps = plan_a16(n, k, group, torch.cuda.get_device_properties(x.device).multi_processor_count, m)
     stream = torch.cuda.current_stream(x.device).cuda_stream

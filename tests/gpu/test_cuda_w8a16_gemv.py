@@ -4,10 +4,9 @@ same weights, every e4m3 code, and through the backend."""
 import pytest
 import torch
 
-import mxpass
 from mxpass import quant
 from mxpass.formats import get_format
-from tests.conftest import opcheck_float8, same_quantization_reference
+from tests.conftest import opcheck_float8, rel_err, small_m_backend_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -16,10 +15,6 @@ pytestmark = [pytest.mark.gpu,
 # than the reference): what is left is the output rounding, 2**-9 (bf16) / 2**-11 (fp16).
 TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 SCHEMES = ["fp8-w", "fp8-w-tensor", "fp8-w-block", "mxfp8-w"]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _exact(f, x, wq, ws, bias):
@@ -131,33 +126,13 @@ def test_opcheck(scheme):
 def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, tokens):
     """A static M <= 16 takes the GEMV (fp8-w and mxfp8-w from M = 2: at M = 1 the Triton
     GEMV, and the report says why), under CUDA-graph capture; a dynamic M keeps Triton."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(LlamaRMSNorm(1024), torch.nn.Linear(1024, 2048, bias=True)).cuda().bfloat16()
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
-    with torch.inference_mode():
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters
-
-        counters.clear()
-        fn = torch.compile(model, backend=mxpass.backend(scheme=scheme, cudagraphs=True))
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            out = fn(x).clone()
-        assert counters["inductor"]["cudagraph_skips"] == 0
-        entry = mxpass.last_report().rewritten[0]
-        if tokens == 1 and scheme != "fp8-w-block":
-            assert entry.kernel.startswith("triton_w8"), entry.kernel
-            assert "cuda_w8a16_gemv: M=1: triton_w8's GEMV measured as fast or faster" in entry.kernel
-        else:
-            assert entry.kernel.startswith("cuda_w8a16_gemv"), entry.kernel
-        ref = same_quantization_reference(model, x, entry, monkeypatch, scheme=scheme)
-        assert rel_err(out, ref) < 2.0**-7
-        # a dynamic-M graph keeps the kernel that serves every M, and says why
-        torch._dynamo.reset()
-        dyn = torch.compile(model, backend=mxpass.backend(scheme=scheme), dynamic=True)
-        dyn(torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16))
-        kernel = mxpass.last_report().rewritten[0].kernel
-        assert kernel.startswith("triton_mxfp8" if scheme == "mxfp8-w" else "triton_w8"), kernel
-        assert "cuda_w8a16_gemv: M is dynamic" in kernel
+    entry, err, dynamic = small_m_backend_case(monkeypatch, scheme, tokens, bias=True)
+    if tokens == 1 and scheme != "fp8-w-block":
+        assert entry.kernel.startswith("triton_w8"), entry.kernel
+        assert "cuda_w8a16_gemv: M=1: triton_w8's GEMV measured as fast or faster" in entry.kernel
+    else:
+        assert entry.kernel.startswith("cuda_w8a16_gemv"), entry.kernel
+    assert err < 2.0**-7
+    # a dynamic-M graph keeps the kernel that serves every M, and says why
+    assert dynamic.startswith("triton_mxfp8" if scheme == "mxfp8-w" else "triton_w8"), dynamic
+    assert "cuda_w8a16_gemv: M is dynamic" in dynamic

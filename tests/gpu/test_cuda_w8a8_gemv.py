@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-import mxpass
 from mxpass import quant
 from mxpass.formats import get_format
-from tests.conftest import same_quantization_reference
+from tests.conftest import rel_err, small_m_backend_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -14,10 +13,6 @@ pytestmark = [pytest.mark.gpu,
 # The kernel's products are exact and it sums in fp32 (another order than the reference):
 # what is left is the output rounding, 2**-9 (bf16) / 2**-11 (fp16) relative per element.
 TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _exact(f, xq, xs, wq, ws, bias):
@@ -123,35 +118,14 @@ def test_mxfp8_few_rows_block_scales(k, m, fast_e8m0):
 
 @pytest.mark.parametrize("scheme, tokens", [("fp8-dynamic", 1), ("int8", 1), ("mxfp8", 4)])
 def test_backend_picks_it_for_static_small_m_and_captures(monkeypatch, scheme, tokens):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(LlamaRMSNorm(1024), torch.nn.Linear(1024, 2048, bias=False)).cuda().bfloat16()
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
-    with torch.inference_mode():
-        torch._dynamo.reset()
-        from torch._dynamo.utils import counters
-
-        counters.clear()
-        fn = torch.compile(model, backend=mxpass.backend(scheme=scheme, cudagraphs=True))
-        for _ in range(3):
-            torch.compiler.cudagraph_mark_step_begin()
-            out = fn(x).clone()
-        assert counters["inductor"]["cudagraph_skips"] == 0
-        entry = mxpass.last_report().rewritten[0]
-        assert entry.kernel.startswith("cuda_w8a8_gemv"), entry.kernel
-        # only MXFP8's input is quantized by act_quant_triton here; the reference quantizes
-        # the activation as the kernel's input was, and rounds the fake-quantized activation
-        # to bf16 (2**-9) before its matmul
-        assert "quantized by act_quant_triton" not in entry.input_quant or scheme == "mxfp8", entry.input_quant
-        ref = same_quantization_reference(model, x, entry, monkeypatch, scheme=scheme)
-        assert rel_err(out, ref) < 2.0**-7
-        # a dynamic-M graph keeps the kernel that serves every M, and says why
-        torch._dynamo.reset()
-        dyn = torch.compile(model, backend=mxpass.backend(scheme=scheme), dynamic=True)
-        xs = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
-        dyn(xs)
-        kernel = mxpass.last_report().rewritten[0].kernel
-        dynamic_kernel = {"int8": "triton_int8_mm", "mxfp8": "triton_mxfp8"}.get(scheme, "cublas_")
-        assert kernel.startswith(dynamic_kernel), kernel
-        assert "cuda_w8a8_gemv: M is dynamic" in kernel
+    entry, err, dynamic = small_m_backend_case(monkeypatch, scheme, tokens, bias=False)
+    assert entry.kernel.startswith("cuda_w8a8_gemv"), entry.kernel
+    # only MXFP8's input is quantized by act_quant_triton here; the reference quantizes
+    # the activation as the kernel's input was, and rounds the fake-quantized activation
+    # to bf16 (2**-9) before its matmul
+    assert "quantized by act_quant_triton" not in entry.input_quant or scheme == "mxfp8", entry.input_quant
+    assert err < 2.0**-7
+    # a dynamic-M graph keeps the kernel that serves every M, and says why
+    dynamic_kernel = {"int8": "triton_int8_mm", "mxfp8": "triton_mxfp8"}.get(scheme, "cublas_")
+    assert dynamic.startswith(dynamic_kernel), dynamic
+    assert "cuda_w8a8_gemv: M is dynamic" in dynamic
